@@ -1,0 +1,231 @@
+"""The interfaces plugins implement: criteria, combiners, schedules and adapters.
+
+Criteria, combiners and schedules are dataclasses whose fields are their recipe parameters
+(``ttv: {type: ttv, direction: abs_cos}`` builds ``TTV(direction="abs_cos")``); the recipe
+loader validates parameters against the fields before anything runs.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.layout import TokenLayout
+from prunekit.probes import AttentionRows, ModuleIO, Probe
+
+
+@dataclass
+class ForwardContext:
+    """What criteria see during one prefill: the current layout, captures and per-token buffers.
+
+    Every tensor in ``buffers`` and ``captures`` is ``[batch, seq, ...]`` on the current sequence;
+    the engine gathers them together with the hidden states whenever it drops tokens, so an
+    accumulator keeps following its tokens across prune stages.
+    """
+
+    layout: TokenLayout
+    stage_layers: tuple[int, ...]  # prune layers of the recipe, ascending
+    num_layers: int
+    stage: int = -1  # index of the stage being scored (valid inside ``Criterion.score``)
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+    captures: dict[Probe, Tensor] = field(default_factory=dict)
+
+    @property
+    def layer(self) -> int:
+        """The prune layer of the stage being scored."""
+        return self.stage_layers[self.stage]
+
+    def capture(self, probe: Probe) -> Tensor:
+        """The value of a probe the criterion declared, on the current sequence."""
+        try:
+            return self.captures[probe]
+        except KeyError:
+            raise KeyError(
+                f"{probe} was not captured in this forward; a criterion must declare it in probes()"
+            ) from None
+
+    def accumulate(self, name: str, value: Tensor) -> None:
+        """Add ``value`` (``[batch, seq]``) to the per-token buffer ``name``."""
+        current = self.buffers.get(name)
+        self.buffers[name] = value if current is None else current + value
+
+    def gather(self, index: Tensor, fill: Tensor) -> None:
+        """Follow a prune: keep the slots ``index`` selects (``[batch, new_seq]``), ``fill`` marks empty ones."""
+        self.layout = self.layout.gather(index, fill)
+        for store in (self.buffers, self.captures):
+            for key, value in store.items():
+                expanded = index.view(*index.shape, *([1] * (value.dim() - 2))).expand(
+                    *index.shape, *value.shape[2:]
+                )
+                store[key] = value.gather(1, expanded)
+
+
+class Criterion:
+    """Scores the visual tokens at a prune stage; the engine keeps the highest scores.
+
+    Subclass it as a ``@dataclass`` whose fields are the parameters, set ``name``, declare the
+    probes the score needs and implement :meth:`score`.
+    """
+
+    name: ClassVar[str] = ""
+    key: str = ""  # the criterion's name in its recipe; set by the engine, namespaces its buffers
+
+    def probes(self, stage_layers: Sequence[int], num_layers: int) -> Iterable[Probe]:
+        """The captures :meth:`score` needs, for a recipe pruning before ``stage_layers``."""
+        return ()
+
+    def observe(self, ctx: ForwardContext, probe: ModuleIO, inputs: Tensor, output: Tensor) -> None:
+        """Receive a :class:`ModuleIO` capture (``[batch, seq, hidden]`` tensors) as the layer runs."""
+        raise NotImplementedError(f"criterion {self.name!r} declared {probe} but has no observe()")
+
+    def score(self, ctx: ForwardContext) -> Tensor:
+        """One score per token of the current sequence, ``[batch, seq]``; only visual entries are read."""
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming a bad parameter; called once when the recipe is built."""
+
+
+class Combiner:
+    """Merges the named scores of several criteria into one ``[batch, seq]`` score."""
+
+    name: ClassVar[str] = ""
+
+    def combine(self, scores: Mapping[str, Tensor], visual: Tensor) -> Tensor:
+        """scores: ``{criterion key: [batch, seq]}``; visual: ``[batch, seq]`` bool."""
+        raise NotImplementedError
+
+    def validate(self, criteria: Sequence[str]) -> None:
+        """Raise ``ValueError`` if the combiner does not fit the recipe's criteria."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Prune before decoder layer ``layer`` (0-based): it is the first layer on the shorter sequence.
+
+    Keep ``keep`` (a fraction in (0, 1] of each sample's original visual tokens, truncated as
+    ``int(n * keep)``) or ``count`` visual tokens.
+    """
+
+    layer: int
+    keep: float | None = None
+    count: int | None = None
+
+    def keep_counts(self, n_visual: Tensor) -> Tensor:
+        """Visual tokens to keep per sample, given each sample's original count (``[batch]`` long)."""
+        if self.count is not None:
+            return n_visual.clamp(max=self.count)
+        assert self.keep is not None
+        # int(n * keep) in float64, exactly as the official code's Python int() truncates.
+        return torch.floor(n_visual.double() * self.keep).long().clamp(max=n_visual)
+
+    def describe(self) -> str:
+        return f"layer {self.layer}: keep {self.keep}" if self.count is None else f"layer {self.layer}: keep {self.count} tokens"
+
+
+class Schedule:
+    """Decides which layers prune and how many visual tokens each keeps."""
+
+    name: ClassVar[str] = ""
+
+    def resolve(self, num_layers: int) -> list[Stage]:
+        """The prune stages for a decoder of ``num_layers`` layers, in layer order."""
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming a bad parameter; called once when the recipe is built."""
+
+
+class Adapter(ABC):
+    """One model family's facts: where the decoder layers are and how to feed them a shorter sequence."""
+
+    name: str = ""
+
+    @abstractmethod
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this adapter knows the model (usually by ``config.model_type``)."""
+
+    @abstractmethod
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack (owns ``layers``, the rotary embedding and the text config)."""
+
+    @abstractmethod
+    def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        ...
+
+    @abstractmethod
+    def attention(self, layer: nn.Module) -> nn.Module:
+        ...
+
+    @abstractmethod
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        ...
+
+    @abstractmethod
+    def input_norm(self, layer: nn.Module) -> nn.Module:
+        """The norm applied to the layer input before attention."""
+
+    @abstractmethod
+    def token_layout(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> TokenLayout:
+        """Find the visual tokens and the instruction in a prompt."""
+
+    @abstractmethod
+    def default_positions(self, model: nn.Module, input_ids: Tensor, past_length: int) -> Tensor:
+        """The position ids the model uses when the caller passes none: ``[batch, seq]``."""
+
+    @abstractmethod
+    def stage_kwargs(
+        self,
+        model: nn.Module,
+        hidden: Tensor,
+        attention_mask_2d: Tensor,
+        position_ids: Tensor,
+        cache: Any,
+        layer_idx: int,
+    ) -> dict[str, Any]:
+        """The layer keyword arguments for a shorter sequence (mask, position ids and embeddings).
+
+        hidden: ``[batch, seq, hidden]``; attention_mask_2d: ``[batch, kv_len]`` bool over the
+        keys the layer will see (its cache plus this sequence); position_ids: ``[batch, seq]``.
+        """
+
+    def layer_input(self, args: tuple, kwargs: dict) -> Tensor:
+        """The hidden states a decoder layer (or its submodule) was called with."""
+        return args[0] if args else kwargs["hidden_states"]
+
+    def module_output(self, output: Any) -> Tensor:
+        """The hidden states a submodule returned (attention returns ``(output, weights)``)."""
+        return output[0] if isinstance(output, tuple) else output
+
+    def describe_visual(self, model: nn.Module) -> str:
+        """How the adapter recognises visual tokens, for error messages."""
+        return "visual token ids"
+
+    def describe(self) -> str:
+        return self.name
+
+
+def check_probability_like(x: float, what: str) -> None:
+    """Raise if ``x`` is not a finite number in (0, 1]."""
+    if not (isinstance(x, (int, float)) and math.isfinite(x) and 0 < x <= 1):
+        raise ValueError(f"{what} must be in (0, 1], got {x!r}")
+
+
+__all__ = [
+    "Adapter",
+    "AttentionRows",
+    "Combiner",
+    "Criterion",
+    "ForwardContext",
+    "ModuleIO",
+    "Probe",
+    "Schedule",
+    "Stage",
+    "check_probability_like",
+]

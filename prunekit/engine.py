@@ -1,0 +1,515 @@
+"""The Pruner: forward hooks that prune visual tokens inside a Hugging Face model, per a recipe.
+
+One prefill, as the hooks see it:
+
+1. model pre-hook: find the visual tokens and the instruction (the adapter's ``TokenLayout``).
+2. ModuleIO probes: forward hooks on attention/MLP modules hand their input and output to the
+   criteria that asked (TTV accumulates there).
+3. AttentionRows probes: the attention tap computes a few softmax rows from the layer's own
+   query/key; at a prune layer a scoring pass runs that layer's attention on the unpruned input.
+4. prune layer pre-hook: criteria score, the combiner merges, the top tokens are gathered out
+   of the hidden states, the layout and every buffer; the layer gets a mask and position
+   embeddings for the shorter sequence. Later layers reuse that stage's keyword arguments.
+5. model post-hook: the report of what was kept; the stage index of each layer's KV cache is
+   remembered by cache object so that decode steps get masks and positions that fit it.
+
+The Pruner keeps no tensors between forwards except that per-cache decode record, which lives
+only as long as the cache does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.api import Adapter, ForwardContext, Stage
+from prunekit.attention import AttentionTap, attention_rows, query_weights
+from prunekit.errors import AdapterError, LayoutError, PrunerStateError, RecipeError, valid_list
+from prunekit.plugins import get_registry
+from prunekit.probes import AttentionRows, ModuleIO, Probe
+from prunekit.recipe import Recipe, RecipeSource, load_recipe
+from prunekit.selection import select
+
+# One active pruner per model: a registry, so that a second apply() is a clear error.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, Pruner] = weakref.WeakKeyDictionary()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class StageReport:
+    """What one stage of the last prefill kept."""
+
+    layer: int  # first decoder layer that runs on the reduced sequence (0-based)
+    kept: Tensor  # [batch, n_kept] long: original positions of the kept visual tokens, sorted; -1 pads short rows
+    kept_counts: Tensor  # [batch] long: kept visual tokens per sample
+    sequence_lengths: Tensor  # [batch] long: real tokens per sample from this layer on
+
+
+@dataclass
+class PruneReport:
+    """The last prefill: one :class:`StageReport` per stage and the tokens every decoder layer saw."""
+
+    stages: list[StageReport]
+    visual_tokens: Tensor  # [batch] long: visual tokens per sample before pruning
+    tokens_per_layer: list[int]  # sequence length (the batch tensor's) of every decoder layer
+    real_tokens_per_layer: Tensor  # [batch, num_layers] long: non-padding tokens per sample and layer
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def __getitem__(self, i: int) -> StageReport:
+        return self.stages[i]
+
+    def __iter__(self):
+        return iter(self.stages)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-forward state
+# ----------------------------------------------------------------------------------------------
+class _ScoringPassDone(Exception):
+    """Raised by the attention tap once a scoring pass has what it needs."""
+
+
+@dataclass
+class _StageRecord:
+    layer: int
+    original_index: Tensor  # [batch, seq_s] long: prefill index of each slot, -1 on fill slots
+    visual: Tensor  # [batch, seq_s] bool
+    valid: Tensor  # [batch, seq_s] bool
+    dropped_total: Tensor  # [batch] long: tokens dropped up to and including this stage
+
+
+@dataclass
+class _Prefill:
+    ctx: ForwardContext
+    positions: Tensor  # [batch, seq] long: position ids of the current sequence
+    mask_2d: Tensor  # [batch, seq] bool: attention (padding) mask of the current sequence
+    visual_original: Tensor  # [batch] long
+    prompt_valid: Tensor  # [batch] long: real (non-padding) tokens of the prompt
+    prompt_length: int
+    cache: Any
+    stage_kwargs: dict[str, Any] = field(default_factory=dict)
+    records: list[_StageRecord] = field(default_factory=list)
+    scoring_module: nn.Module | None = None
+    scoring_probes: tuple[AttentionRows, ...] = ()
+
+
+@dataclass
+class _Session:
+    """What decode steps on a pruned KV cache need: the prompt length and each stage's slots."""
+
+    prompt_length: int
+    records: list[_StageRecord]
+    seen: int  # tokens the cache has seen (prompt + decoded)
+
+
+@dataclass
+class _Decode:
+    session: _Session
+    mask_2d: Tensor  # [batch, seen + q] bool
+    positions: Tensor  # [batch, q] long
+    cache: Any
+    stage_kwargs: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Pruner
+# ----------------------------------------------------------------------------------------------
+class Pruner:
+    """Prunes a model's visual tokens per a recipe while installed.
+
+    Use :func:`apply`; as a context manager the hooks go when the block ends, also on error::
+
+        with prunekit.apply(model, "transprune-high") as pruner:
+            out = model.generate(**inputs, max_new_tokens=32)
+        pruner.last_report.stages[0].kept   # [batch, n_kept] original positions
+    """
+
+    def __init__(self, model: nn.Module, recipe: Recipe) -> None:
+        self.model = model
+        self.recipe = recipe
+        self.adapter: Adapter = _find_adapter(model, recipe.adapter)
+        self.layers: list[nn.Module] = list(self.adapter.decoder_layers(model))
+        self.num_layers = len(self.layers)
+        self.stages: list[Stage] = _check_stages(recipe, self.num_layers, model)
+        self.stage_layers = tuple(s.layer for s in self.stages)
+        self.last_report: PruneReport | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._tap: AttentionTap | None = None
+        self._state: _Prefill | _Decode | None = None
+        self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
+        self._installed = False
+        self._removed = False
+        self._signature = inspect.signature(model.forward)
+
+        probes = _collect_probes(recipe, self.stage_layers, self.num_layers)
+        self._io_observers: dict[tuple[int, str], list[tuple[Any, ModuleIO]]] = defaultdict(list)
+        self._rows_before: dict[int, list[AttentionRows]] = defaultdict(list)  # scoring pass at a prune layer
+        self._rows_during: dict[int, list[AttentionRows]] = defaultdict(list)  # captured as the layer runs
+        for criterion, probe in probes:
+            if isinstance(probe, ModuleIO):
+                self._io_observers[(probe.layer, probe.module)].append((criterion, probe))
+            elif probe.layer in self.stage_layers:
+                if probe not in self._rows_before[probe.layer]:
+                    self._rows_before[probe.layer].append(probe)
+            elif probe not in self._rows_during[probe.layer]:
+                self._rows_during[probe.layer].append(probe)
+        self._attention_layer = {id(self.adapter.attention(layer)): i for i, layer in enumerate(self.layers)}
+        # stage index of every layer (-1 before the first prune)
+        self._stage_of_layer = [max((s for s, L in enumerate(self.stage_layers) if L <= i), default=-1)
+                                for i in range(self.num_layers)]
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def install(self) -> Pruner:
+        if self._removed:
+            raise PrunerStateError("this pruner was removed; call prunekit.apply(model, recipe) again")
+        if self._installed:
+            return self
+        active = _ACTIVE.get(self.model)
+        if active is not None:
+            raise PrunerStateError(
+                f"the model already has an active pruner (recipe {active.recipe.name!r}); "
+                "leave its `with` block or call .remove() before applying another"
+            )
+        _ACTIVE[self.model] = self
+        self._installed = True
+        try:
+            self._install_hooks()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def _install_hooks(self) -> None:
+        add = self._handles.append
+        add(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        add(self.model.register_forward_hook(self._after_model, with_kwargs=True, always_call=True))
+        first = self.stage_layers[0]
+        for i in range(first, self.num_layers):
+            add(self.layers[i].register_forward_pre_hook(self._layer_pre_hook(i), with_kwargs=True))
+        for (layer, kind) in self._io_observers:
+            layer_module = self.layers[layer]
+            module = self.adapter.attention(layer_module) if kind == "attention" else self.adapter.mlp(layer_module)
+            add(module.register_forward_hook(self._io_hook(layer, kind), with_kwargs=True))
+        if self._rows_before or self._rows_during:
+            self._tap = AttentionTap(self.adapter.language_model(self.model).config, self._on_attention)
+
+    def remove(self) -> None:
+        """Remove every hook and restore the attention implementation. Safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._tap is not None:
+            self._tap.close()
+            self._tap = None
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
+        self._state = None
+        self._sessions = weakref.WeakKeyDictionary()
+        self._removed = True
+
+    def __enter__(self) -> Pruner:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # -- model-level hooks -----------------------------------------------------------------
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._state = None
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        cache = bound.get("past_key_values")
+        session = self._sessions.get(cache) if cache is not None else None
+        input_ids: Tensor | None = bound.get("input_ids")
+        mask = bound.get("attention_mask")
+        positions = bound.get("position_ids")
+        if session is not None:
+            self._state = self._start_decode(session, cache, input_ids, bound.get("inputs_embeds"), mask, positions)
+            return
+        past = cache.get_seq_length() if cache is not None else 0
+        if input_ids is None:
+            raise LayoutError(
+                "prunekit finds visual tokens through input_ids, but the model was called with inputs_embeds "
+                "only; pass input_ids (and pixel_values)"
+            )
+        layout = self.adapter.token_layout(self.model, input_ids, mask)
+        if past > 0:
+            if bool(layout.visual.any()):
+                raise LayoutError(
+                    f"this forward continues a cache of {past} tokens with new visual tokens; prunekit prunes "
+                    "visual tokens in the prefill only (start from an empty cache)"
+                )
+            return  # text continuing an unpruned cache: nothing to do
+        if not bool(layout.visual.any()):
+            raise LayoutError(
+                f"the prompt has no visual tokens (looked for {self.adapter.describe_visual(self.model)} in input_ids "
+                f"of shape {tuple(input_ids.shape)}); recipe {self.recipe.name!r} needs an image or video in the prompt"
+            )
+        batch, seq = input_ids.shape
+        if positions is None:
+            positions = self.adapter.default_positions(self.model, input_ids, 0)
+        positions = positions.expand(batch, seq) if positions.dim() == 2 else positions
+        mask_2d = torch.ones_like(layout.valid) if mask is None else mask.to(torch.bool)
+        ctx = ForwardContext(layout=layout, stage_layers=self.stage_layers, num_layers=self.num_layers)
+        self._state = _Prefill(
+            ctx=ctx, positions=positions, mask_2d=mask_2d, visual_original=layout.visual_counts(),
+            prompt_valid=layout.valid.sum(dim=1), prompt_length=seq, cache=cache,
+        )
+
+    def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        state, self._state = self._state, None
+        if not isinstance(state, _Prefill) or output is None or len(state.records) != len(self.stages):
+            if isinstance(state, _Decode):
+                state.session.seen = state.mask_2d.shape[1]
+            return
+        self.last_report = self._report(state)
+        cache = state.cache if state.cache is not None else getattr(output, "past_key_values", None)
+        if cache is not None:
+            self._sessions[cache] = _Session(state.prompt_length, state.records, seen=state.prompt_length)
+
+    def _start_decode(self, session: _Session, cache: Any, input_ids: Tensor | None, embeds: Tensor | None,
+                      mask: Tensor | None, positions: Tensor | None) -> _Decode:
+        tokens = input_ids if input_ids is not None else embeds
+        batch, q = tokens.shape[0], tokens.shape[1]
+        expected = session.seen + q
+        if mask is None:
+            mask_2d = torch.ones(batch, expected, dtype=torch.bool, device=tokens.device)
+        else:
+            mask_2d = mask.to(torch.bool)
+            if mask_2d.dim() != 2 or mask_2d.shape[1] != expected:
+                raise LayoutError(
+                    f"decode step: attention_mask has shape {tuple(mask.shape)}, expected [batch, {expected}] "
+                    f"({session.seen} cached tokens + {q} new) as a 2D mask over the unpruned sequence"
+                )
+        if positions is None:
+            positions = torch.arange(session.seen, expected, device=tokens.device).expand(batch, q)
+        return _Decode(session=session, mask_2d=mask_2d, positions=positions.expand(batch, q), cache=cache)
+
+    # -- layer hooks -------------------------------------------------------------------------
+    def _layer_pre_hook(self, layer_idx: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            state = self._state
+            if isinstance(state, _Prefill):
+                if layer_idx in self.stage_layers:
+                    return self._prune(layer_idx, module, args, kwargs, state)
+                kwargs.update(state.stage_kwargs)
+                return args, kwargs
+            if isinstance(state, _Decode):
+                stage = self._stage_of_layer[layer_idx]
+                kwargs.update(self._decode_kwargs(state, stage, self.adapter.layer_input(args, kwargs)))
+                return args, kwargs
+            return None
+
+        return hook
+
+    def _io_hook(self, layer_idx: int, kind: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            state = self._state
+            if not isinstance(state, _Prefill) or state.scoring_module is not None:
+                return
+            inputs = self.adapter.layer_input(args, kwargs)
+            out = self.adapter.module_output(output)
+            with torch.no_grad():
+                for criterion, probe in self._io_observers[(layer_idx, kind)]:
+                    criterion.observe(state.ctx, probe, inputs, out)
+
+        return hook
+
+    def _on_attention(self, module: nn.Module, query: Tensor, key: Tensor, kwargs: dict) -> None:
+        state = self._state
+        if not isinstance(state, _Prefill):
+            return
+        if state.scoring_module is not None:
+            if module is state.scoring_module:
+                self._capture_rows(state, state.scoring_probes, module, query, key, kwargs)
+                raise _ScoringPassDone
+            return
+        layer = self._attention_layer.get(id(module))
+        probes = self._rows_during.get(layer, ()) if layer is not None else ()
+        if probes:
+            self._capture_rows(state, probes, module, query, key, kwargs)
+
+    def _capture_rows(self, state: _Prefill, probes: Sequence[AttentionRows], module: nn.Module,
+                      query: Tensor, key: Tensor, kwargs: dict) -> None:
+        layout = state.ctx.layout
+        if query.shape[2] != layout.seq_len or key.shape[2] != layout.seq_len:
+            raise AdapterError(
+                f"attention rows: query/key cover {query.shape[2]}/{key.shape[2]} tokens but the prefill "
+                f"sequence has {layout.seq_len}; attention rows need a prefill from an empty cache"
+            )
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        with torch.no_grad():
+            for probe in probes:
+                if probe.queries == "instruction":
+                    selected = layout.instruction
+                else:  # the last real token of each sample
+                    idx = torch.arange(layout.seq_len, device=query.device).expand_as(layout.valid)
+                    last = torch.where(layout.valid, idx, -1).amax(dim=1, keepdim=True)
+                    selected = idx == last
+                state.ctx.captures[probe] = attention_rows(query, key, scaling, query_weights(selected), layout.valid)
+
+    def _scoring_pass(self, layer: nn.Module, hidden: Tensor, kwargs: dict, state: _Prefill,
+                      probes: Sequence[AttentionRows]) -> None:
+        """Run the prune layer's attention on its unpruned input until the tap has the rows."""
+        attention = self.adapter.attention(layer)
+        call_kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+        state.scoring_module, state.scoring_probes = attention, tuple(probes)
+        try:
+            with torch.no_grad():
+                attention(hidden_states=self.adapter.input_norm(layer)(hidden), past_key_values=None, **call_kwargs)
+        except _ScoringPassDone:
+            pass
+        else:
+            raise AdapterError(
+                f"{type(attention).__name__} did not call the transformers attention interface, so its "
+                "attention rows cannot be captured; this model needs an adapter that computes them"
+            )
+        finally:
+            state.scoring_module, state.scoring_probes = None, ()
+
+    def _prune(self, layer_idx: int, layer: nn.Module, args: tuple, kwargs: dict, state: _Prefill):
+        ctx = state.ctx
+        stage_idx = self.stage_layers.index(layer_idx)
+        kwargs.update(state.stage_kwargs)
+        hidden = self.adapter.layer_input(args, kwargs)  # [batch, seq, hidden]
+        if self._rows_before.get(layer_idx):
+            self._scoring_pass(layer, hidden, kwargs, state, self._rows_before[layer_idx])
+        ctx.stage = stage_idx
+        with torch.no_grad():
+            scores = {key: criterion.score(ctx) for key, criterion in self.recipe.criteria.items()}
+            combined = self.recipe.combiner.combine(scores, ctx.layout.visual)  # [batch, seq]
+            counts = torch.minimum(self.stages[stage_idx].keep_counts(state.visual_original),
+                                   ctx.layout.visual_counts())
+            selection = select(combined, ctx.layout.visual, counts)
+        index, fill = selection.index, selection.fill  # [batch, new_seq]
+        hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        dropped_before = selection.dropped.long().cumsum(dim=1) - selection.dropped.long()  # [batch, seq]
+        previous_dropped = state.records[-1].dropped_total if state.records else torch.zeros_like(counts)
+        ctx.gather(index, fill)
+        positions = state.positions.gather(1, index)
+        if self.recipe.positions == "compact":
+            positions = positions - dropped_before.gather(1, index)
+        state.positions = positions.masked_fill(fill, 0)
+        state.mask_2d = state.mask_2d.gather(1, index) & ~fill
+        state.records.append(_StageRecord(
+            layer=layer_idx, original_index=ctx.layout.original_index, visual=ctx.layout.visual,
+            valid=ctx.layout.valid, dropped_total=previous_dropped + selection.dropped.sum(dim=1),
+        ))
+        state.stage_kwargs = self.adapter.stage_kwargs(
+            self.model, hidden, state.mask_2d, state.positions, state.cache, layer_idx
+        )
+        kwargs.update(state.stage_kwargs)
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _decode_kwargs(self, state: _Decode, stage: int, hidden: Tensor) -> dict[str, Any]:
+        if stage not in state.stage_kwargs:
+            record = state.session.records[stage]
+            prompt = state.session.prompt_length
+            slots = record.original_index  # [batch, seq_s]
+            prompt_mask = state.mask_2d[:, :prompt].gather(1, slots.clamp(min=0)) & (slots >= 0)
+            mask_2d = torch.cat([prompt_mask, state.mask_2d[:, prompt:]], dim=1)  # [batch, seq_s + decoded + q]
+            positions = state.positions
+            if self.recipe.positions == "compact":
+                positions = positions - record.dropped_total[:, None]
+            state.stage_kwargs[stage] = self.adapter.stage_kwargs(
+                self.model, hidden, mask_2d, positions, state.cache, record.layer
+            )
+        return state.stage_kwargs[stage]
+
+    # -- report ------------------------------------------------------------------------------
+    def _report(self, state: _Prefill) -> PruneReport:
+        stages = []
+        big = torch.iinfo(torch.long).max
+        for record in state.records:
+            kept_counts = record.visual.sum(dim=1)  # [batch]
+            width = int(kept_counts.max().item()) if kept_counts.numel() else 0
+            kept = torch.where(record.visual, record.original_index, big).sort(dim=1).values[:, :width]
+            stages.append(StageReport(record.layer, kept.masked_fill(kept == big, -1), kept_counts,
+                                      record.valid.sum(dim=1)))
+        tokens_per_layer = [state.prompt_length if s < 0 else state.records[s].original_index.shape[1]
+                            for s in self._stage_of_layer]
+        real = torch.stack([state.prompt_valid if s < 0 else stages[s].sequence_lengths
+                            for s in self._stage_of_layer], dim=1)  # [batch, num_layers]
+        return PruneReport(stages, state.visual_original, tokens_per_layer, real)
+
+    def __repr__(self) -> str:
+        status = "removed" if self._removed else ("installed" if self._installed else "new")
+        return f"Pruner(recipe={self.recipe.name!r}, adapter={self.adapter.name!r}, stages={self.stage_layers}, {status})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+def _find_adapter(model: nn.Module, name: str | None) -> Adapter:
+    registry = get_registry()
+    if name is not None:
+        adapter = registry.get("adapter", name).obj
+        if not adapter.matches(model):
+            raise AdapterError(f"adapter {name!r} (from the recipe) does not fit {type(model).__name__}")
+        return adapter
+    adapters = registry.adapters()
+    for adapter in adapters:
+        if adapter.matches(model):
+            return adapter
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    raise AdapterError(
+        f"no adapter matches {type(model).__name__} (config.model_type={model_type!r}); "
+        f"registered adapters: {valid_list(a.name for a in adapters)}"
+    )
+
+
+def _check_stages(recipe: Recipe, num_layers: int, model: nn.Module) -> list[Stage]:
+    stages = recipe.schedule.resolve(num_layers)
+    where = f"recipe {recipe.name!r}, schedule"
+    if not stages:
+        raise RecipeError(f"{where}: the schedule has no stages")
+    previous_layer, previous_keep = -1, None
+    for i, stage in enumerate(stages):
+        if not 0 <= stage.layer < num_layers:
+            raise RecipeError(
+                f"{where}: stage {i} prunes before layer {stage.layer}, past the model's depth: "
+                f"{type(model).__name__} has {num_layers} decoder layers (valid layers 0..{num_layers - 1})"
+            )
+        if stage.layer <= previous_layer:
+            raise RecipeError(f"{where}: stage {i} layer {stage.layer} must come after layer {previous_layer}")
+        keep = stage.keep if stage.keep is not None else stage.count
+        if previous_keep is not None and type(keep) is type(previous_keep) and keep > previous_keep:
+            raise RecipeError(f"{where}: stage {i} keeps {keep}, more than the stage before ({previous_keep})")
+        previous_layer, previous_keep = stage.layer, keep
+    return stages
+
+
+def _collect_probes(recipe: Recipe, stage_layers: tuple[int, ...], num_layers: int) -> list[tuple[Any, Probe]]:
+    out = []
+    for key, criterion in recipe.criteria.items():
+        for probe in criterion.probes(stage_layers, num_layers):
+            if not 0 <= probe.layer < num_layers:
+                raise RecipeError(
+                    f"recipe {recipe.name!r}, criteria.{key}: {probe} reads layer {probe.layer}, past the model's "
+                    f"depth (valid layers 0..{num_layers - 1})"
+                )
+            out.append((criterion, probe))
+    return out
+
+
+def apply(model: nn.Module, recipe: RecipeSource, overrides: Sequence[str] | None = None) -> Pruner:
+    """Install a recipe's hooks on ``model`` and return the :class:`Pruner` (a context manager).
+
+    ``recipe`` is a built-in name (``"transprune-high"``), a YAML path, a dict or a :class:`Recipe`;
+    ``overrides`` are dotted ``key=value`` strings applied on top.
+    """
+    return Pruner(model, load_recipe(recipe, overrides)).install()

@@ -1,0 +1,212 @@
+"""Recipes: criteria + combiner + schedule, validated by an OmegaConf schema and built through the registries.
+
+A recipe in YAML::
+
+    name: transprune-high
+    positions: compact            # compact | original
+    criteria:                     # key -> {type: <registered criterion>, <its parameters>}
+      ttv: {type: accumulated_ttv, layers: [6, 11]}
+      iga: {type: iga}
+    combiner: {type: weighted_sum, weights: {ttv: 0.5, iga: 0.5}, normalize: sum}
+    schedule:
+      type: stages
+      stages: [{layer: 7, keep: 0.875}, {layer: 9, keep: 0.625}, {layer: 12, keep: 0.125}]
+
+``type`` defaults to the key (``criteria: {iga: {}}``). Overrides are dotted:
+``["schedule.stages.0.keep=0.5", "criteria.ttv.direction=abs_cos"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from prunekit.api import Combiner, Criterion, Schedule
+from prunekit.errors import PluginError, RecipeError, valid_list
+from prunekit.plugins import get_registry
+
+Positions = Literal["compact", "original"]
+
+
+@dataclass
+class RecipeSchema:
+    """The top level of a recipe; criterion, combiner and schedule parameters are checked by their plugins."""
+
+    name: str = "custom"
+    description: str = ""
+    criteria: dict[str, Any] = field(default_factory=dict)
+    combiner: Optional[dict[str, Any]] = None
+    schedule: dict[str, Any] = field(default_factory=dict)
+    adapter: Optional[str] = None
+    positions: Positions = "compact"
+
+
+RECIPE_KEYS = [f.name for f in dataclasses.fields(RecipeSchema)]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe: built criterion, combiner and schedule objects."""
+
+    name: str
+    description: str
+    criteria: dict[str, Criterion]
+    combiner: Combiner
+    schedule: Schedule
+    adapter: str | None
+    positions: str
+    config: DictConfig = field(repr=False, compare=False)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(self.config)
+
+
+RecipeSource = Union[str, Path, Mapping, DictConfig, Recipe]
+
+
+def builtin_recipe_names() -> list[str]:
+    """Names of every recipe YAML that the registered recipe folders hold."""
+    return sorted(_recipe_files())
+
+
+def _recipe_files() -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for folder in get_registry().recipe_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            files.setdefault(path.stem, path)
+    return files
+
+
+def _read_source(source: RecipeSource) -> tuple[DictConfig, str]:
+    """The raw config of a recipe source and a label for error messages."""
+    if isinstance(source, (Mapping, DictConfig)):
+        return OmegaConf.create(dict(source) if isinstance(source, Mapping) else source), "recipe dict"
+    text = str(source)
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {text!r} does not exist")
+        try:
+            return OmegaConf.load(path), f"recipe file {text!r}"
+        except (yaml.YAMLError, OmegaConfBaseException) as exc:
+            raise RecipeError(f"recipe file {text!r} is not valid YAML: {exc}") from exc
+    files = _recipe_files()
+    if text not in files:
+        raise RecipeError(f"unknown recipe {text!r}; built-in recipes: {valid_list(files)} (or pass a YAML path)")
+    return OmegaConf.load(files[text]), f"recipe {text!r}"
+
+
+def _explain(exc: OmegaConfBaseException, where: str, valid: Sequence[str] | None = None) -> RecipeError:
+    message = str(exc).splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    hint = f"; valid keys: {valid_list(valid)}" if valid is not None and "not in" in message else ""
+    at = f" at {key!r}" if key else ""
+    return RecipeError(f"{where}{at}: {message}{hint}")
+
+
+def _apply_overrides(cfg: DictConfig, overrides: Sequence[str], where: str) -> None:
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like 'dotted.key=value'")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        value = yaml.safe_load(raw) if raw.strip() else None
+        top = key.split(".")[0]
+        if top not in RECIPE_KEYS:
+            raise RecipeError(f"override {item!r}: unknown recipe key {top!r}; valid keys: {valid_list(RECIPE_KEYS)}")
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, f"{where}, override {item!r}") from exc
+
+
+def _build_plugin(kind: str, spec: Any, default_type: str | None, where: str) -> Any:
+    """Build a criterion/combiner/schedule from ``{type: name, **params}``, checking the parameters."""
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, (Mapping, DictConfig)):
+        raise RecipeError(f"{where} must be a mapping like {{type: <{kind} name>, ...}}, got {spec!r}")
+    params = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else dict(spec)
+    type_name = params.pop("type", default_type)
+    if type_name is None:
+        raise RecipeError(f"{where} needs a 'type'; registered {kind}s: {valid_list(get_registry().names(kind))}")
+    try:
+        cls = get_registry().get(kind, str(type_name)).obj
+    except PluginError as exc:
+        raise RecipeError(f"{where}: {exc}") from exc
+    if not dataclasses.is_dataclass(cls):
+        raise RecipeError(f"{where}: {kind} {type_name!r} is not a dataclass, so its parameters cannot be checked")
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), params))
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, f"{where} ({kind} {type_name!r})", fields) from exc
+    try:
+        if kind != "combiner":
+            obj.validate()
+    except ValueError as exc:
+        raise RecipeError(f"{where} ({kind} {type_name!r}): {exc}") from exc
+    return obj
+
+
+def load_recipe(source: RecipeSource, overrides: Sequence[str] | None = None) -> Recipe:
+    """Load, validate and build a recipe from a built-in name, a YAML path, a dict or a :class:`Recipe`."""
+    if isinstance(source, Recipe):
+        if not overrides:
+            return source
+        source = source.config
+    raw, where = _read_source(source)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RecipeSchema), raw)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, where, RECIPE_KEYS) from exc
+    _apply_overrides(cfg, list(overrides or []), where)
+
+    if not cfg.criteria:
+        raise RecipeError(f"{where}: 'criteria' is empty; registered criteria: "
+                          f"{valid_list(get_registry().names('criterion'))}")
+    criteria: dict[str, Criterion] = {}
+    for key, spec in cfg.criteria.items():
+        criterion = _build_plugin("criterion", spec, str(key), f"{where}, criteria.{key}")
+        criterion.key = str(key)
+        criteria[str(key)] = criterion
+
+    combiner_spec = cfg.combiner
+    if combiner_spec is None:
+        if len(criteria) > 1:
+            raise RecipeError(f"{where}: {len(criteria)} criteria ({valid_list(criteria)}) need a 'combiner'; "
+                              f"registered combiners: {valid_list(get_registry().names('combiner'))}")
+        combiner_spec = {"type": "weighted_sum", "normalize": "none"}
+    combiner = _build_plugin("combiner", combiner_spec, None, f"{where}, combiner")
+    try:
+        combiner.validate(list(criteria))
+    except ValueError as exc:
+        raise RecipeError(f"{where}, combiner: {exc}") from exc
+
+    if not cfg.schedule:
+        raise RecipeError(f"{where}: 'schedule' is missing; registered schedules: "
+                          f"{valid_list(get_registry().names('schedule'))}")
+    schedule = _build_plugin("schedule", cfg.schedule, None, f"{where}, schedule")
+
+    if cfg.adapter is not None:
+        try:
+            get_registry().get("adapter", cfg.adapter)
+        except PluginError as exc:
+            raise RecipeError(f"{where}, adapter: {exc}") from exc
+    return Recipe(
+        name=cfg.name,
+        description=cfg.description,
+        criteria=criteria,
+        combiner=combiner,
+        schedule=schedule,
+        adapter=cfg.adapter,
+        positions=cfg.positions,
+        config=cfg,
+    )
