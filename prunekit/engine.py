@@ -496,7 +496,11 @@ def _check_stages(recipe: Recipe, num_layers: int, model: nn.Module) -> list[Sta
 def _collect_probes(recipe: Recipe, stage_layers: tuple[int, ...], num_layers: int) -> list[tuple[Any, Probe]]:
     out = []
     for key, criterion in recipe.criteria.items():
-        for probe in criterion.probes(stage_layers, num_layers):
+        try:
+            probes = list(criterion.probes(stage_layers, num_layers))
+        except ValueError as exc:
+            raise RecipeError(f"recipe {recipe.name!r}, criteria.{key}: {exc}") from exc
+        for probe in probes:
             if not 0 <= probe.layer < num_layers:
                 raise RecipeError(
                     f"recipe {recipe.name!r}, criteria.{key}: {probe} reads layer {probe.layer}, past the model's "
