@@ -62,6 +62,7 @@ class PruneReport:
     visual_tokens: Tensor  # [batch] long: visual tokens per sample before pruning
     tokens_per_layer: list[int]  # sequence length (the batch tensor's) of every decoder layer
     real_tokens_per_layer: Tensor  # [batch, num_layers] long: non-padding tokens per sample and layer
+    visual_tokens_per_layer: Tensor  # [batch, num_layers] long: visual tokens per sample and layer
 
     def __len__(self) -> int:
         return len(self.stages)
@@ -444,7 +445,9 @@ class Pruner:
                             for s in self._stage_of_layer]
         real = torch.stack([state.prompt_valid if s < 0 else stages[s].sequence_lengths
                             for s in self._stage_of_layer], dim=1)  # [batch, num_layers]
-        return PruneReport(stages, state.visual_original, tokens_per_layer, real)
+        visual = torch.stack([state.visual_original if s < 0 else stages[s].kept_counts
+                              for s in self._stage_of_layer], dim=1)  # [batch, num_layers]
+        return PruneReport(stages, state.visual_original, tokens_per_layer, real, visual)
 
     def __repr__(self) -> str:
         status = "removed" if self._removed else ("installed" if self._installed else "new")

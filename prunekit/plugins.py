@@ -98,7 +98,7 @@ class Registry:
         catalog: dict[str, dict[str, list[Entry]]] = {kind: {} for kind in KINDS}
         problems: list[str] = []
         for kind, (hook_name, base, is_class) in KINDS.items():
-            for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):  # registration order
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():  # registration order
                 plugin = impl.plugin_name
                 try:
                     items = impl.function()
@@ -157,7 +157,7 @@ class Registry:
 
     def recipe_dirs(self) -> list[Path]:
         dirs: list[Path] = []
-        for impl in reversed(self.pm.hook.prunekit_add_recipe_dirs.get_hookimpls()):
+        for impl in self.pm.hook.prunekit_add_recipe_dirs.get_hookimpls():
             try:
                 dirs.extend(Path(d) for d in impl.function())
             except Exception as exc:

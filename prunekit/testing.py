@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,18 @@ def tiny_llava(
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(llava_config(shape))
     _spread_weights(model, seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(directory) if directory is not None else Path(tmp)
-        model.save_pretrained(path)
-        loaded = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(directory) if directory is not None else Path(tmp)
+            model.save_pretrained(path)
+            loaded = LlavaForConditionalGeneration.from_pretrained(
+                path, dtype=dtype, attn_implementation=attn_implementation
+            )
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return loaded.eval()
 
 

@@ -1,0 +1,200 @@
+"""``prunekit bench``: prefill latency, decode speed, peak memory and FLOPs per recipe, in one run.
+
+Every figure is measured in the same process, recipes interleaved within each repeat, and the
+median of the repeats is reported, so ratios against no pruning are meaningful on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlavaForConditionalGeneration
+
+import prunekit
+from prunekit.flops import DecoderDims, estimate
+from prunekit.testing import LLAVA15_SHAPED, LlavaShape, llava_config, llava_inputs
+
+NO_PRUNING = "none"
+
+
+@dataclass
+class BenchRow:
+    recipe: str
+    prefill_ms: float  # median prefill latency
+    prefill_ratio: float  # median prefill latency / no pruning
+    decode_tokens_per_s: float  # median decode speed over new_tokens steps
+    peak_mb: float  # peak tensor memory during the prefill
+    kv_cache_mb: float  # KV-cache bytes after the prefill
+    kept: list[int]  # visual tokens kept after each stage (sample 0)
+    tflops: float  # analytic prefill TFLOPs, papers' convention (visual tokens)
+    flops_ratio: float
+    sequence_tflops: float  # whole sequence
+    sequence_flops_ratio: float
+    samples: dict[str, list[float]] = field(default_factory=dict, repr=False)
+
+
+def build_model(shape: LlavaShape, dtype: torch.dtype, attn_implementation: str, device: str,
+                seed: int = 0) -> LlavaForConditionalGeneration:
+    """A random-weight LLaVA of ``shape`` (no download, no disk)."""
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(llava_config(shape), dtype=dtype,
+                                                       attn_implementation=attn_implementation)
+    return model.to(device).eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _kv_bytes(cache: Any) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _peak_memory(run, device: str) -> float:
+    """Peak bytes of tensors alive during ``run()`` (CUDA allocator stats, or the torch profiler on CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        return float(torch.cuda.max_memory_allocated() - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:
+        current += event.cpu_memory_usage
+        peak = max(peak, current)
+    return float(peak)
+
+
+@contextmanager
+def _quiet_stderr():
+    """Silence the profiler backend's start/stop lines, which it writes straight to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _measure(model, inputs: dict, new_tokens: int, device: str) -> tuple[float, float, Any]:
+    """(prefill seconds, decode seconds for new_tokens greedy steps, cache after prefill)."""
+    with torch.no_grad():
+        _sync(device)
+        start = time.perf_counter()
+        out = model(**inputs, use_cache=True)
+        _sync(device)
+        prefill = time.perf_counter() - start
+        cache, mask = out.past_key_values, inputs["attention_mask"]
+        kv = _kv_bytes(cache)
+        next_id = out.logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(input_ids=next_id, attention_mask=mask, past_key_values=cache, use_cache=True)
+            next_id = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        decode = time.perf_counter() - start
+    return prefill, decode, kv
+
+
+def run_bench(
+    recipes: Sequence[str] = (NO_PRUNING, "fastv", "transprune-high"),
+    shape: LlavaShape = LLAVA15_SHAPED,
+    repeats: int = 5,
+    new_tokens: int = 16,
+    batch: int = 1,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[BenchRow]:
+    """Measure every recipe on one random-weight model; the first recipe should be ``none``."""
+    model = build_model(shape, dtype, attn_implementation, device)
+    inputs = llava_inputs(shape, batch=batch, seed=0, dtype=dtype)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    n_text = int(inputs["attention_mask"][0].sum()) - shape.visual_tokens
+    dims = DecoderDims.from_config(model.config)
+
+    def pruner_for(name: str):
+        return nullcontext() if name == NO_PRUNING else prunekit.apply(model, name)
+
+    samples: dict[str, dict[str, list[float]]] = {r: {"prefill": [], "decode": []} for r in recipes}
+    kept: dict[str, list[int]] = {}
+    kv: dict[str, float] = {}
+    total = len(recipes) * (repeats + 1)
+    with tqdm(total=total, desc="prunekit bench", disable=not progress, unit="run") as bar:
+        for repeat in range(repeats + 1):  # repeat 0 warms up and is not counted
+            for name in recipes:
+                with pruner_for(name) as pruner:
+                    prefill, decode, kv_bytes = _measure(model, inputs, new_tokens, device)
+                    if repeat == 0:
+                        kept[name] = [] if pruner is None else [int(s.kept_counts[0]) for s in pruner.last_report]
+                        kv[name] = kv_bytes / 2**20
+                    else:
+                        samples[name]["prefill"].append(prefill)
+                        samples[name]["decode"].append(decode)
+                bar.update(1)
+    peaks = {}
+    for name in recipes:
+        with pruner_for(name), torch.no_grad():
+            peaks[name] = _peak_memory(lambda: model(**inputs, use_cache=True), device) / 2**20
+
+    base_prefill = statistics.median(samples[recipes[0]]["prefill"])
+    rows = []
+    for name in recipes:
+        stages = [] if name == NO_PRUNING else prunekit.load_recipe(name).schedule.resolve(dims.num_layers)
+        flops = estimate(stages, dims, shape.visual_tokens, n_text)
+        prefill = statistics.median(samples[name]["prefill"])
+        decode = statistics.median(samples[name]["decode"])
+        rows.append(BenchRow(
+            recipe=name, prefill_ms=prefill * 1e3, prefill_ratio=prefill / base_prefill,
+            decode_tokens_per_s=batch * new_tokens / decode, peak_mb=peaks[name], kv_cache_mb=kv[name],
+            kept=kept[name], tflops=flops.visual_tflops, flops_ratio=flops.visual_ratio,
+            sequence_tflops=flops.sequence_tflops, sequence_flops_ratio=flops.sequence_ratio,
+            samples=samples[name],
+        ))
+    return rows
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    header = ["recipe", "prefill ms", "x none", "decode tok/s", "peak MB", "KV MB", "kept/stage",
+              "TFLOPs", "FLOPs x none", "seq FLOPs x none"]
+    lines = [header]
+    for r in rows:
+        lines.append([
+            r.recipe, f"{r.prefill_ms:.1f}", f"{r.prefill_ratio:.3f}", f"{r.decode_tokens_per_s:.1f}",
+            f"{r.peak_mb:.1f}", f"{r.kv_cache_mb:.2f}", "/".join(map(str, r.kept)) or "-",
+            f"{r.tflops:.4f}", f"{r.flops_ratio:.3f}", f"{r.sequence_flops_ratio:.3f}",
+        ])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def to_json(rows: Sequence[BenchRow], **meta: Any) -> str:
+    return json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2)

@@ -1,0 +1,127 @@
+"""The ``prunekit`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from prunekit.errors import PrunekitError
+
+LLAVA15_7B_DIMS = (32, 4096, 11008)  # layers, hidden, MLP width of LLaVA-1.5-7B's decoder
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from prunekit.bench import format_table, run_bench, to_json
+    from prunekit.testing import LLAVA15_SHAPED
+
+    recipes = ["none", *[r for r in args.recipes if r != "none"]]
+    rows = run_bench(recipes, LLAVA15_SHAPED, repeats=args.repeats, new_tokens=args.new_tokens, batch=args.batch,
+                     dtype=DTYPES[args.dtype], attn_implementation=args.attn, device=args.device,
+                     progress=not args.json)
+    meta = {"model": "LLaVA-1.5-shaped, random weights", "layers": LLAVA15_SHAPED.num_layers,
+            "hidden": LLAVA15_SHAPED.hidden_size, "visual_tokens": LLAVA15_SHAPED.visual_tokens,
+            "batch": args.batch, "repeats": args.repeats, "new_tokens": args.new_tokens, "dtype": args.dtype,
+            "attn": args.attn, "device": args.device, "threads": torch.get_num_threads()}
+    if args.json:
+        print(to_json(rows, **meta))
+    else:
+        print(f"LLaVA-1.5-shaped model, random weights: {meta['layers']} layers, hidden {meta['hidden']}, "
+              f"{meta['visual_tokens']} visual tokens, batch {args.batch}, {args.dtype}, {args.attn} on "
+              f"{args.device} ({meta['threads']} threads); median of {args.repeats} runs")
+        print(format_table(rows))
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from prunekit.flops import DecoderDims, estimate
+    from prunekit.recipe import builtin_recipe_names, load_recipe
+
+    dims = DecoderDims(*LLAVA15_7B_DIMS)
+    rows = []
+    for name in builtin_recipe_names():
+        recipe = load_recipe(name)
+        flops = estimate(recipe.schedule.resolve(dims.num_layers), dims, 576, 0)
+        rows.append({"name": name, "description": recipe.description, "tflops": round(flops.visual_tflops, 3),
+                     "flops_ratio": round(flops.visual_ratio, 3)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'recipe'.ljust(width)}  TFLOPs  ratio  (LLaVA-1.5-7B, 576 visual tokens)  description")
+    for r in rows:
+        print(f"{r['name'].ljust(width)}  {r['tflops']:6.2f}  {r['flops_ratio']:5.3f}  {r['description']}")
+    return 0
+
+
+def _cmd_flops(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from prunekit.flops import DecoderDims, estimate
+    from prunekit.recipe import load_recipe
+
+    config = AutoConfig.from_pretrained(args.model)
+    dims = DecoderDims.from_config(config)
+    out = []
+    for name in ["none", *args.recipe]:
+        stages = [] if name == "none" else load_recipe(name).schedule.resolve(dims.num_layers)
+        flops = estimate(stages, dims, args.visual_tokens, args.text_tokens)
+        out.append({"recipe": name, **flops.as_dict()})
+    if args.json:
+        print(json.dumps({"model": args.model, "visual_tokens": args.visual_tokens,
+                          "text_tokens": args.text_tokens, "recipes": out}, indent=2))
+        return 0
+    print(f"{args.model}: {dims.num_layers} layers, hidden {dims.hidden_size}, MLP {dims.intermediate_size}; "
+          f"{args.visual_tokens} visual + {args.text_tokens} text tokens")
+    print(f"{'recipe':<20} {'TFLOPs':>8} {'ratio':>7} {'seq TFLOPs':>11} {'seq ratio':>10}")
+    for row in out:
+        print(f"{row['recipe']:<20} {row['tflops']:>8.3f} {row['ratio']:>7.3f} "
+              f"{row['sequence_tflops']:>11.3f} {row['sequence_ratio']:>10.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description="Training-free visual token pruning for VLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="prefill latency, decode speed, memory and FLOPs per recipe")
+    bench.add_argument("--recipes", nargs="+", default=["fastv", "transprune-high"],
+                       help="recipes to compare with no pruning (default: fastv transprune-high)")
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--new-tokens", type=int, default=16)
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    bench.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.set_defaults(func=_cmd_bench)
+
+    recipes = sub.add_parser("recipes", help="list built-in recipes with their FLOPs ratio on LLaVA-1.5-7B")
+    recipes.add_argument("--json", action="store_true")
+    recipes.set_defaults(func=_cmd_recipes)
+
+    flops = sub.add_parser("flops", help="analytic prefill TFLOPs of recipes for a model's config.json")
+    flops.add_argument("model", help="model directory or hub id (only config.json is read)")
+    flops.add_argument("--recipe", nargs="+", default=[], help="recipe names or YAML paths")
+    flops.add_argument("--visual-tokens", type=int, default=576)
+    flops.add_argument("--text-tokens", type=int, default=0)
+    flops.add_argument("--json", action="store_true")
+    flops.set_defaults(func=_cmd_flops)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PrunekitError as exc:
+        print(f"prunekit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
