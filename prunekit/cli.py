@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -15,11 +16,20 @@ LLAVA15_7B_DIMS = (32, 4096, 11008)  # layers, hidden, MLP width of LLaVA-1.5-7B
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
+def best_attention(device: str) -> str:
+    """flash_attention_2 where the optional flash-attn package imports and the device is CUDA, else sdpa."""
+    if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from prunekit.bench import format_table, run_bench, to_json
     from prunekit.testing import LLAVA15_SHAPED
 
     recipes = ["none", *[r for r in args.recipes if r != "none"]]
+    if args.attn == "auto":
+        args.attn = best_attention(args.device)
     rows = run_bench(recipes, LLAVA15_SHAPED, repeats=args.repeats, new_tokens=args.new_tokens, batch=args.batch,
                      dtype=DTYPES[args.dtype], attn_implementation=args.attn, device=args.device,
                      progress=not args.json)
@@ -95,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=16)
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    bench.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    bench.add_argument("--attn", default="auto",
+                       help="attention implementation: auto (flash_attention_2 when flash-attn imports and the "
+                            "device is CUDA, else sdpa), sdpa, eager, flash_attention_2")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.set_defaults(func=_cmd_bench)
