@@ -60,6 +60,94 @@ class WeightedSum(Combiner):
         return total.masked_fill(~visual, 0)
 
 
+@dataclass
+class RankFusion(Combiner):
+    """Reciprocal rank fusion: ``sum_k w_k / (k0 + rank_k)``, rank 1 the best visual token of criterion k.
+
+    Invariant to any strictly increasing transform of each score (only ranks matter).
+
+    Example::
+
+        combiner: {type: rank_fusion, k0: 60}
+    """
+
+    name: ClassVar[str] = "rank_fusion"
+    weights: Optional[dict[str, float]] = None
+    k0: float = 60.0
+
+    def validate(self, criteria: Sequence[str]) -> None:
+        if self.k0 < 0:
+            raise ValueError(f"k0 must be >= 0, got {self.k0}")
+        _check_weights(self.weights, criteria)
+
+    def combine(self, scores: Mapping[str, Tensor], visual: Tensor) -> Tensor:
+        weights = self.weights or {key: 1.0 for key in scores}
+        total = torch.zeros(visual.shape, dtype=torch.float64, device=visual.device)
+        n = visual.sum(dim=1, keepdim=True).to(torch.float64)
+        for key, score in scores.items():
+            # rank 1 = best: n - (ascending average rank) with ranks 0..n-1
+            ascending = get_normalization("rank")(score.to(torch.float64), visual) * (n - 1).clamp(min=1)
+            best_first = n - ascending
+            total = total + weights[key] / (self.k0 + best_first)
+        return total.masked_fill(~visual, 0)
+
+
+@dataclass
+class Product(Combiner):
+    """Weighted geometric combination: ``prod_k normalize(score_k) ** w_k`` (scores made positive first).
+
+    With ``normalize: sum`` (default) it is invariant to a positive scaling of each score.
+
+    Example::
+
+        combiner: {type: product, normalize: sum}
+    """
+
+    name: ClassVar[str] = "product"
+    weights: Optional[dict[str, float]] = None
+    normalize: str = "sum"
+    eps: float = 1e-12
+
+    def validate(self, criteria: Sequence[str]) -> None:
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize={self.normalize!r} is unknown; valid: {valid_list(NORMALIZATIONS)}")
+        _check_weights(self.weights, criteria)
+
+    def combine(self, scores: Mapping[str, Tensor], visual: Tensor) -> Tensor:
+        norm = get_normalization(self.normalize)
+        weights = self.weights or {key: 1.0 for key in scores}
+        log_total = torch.zeros(visual.shape, dtype=torch.float64, device=visual.device)
+        for key, score in scores.items():
+            value = norm(score.to(torch.float64), visual).clamp(min=0) + self.eps
+            log_total = log_total + weights[key] * value.log()
+        return log_total.exp().masked_fill(~visual, 0)
+
+
+@dataclass
+class Maximum(Combiner):
+    """Per token, the largest weighted normalised score: a token kept by any criterion survives.
+
+    Example::
+
+        combiner: {type: max, normalize: minmax}
+    """
+
+    name: ClassVar[str] = "max"
+    weights: Optional[dict[str, float]] = None
+    normalize: str = "minmax"
+
+    def validate(self, criteria: Sequence[str]) -> None:
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize={self.normalize!r} is unknown; valid: {valid_list(NORMALIZATIONS)}")
+        _check_weights(self.weights, criteria)
+
+    def combine(self, scores: Mapping[str, Tensor], visual: Tensor) -> Tensor:
+        norm = get_normalization(self.normalize)
+        weights = self.weights or {key: 1.0 for key in scores}
+        stacked = torch.stack([weights[k] * norm(s.to(torch.float64), visual) for k, s in scores.items()])
+        return stacked.amax(dim=0).masked_fill(~visual, 0)
+
+
 @hookimpl
 def prunekit_add_combiners() -> list[type[Combiner]]:
-    return [WeightedSum]
+    return [WeightedSum, RankFusion, Product, Maximum]

@@ -56,14 +56,19 @@ class ForwardContext:
         self.buffers[name] = value if current is None else current + value
 
     def gather(self, index: Tensor, fill: Tensor) -> None:
-        """Follow a prune: keep the slots ``index`` selects (``[batch, new_seq]``), ``fill`` marks empty ones."""
+        """Follow a prune: keep the slots ``index`` selects (``[batch, new_seq]``).
+
+        ``fill`` marks slots that hold no current token (padding or merged tokens): their layout
+        entries are not visual, not valid, index -1, and their buffer values are 0.
+        """
+        from prunekit.sequence import gather_tokens
+
         self.layout = self.layout.gather(index, fill)
         for store in (self.buffers, self.captures):
             for key, value in store.items():
-                expanded = index.view(*index.shape, *([1] * (value.dim() - 2))).expand(
-                    *index.shape, *value.shape[2:]
-                )
-                store[key] = value.gather(1, expanded)
+                gathered = gather_tokens(value, index)
+                mask = fill.view(*fill.shape, *([1] * (value.dim() - 2)))
+                store[key] = gathered.masked_fill(mask, False if gathered.dtype == torch.bool else 0)
 
 
 class Criterion:
@@ -103,6 +108,26 @@ class Combiner:
 
     def validate(self, criteria: Sequence[str]) -> None:
         """Raise ``ValueError`` if the combiner does not fit the recipe's criteria."""
+
+
+class Merger:
+    """Merges the visual tokens a stage drops into a few summary tokens, kept beside the survivors.
+
+    Subclass it as a ``@dataclass`` whose fields are the parameters. The merged tokens count as
+    visual tokens from then on (later stages may score and drop them).
+    """
+
+    name: ClassVar[str] = ""
+    lead: ClassVar[int] = 0  # at a projector stage: how many merged tokens go before the kept ones
+
+    def merge(self, hidden: Tensor, dropped: Tensor, scores: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
+        """hidden: ``[batch, seq, dim]`` the stage's input; dropped: ``[batch, seq]`` bool; scores:
+        ``[batch, seq]`` the combined score. Returns merged ``[batch, n_merged, dim]`` and their
+        validity ``[batch, n_merged]`` bool (samples may merge fewer tokens than others)."""
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming a bad parameter; called once when the recipe is built."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +248,7 @@ __all__ = [
     "Combiner",
     "Criterion",
     "ForwardContext",
+    "Merger",
     "ModuleIO",
     "Probe",
     "Schedule",

@@ -35,7 +35,7 @@ from prunekit.errors import AdapterError, LayoutError, PrunerStateError, RecipeE
 from prunekit.plugins import get_registry
 from prunekit.probes import AttentionRows, ModuleIO, Probe
 from prunekit.recipe import Recipe, RecipeSource, load_recipe
-from prunekit.selection import select
+from prunekit.sequence import Assembly, assemble, gather_tokens, select
 
 # One active pruner per model: a registry, so that a second apply() is a clear error.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Pruner] = weakref.WeakKeyDictionary()
@@ -50,8 +50,9 @@ class StageReport:
 
     layer: int  # first decoder layer that runs on the reduced sequence (0-based)
     kept: Tensor  # [batch, n_kept] long: original positions of the kept visual tokens, sorted; -1 pads short rows
-    kept_counts: Tensor  # [batch] long: kept visual tokens per sample
+    kept_counts: Tensor  # [batch] long: kept visual tokens per sample (input tokens, not merged ones)
     sequence_lengths: Tensor  # [batch] long: real tokens per sample from this layer on
+    merged_counts: Tensor  # [batch] long: merged summary tokens per sample from this layer on
 
 
 @dataclass
@@ -87,14 +88,14 @@ class _StageRecord:
     original_index: Tensor  # [batch, seq_s] long: prefill index of each slot, -1 on fill slots
     visual: Tensor  # [batch, seq_s] bool
     valid: Tensor  # [batch, seq_s] bool
-    dropped_total: Tensor  # [batch] long: tokens dropped up to and including this stage
+    shift: Tensor  # [batch] long: real tokens fewer than the prompt (dropped minus merged) from this stage on
 
 
 @dataclass
 class _Prefill:
     ctx: ForwardContext
     positions: Tensor  # [batch, seq] long: position ids of the current sequence
-    mask_2d: Tensor  # [batch, seq] bool: attention (padding) mask of the current sequence
+    first_position: Tensor  # [batch] long: position id of each sample's first real token
     visual_original: Tensor  # [batch] long
     prompt_valid: Tensor  # [batch] long: real (non-padding) tokens of the prompt
     prompt_length: int
@@ -260,10 +261,12 @@ class Pruner:
         if positions is None:
             positions = self.adapter.default_positions(self.model, input_ids, 0)
         positions = positions.expand(batch, seq) if positions.dim() == 2 else positions
-        mask_2d = torch.ones_like(layout.valid) if mask is None else mask.to(torch.bool)
+        seq_index = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        first_real = torch.where(layout.valid, seq_index, seq).amin(dim=1).clamp(max=seq - 1)  # [batch]
         ctx = ForwardContext(layout=layout, stage_layers=self.stage_layers, num_layers=self.num_layers)
         self._state = _Prefill(
-            ctx=ctx, positions=positions, mask_2d=mask_2d, visual_original=layout.visual_counts(),
+            ctx=ctx, positions=positions, first_position=positions.gather(1, first_real[:, None])[:, 0],
+            visual_original=layout.visual_counts(),
             prompt_valid=layout.valid.sum(dim=1), prompt_length=seq, cache=cache,
         )
 
@@ -392,22 +395,24 @@ class Pruner:
             counts = torch.minimum(self.stages[stage_idx].keep_counts(state.visual_original),
                                    ctx.layout.visual_counts())
             selection = select(combined, ctx.layout.visual, counts)
-        index, fill = selection.index, selection.fill  # [batch, new_seq]
-        hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-        dropped_before = selection.dropped.long().cumsum(dim=1) - selection.dropped.long()  # [batch, seq]
-        previous_dropped = state.records[-1].dropped_total if state.records else torch.zeros_like(counts)
-        ctx.gather(index, fill)
-        positions = state.positions.gather(1, index)
-        if self.recipe.positions == "compact":
-            positions = positions - dropped_before.gather(1, index)
-        state.positions = positions.masked_fill(fill, 0)
-        state.mask_2d = state.mask_2d.gather(1, index) & ~fill
+            merged, merged_valid = None, None
+            if self.recipe.merger is not None:
+                merged, merged_valid = self.recipe.merger.merge(hidden, selection.dropped, combined, ctx)
+            seq_index = torch.arange(ctx.layout.seq_len, device=hidden.device)
+            last_visual = torch.where(ctx.layout.visual, seq_index, -1).amax(dim=1)  # [batch]
+            plan = assemble(selection, last_visual, merged_valid)
+        hidden = self._next_hidden(hidden, plan, merged)
+        state.positions = self._next_positions(state, plan)
+        ctx.gather(plan.index, ~plan.from_current)
+        if merged is not None:  # merged slots are visual tokens from now on
+            ctx.layout.visual |= plan.merged_valid
+            ctx.layout.valid |= plan.merged_valid
         state.records.append(_StageRecord(
             layer=layer_idx, original_index=ctx.layout.original_index, visual=ctx.layout.visual,
-            valid=ctx.layout.valid, dropped_total=previous_dropped + selection.dropped.sum(dim=1),
+            valid=ctx.layout.valid, shift=state.prompt_valid - ctx.layout.valid.sum(dim=1),
         ))
         state.stage_kwargs = self.adapter.stage_kwargs(
-            self.model, hidden, state.mask_2d, state.positions, state.cache, layer_idx
+            self.model, hidden, ctx.layout.valid, state.positions, state.cache, layer_idx
         )
         kwargs.update(state.stage_kwargs)
         if args:
@@ -416,16 +421,34 @@ class Pruner:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
+    @staticmethod
+    def _next_hidden(hidden: Tensor, plan: Assembly, merged: Tensor | None) -> Tensor:
+        """[batch, new_seq, dim]: kept tokens gathered, merged tokens in their slots."""
+        out = gather_tokens(hidden, plan.index)
+        if merged is not None and merged.shape[1]:
+            placed = gather_tokens(merged.to(hidden.dtype), plan.merged.clamp(min=0))
+            out = torch.where((plan.merged >= 0)[..., None], placed, out)
+        return out
+
+    def _next_positions(self, state: _Prefill, plan: Assembly) -> Tensor:
+        """Position ids of the next sequence: re-indexed (compact) or each token's own (original)."""
+        valid = (plan.from_current & state.ctx.layout.valid.gather(1, plan.index)) | plan.merged_valid
+        if self.recipe.positions == "compact":
+            positions = state.first_position[:, None] + valid.long().cumsum(dim=1) - 1
+        else:
+            positions = state.positions.gather(1, plan.index)
+            # a merged token sits at the position of the kept token before it
+            positions = torch.where(plan.merged >= 0, positions.gather(1, plan.anchor), positions)
+        return positions.masked_fill(~valid, 0)
+
     def _decode_kwargs(self, state: _Decode, stage: int, hidden: Tensor) -> dict[str, Any]:
         if stage not in state.stage_kwargs:
             record = state.session.records[stage]
             prompt = state.session.prompt_length
-            slots = record.original_index  # [batch, seq_s]
-            prompt_mask = state.mask_2d[:, :prompt].gather(1, slots.clamp(min=0)) & (slots >= 0)
-            mask_2d = torch.cat([prompt_mask, state.mask_2d[:, prompt:]], dim=1)  # [batch, seq_s + decoded + q]
+            mask_2d = torch.cat([record.valid, state.mask_2d[:, prompt:]], dim=1)  # [batch, seq_s + decoded + q]
             positions = state.positions
             if self.recipe.positions == "compact":
-                positions = positions - record.dropped_total[:, None]
+                positions = positions - record.shift[:, None]
             state.stage_kwargs[stage] = self.adapter.stage_kwargs(
                 self.model, hidden, mask_2d, positions, state.cache, record.layer
             )
@@ -436,16 +459,17 @@ class Pruner:
         stages = []
         big = torch.iinfo(torch.long).max
         for record in state.records:
-            kept_counts = record.visual.sum(dim=1)  # [batch]
+            original = record.visual & (record.original_index >= 0)  # [batch, seq_s]: kept input tokens
+            kept_counts = original.sum(dim=1)  # [batch]
             width = int(kept_counts.max().item()) if kept_counts.numel() else 0
-            kept = torch.where(record.visual, record.original_index, big).sort(dim=1).values[:, :width]
+            kept = torch.where(original, record.original_index, big).sort(dim=1).values[:, :width]
             stages.append(StageReport(record.layer, kept.masked_fill(kept == big, -1), kept_counts,
-                                      record.valid.sum(dim=1)))
+                                      record.valid.sum(dim=1), (record.visual & ~original).sum(dim=1)))
         tokens_per_layer = [state.prompt_length if s < 0 else state.records[s].original_index.shape[1]
                             for s in self._stage_of_layer]
         real = torch.stack([state.prompt_valid if s < 0 else stages[s].sequence_lengths
                             for s in self._stage_of_layer], dim=1)  # [batch, num_layers]
-        visual = torch.stack([state.visual_original if s < 0 else stages[s].kept_counts
+        visual = torch.stack([state.visual_original if s < 0 else stages[s].kept_counts + stages[s].merged_counts
                               for s in self._stage_of_layer], dim=1)  # [batch, num_layers]
         return PruneReport(stages, state.visual_original, tokens_per_layer, real, visual)
 

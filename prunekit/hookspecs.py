@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from prunekit.api import Adapter, Combiner, Criterion, Schedule
+    from prunekit.api import Adapter, Combiner, Criterion, Merger, Schedule
 
 hookspec = pluggy.HookspecMarker("prunekit")
 hookimpl = pluggy.HookimplMarker("prunekit")
@@ -36,6 +36,11 @@ def prunekit_add_combiners() -> list[type[Combiner]]:
 @hookspec
 def prunekit_add_schedules() -> list[type[Schedule]]:
     """Schedule classes (subclasses of :class:`prunekit.api.Schedule`)."""
+
+
+@hookspec
+def prunekit_add_mergers() -> list[type[Merger]]:
+    """Merger classes (subclasses of :class:`prunekit.api.Merger`): what a stage does with dropped tokens."""
 
 
 @hookspec

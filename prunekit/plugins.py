@@ -17,7 +17,7 @@ from typing import Any
 import pluggy
 
 from prunekit import hookspecs
-from prunekit.api import Adapter, Combiner, Criterion, Schedule
+from prunekit.api import Adapter, Combiner, Criterion, Merger, Schedule
 from prunekit.errors import PluginError, valid_list
 
 PROJECT = "prunekit"
@@ -27,6 +27,7 @@ KINDS: dict[str, tuple[str, type, bool]] = {
     "criterion": ("prunekit_add_criteria", Criterion, True),
     "combiner": ("prunekit_add_combiners", Combiner, True),
     "schedule": ("prunekit_add_schedules", Schedule, True),
+    "merger": ("prunekit_add_mergers", Merger, True),
     "adapter": ("prunekit_add_adapters", Adapter, False),
 }
 

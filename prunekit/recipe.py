@@ -11,6 +11,7 @@ A recipe in YAML::
     schedule:
       type: stages
       stages: [{layer: 7, keep: 0.875}, {layer: 9, keep: 0.625}, {layer: 12, keep: 0.125}]
+    merge: null                   # optional: {type: <registered merger>, ...} for dropped tokens
 
 ``type`` defaults to the key (``criteria: {iga: {}}``). Overrides are dotted:
 ``["schedule.stages.0.keep=0.5", "criteria.ttv.direction=abs_cos"]``.
@@ -28,7 +29,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from prunekit.api import Combiner, Criterion, Schedule
+from prunekit.api import Combiner, Criterion, Merger, Schedule
 from prunekit.errors import PluginError, RecipeError, valid_list
 from prunekit.plugins import get_registry
 
@@ -44,6 +45,7 @@ class RecipeSchema:
     criteria: dict[str, Any] = field(default_factory=dict)
     combiner: Optional[dict[str, Any]] = None
     schedule: dict[str, Any] = field(default_factory=dict)
+    merge: Optional[dict[str, Any]] = None
     adapter: Optional[str] = None
     positions: Positions = "compact"
 
@@ -63,6 +65,7 @@ class Recipe:
     adapter: str | None
     positions: str
     config: DictConfig = field(repr=False, compare=False)
+    merger: Merger | None = None
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(self.config)
@@ -195,6 +198,8 @@ def load_recipe(source: RecipeSource, overrides: Sequence[str] | None = None) ->
                           f"{valid_list(get_registry().names('schedule'))}")
     schedule = _build_plugin("schedule", cfg.schedule, None, f"{where}, schedule")
 
+    merger = None if cfg.merge is None else _build_plugin("merger", cfg.merge, None, f"{where}, merge")
+
     if cfg.adapter is not None:
         try:
             get_registry().get("adapter", cfg.adapter)
@@ -209,4 +214,5 @@ def load_recipe(source: RecipeSource, overrides: Sequence[str] | None = None) ->
         adapter=cfg.adapter,
         positions=cfg.positions,
         config=cfg,
+        merger=merger,
     )
