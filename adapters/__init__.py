@@ -35,6 +35,9 @@ class FamilySpec:
     input_norm: str = "input_layernorm"
     rotary: str = "rotary_emb"  # from the decoder stack
     visual_token_ids: tuple[str, ...] = ("image_token_id",)  # config attributes holding visual token ids
+    projector: str | None = "model.multi_modal_projector"  # from the top-level model
+    vision_layers: str | None = "model.vision_tower.encoder.layers"
+    vision_attention: str = "self_attn"  # from a vision-encoder layer
 
 
 def _get(obj: Any, dotted: str, what: str) -> Any:
@@ -70,6 +73,19 @@ class DecoderAdapter(Adapter):
 
     def input_norm(self, layer: nn.Module) -> nn.Module:
         return _get(layer, self.spec.input_norm, "input norm")
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        if self.spec.projector is None:
+            return super().projector(model)
+        return _get(model, self.spec.projector, "multimodal projector")
+
+    def vision_layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        if self.spec.vision_layers is None:
+            return super().vision_layers(model)
+        return _get(model, self.spec.vision_layers, "vision encoder layers")
+
+    def vision_attention(self, layer: nn.Module) -> nn.Module:
+        return _get(layer, self.spec.vision_attention, "vision attention module")
 
     def visual_token_ids(self, model: nn.Module) -> list[int]:
         ids = [getattr(model.config, key, None) for key in self.spec.visual_token_ids]

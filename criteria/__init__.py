@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
-from prunekit.api import Criterion
+from prunekit.api import Criterion, Merger
 from prunekit.hookspecs import hookimpl
 
-from .attention import IGA, Attention, FastVAttention
+from .attention import IGA, Attention, FastVAttention, PDropAttention
+from .diversity import DivPrune, L2Norm, Redundancy
 from .random import RandomScore
+from .sparsevlm import SparseVLMRaters, SparseVLMRecycling
 from .ttv import TTV, AccumulatedTTV
+from .visionzip import VisionZipContextual, VisionZipDominant
 
-BUILTIN_CRITERIA: list[type[Criterion]] = [TTV, AccumulatedTTV, IGA, Attention, FastVAttention, RandomScore]
+BUILTIN_CRITERIA: list[type[Criterion]] = [
+    TTV, AccumulatedTTV, IGA, Attention, FastVAttention, PDropAttention, SparseVLMRaters, DivPrune, Redundancy,
+    L2Norm, RandomScore, VisionZipDominant,
+]
+BUILTIN_MERGERS: list[type[Merger]] = [SparseVLMRecycling, VisionZipContextual]
 
 
 @hookimpl
 def prunekit_add_criteria() -> list[type[Criterion]]:
     return list(BUILTIN_CRITERIA)
+
+
+@hookimpl
+def prunekit_add_mergers() -> list[type[Merger]]:
+    return list(BUILTIN_MERGERS)

@@ -84,3 +84,21 @@ class FastVAttention(Attention):
     name: ClassVar[str] = "fastv_attention"
     queries: Literal["instruction", "last"] = "last"
     layer_offset: int = 1
+
+
+@dataclass
+class PDropAttention(Attention):
+    """PyramidDrop's criterion (Xing et al., CVPR 2025): the last instruction token's attention at the prune layer.
+
+    As the official code: the prune layer's own q/k (after its norm and RoPE, on the sequence it
+    would receive), the last prompt token's softmax row over all keys, mean over heads, read at the
+    image columns.
+
+    Example::
+
+        criteria: {pdrop: {type: pdrop_attention}}
+    """
+
+    name: ClassVar[str] = "pdrop_attention"
+    queries: Literal["instruction", "last"] = "last"
+    layer_offset: int = 0

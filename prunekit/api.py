@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.layout import TokenLayout
-from prunekit.probes import AttentionRows, ModuleIO, Probe
+from prunekit.probes import AttentionRows, LayerInput, ModuleIO, Probe
 
 
 @dataclass
@@ -33,6 +33,7 @@ class ForwardContext:
     stage_layers: tuple[int, ...]  # prune layers of the recipe, ascending
     num_layers: int
     stage: int = -1  # index of the stage being scored (valid inside ``Criterion.score``)
+    keep_counts: Tensor | None = None  # [batch] visual tokens the stage being scored keeps
     buffers: dict[str, Tensor] = field(default_factory=dict)
     captures: dict[Probe, Tensor] = field(default_factory=dict)
 
@@ -85,8 +86,9 @@ class Criterion:
         """The captures :meth:`score` needs, for a recipe pruning before ``stage_layers``."""
         return ()
 
-    def observe(self, ctx: ForwardContext, probe: ModuleIO, inputs: Tensor, output: Tensor) -> None:
-        """Receive a :class:`ModuleIO` capture (``[batch, seq, hidden]`` tensors) as the layer runs."""
+    def observe(self, ctx: ForwardContext, probe: ModuleIO | LayerInput, inputs: Tensor,
+                output: Tensor | None) -> None:
+        """Receive a :class:`ModuleIO` or :class:`LayerInput` capture (``[batch, seq, hidden]``) as the layer runs."""
         raise NotImplementedError(f"criterion {self.name!r} declared {probe} but has no observe()")
 
     def score(self, ctx: ForwardContext) -> Tensor:
@@ -118,7 +120,15 @@ class Merger:
     """
 
     name: ClassVar[str] = ""
-    lead: ClassVar[int] = 0  # at a projector stage: how many merged tokens go before the kept ones
+    lead: ClassVar[int] = 0  # at a vision stage: how many merged tokens go before the kept ones
+
+    def probes(self, stage_layers: Sequence[int], num_layers: int) -> Iterable[Probe]:
+        """Captures :meth:`merge` reads (from ``ctx.captures``)."""
+        return ()
+
+    def count(self, dropped: int) -> int:
+        """How many tokens :meth:`merge` makes from ``dropped`` tokens (for the FLOPs model and vision stages)."""
+        raise NotImplementedError(f"merger {self.name!r} does not say how many tokens it makes")
 
     def merge(self, hidden: Tensor, dropped: Tensor, scores: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
         """hidden: ``[batch, seq, dim]`` the stage's input; dropped: ``[batch, seq]`` bool; scores:
@@ -232,6 +242,19 @@ class Adapter(ABC):
         """How the adapter recognises visual tokens, for error messages."""
         return "visual token ids"
 
+    # -- the vision side (needed only by recipes with a ``vision`` stage) --------------------
+    def projector(self, model: nn.Module) -> nn.Module:
+        """The module that maps ``[n_images, tokens, vision_dim]`` features to the language model's width."""
+        raise NotImplementedError(f"adapter {self.name!r} does not support stages before the language model")
+
+    def vision_layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The vision encoder's layers."""
+        raise NotImplementedError(f"adapter {self.name!r} does not support stages before the language model")
+
+    def vision_attention(self, layer: nn.Module) -> nn.Module:
+        """The attention module of a vision-encoder layer."""
+        raise NotImplementedError(f"adapter {self.name!r} does not support stages before the language model")
+
     def describe(self) -> str:
         return self.name
 
@@ -248,6 +271,7 @@ __all__ = [
     "Combiner",
     "Criterion",
     "ForwardContext",
+    "LayerInput",
     "Merger",
     "ModuleIO",
     "Probe",

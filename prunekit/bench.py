@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration
 
 import prunekit
-from prunekit.flops import DecoderDims, estimate
+from prunekit.flops import DecoderDims, estimate, recipe_estimate
 from prunekit.testing import LLAVA15_SHAPED, LlavaShape, llava_config, llava_inputs
 
 NO_PRUNING = "none"
@@ -166,8 +166,10 @@ def run_bench(
     base_prefill = statistics.median(samples[recipes[0]]["prefill"])
     rows = []
     for name in recipes:
-        stages = [] if name == NO_PRUNING else prunekit.load_recipe(name).schedule.resolve(dims.num_layers)
-        flops = estimate(stages, dims, shape.visual_tokens, n_text)
+        if name == NO_PRUNING:
+            flops = estimate([], dims, shape.visual_tokens, n_text)
+        else:
+            flops = recipe_estimate(prunekit.load_recipe(name), dims, shape.visual_tokens, n_text)
         prefill = statistics.median(samples[name]["prefill"])
         decode = statistics.median(samples[name]["decode"])
         rows.append(BenchRow(

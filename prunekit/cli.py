@@ -48,14 +48,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
-    from prunekit.flops import DecoderDims, estimate
+    from prunekit.flops import DecoderDims, recipe_estimate
     from prunekit.recipe import builtin_recipe_names, load_recipe
 
     dims = DecoderDims(*LLAVA15_7B_DIMS)
     rows = []
     for name in builtin_recipe_names():
         recipe = load_recipe(name)
-        flops = estimate(recipe.schedule.resolve(dims.num_layers), dims, 576, 0)
+        flops = recipe_estimate(recipe, dims, 576, 0)
         rows.append({"name": name, "description": recipe.description, "tflops": round(flops.visual_tflops, 3),
                      "flops_ratio": round(flops.visual_ratio, 3)})
     if args.json:
@@ -71,15 +71,17 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 def _cmd_flops(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from prunekit.flops import DecoderDims, estimate
+    from prunekit.flops import DecoderDims, estimate, recipe_estimate
     from prunekit.recipe import load_recipe
 
     config = AutoConfig.from_pretrained(args.model)
     dims = DecoderDims.from_config(config)
     out = []
     for name in ["none", *args.recipe]:
-        stages = [] if name == "none" else load_recipe(name).schedule.resolve(dims.num_layers)
-        flops = estimate(stages, dims, args.visual_tokens, args.text_tokens)
+        if name == "none":
+            flops = estimate([], dims, args.visual_tokens, args.text_tokens)
+        else:
+            flops = recipe_estimate(load_recipe(name), dims, args.visual_tokens, args.text_tokens)
         out.append({"recipe": name, **flops.as_dict()})
     if args.json:
         print(json.dumps({"model": args.model, "visual_tokens": args.visual_tokens,

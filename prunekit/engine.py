@@ -19,6 +19,7 @@ only as long as the cache does.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import weakref
 from collections import defaultdict
@@ -33,9 +34,10 @@ from prunekit.api import Adapter, ForwardContext, Stage
 from prunekit.attention import AttentionTap, attention_rows, query_weights
 from prunekit.errors import AdapterError, LayoutError, PrunerStateError, RecipeError, valid_list
 from prunekit.plugins import get_registry
-from prunekit.probes import AttentionRows, ModuleIO, Probe
+from prunekit.probes import QUERY_SETS, AttentionRows, LayerInput, ModuleIO, Probe
 from prunekit.recipe import Recipe, RecipeSource, load_recipe
 from prunekit.sequence import Assembly, assemble, gather_tokens, select
+from prunekit.vision import ProjectorStage, PromptRewrite, rewrite_decode_kwargs
 
 # One active pruner per model: a registry, so that a second apply() is a clear error.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Pruner] = weakref.WeakKeyDictionary()
@@ -53,6 +55,7 @@ class StageReport:
     kept_counts: Tensor  # [batch] long: kept visual tokens per sample (input tokens, not merged ones)
     sequence_lengths: Tensor  # [batch] long: real tokens per sample from this layer on
     merged_counts: Tensor  # [batch] long: merged summary tokens per sample from this layer on
+    where: str = "decoder"  # "vision": a stage before the language model (``layer`` is then 0)
 
 
 @dataclass
@@ -89,6 +92,7 @@ class _StageRecord:
     visual: Tensor  # [batch, seq_s] bool
     valid: Tensor  # [batch, seq_s] bool
     shift: Tensor  # [batch] long: real tokens fewer than the prompt (dropped minus merged) from this stage on
+    where: str = "decoder"  # "vision": before the language model
 
 
 @dataclass
@@ -100,6 +104,10 @@ class _Prefill:
     prompt_valid: Tensor  # [batch] long: real (non-padding) tokens of the prompt
     prompt_length: int
     cache: Any
+    rewrite: PromptRewrite | None = None  # how a vision stage shortened the prompt
+    rewrite_visual: Tensor | None = None  # [batch, short_len] bool: visual tokens of the shortened prompt
+    rewrite_valid: Tensor | None = None  # [batch, short_len] bool
+    visual_before_vision: Tensor | None = None  # [batch] visual tokens before a vision stage
     stage_kwargs: dict[str, Any] = field(default_factory=dict)
     records: list[_StageRecord] = field(default_factory=list)
     scoring_module: nn.Module | None = None
@@ -113,6 +121,7 @@ class _Session:
     prompt_length: int
     records: list[_StageRecord]
     seen: int  # tokens the cache has seen (prompt + decoded)
+    rewrite: PromptRewrite | None = None
 
 
 @dataclass
@@ -153,14 +162,20 @@ class Pruner:
         self._installed = False
         self._removed = False
         self._signature = inspect.signature(model.forward)
+        self._var_keyword = next((p.name for p in self._signature.parameters.values()
+                                  if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        self._vision = None if recipe.vision is None else ProjectorStage(model, self.adapter, recipe.vision)
 
         probes = _collect_probes(recipe, self.stage_layers, self.num_layers)
         self._io_observers: dict[tuple[int, str], list[tuple[Any, ModuleIO]]] = defaultdict(list)
         self._rows_before: dict[int, list[AttentionRows]] = defaultdict(list)  # scoring pass at a prune layer
         self._rows_during: dict[int, list[AttentionRows]] = defaultdict(list)  # captured as the layer runs
+        self._input_observers: dict[int, list[tuple[Any, LayerInput]]] = defaultdict(list)
         for criterion, probe in probes:
             if isinstance(probe, ModuleIO):
                 self._io_observers[(probe.layer, probe.module)].append((criterion, probe))
+            elif isinstance(probe, LayerInput):
+                self._input_observers[probe.layer].append((criterion, probe))
             elif probe.layer in self.stage_layers:
                 if probe not in self._rows_before[probe.layer]:
                     self._rows_before[probe.layer].append(probe)
@@ -196,9 +211,15 @@ class Pruner:
         add = self._handles.append
         add(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         add(self.model.register_forward_hook(self._after_model, with_kwargs=True, always_call=True))
-        first = self.stage_layers[0]
+        if self._vision is not None:
+            self._vision.install()
+        first = self.stage_layers[0] if self.stage_layers else self.num_layers
         for i in range(first, self.num_layers):
             add(self.layers[i].register_forward_pre_hook(self._layer_pre_hook(i), with_kwargs=True))
+        for layer in self._input_observers:  # at a prune layer _prune delivers them, before scoring
+            if layer in self.stage_layers:
+                continue
+            add(self.layers[layer].register_forward_pre_hook(self._input_hook(layer), with_kwargs=True))
         for (layer, kind) in self._io_observers:
             layer_module = self.layers[layer]
             module = self.adapter.attention(layer_module) if kind == "attention" else self.adapter.mlp(layer_module)
@@ -214,6 +235,8 @@ class Pruner:
         if self._tap is not None:
             self._tap.close()
             self._tap = None
+        if self._vision is not None:
+            self._vision.remove()
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
         self._state = None
@@ -227,17 +250,28 @@ class Pruner:
         self.remove()
 
     # -- model-level hooks -----------------------------------------------------------------
-    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._state = None
+    def _call_kwargs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The forward call's arguments by name (positional ones and ``**kwargs`` included)."""
         bound = self._signature.bind_partial(*args, **kwargs).arguments
-        cache = bound.get("past_key_values")
+        call = {k: v for k, v in bound.items() if k != self._var_keyword}
+        call.update(bound.get(self._var_keyword, {}) if self._var_keyword else {})
+        return call
+
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self._state = None
+        call = self._call_kwargs(args, kwargs)
+        cache = call.get("past_key_values")
         session = self._sessions.get(cache) if cache is not None else None
-        input_ids: Tensor | None = bound.get("input_ids")
-        mask = bound.get("attention_mask")
-        positions = bound.get("position_ids")
+        input_ids: Tensor | None = call.get("input_ids")
+        mask = call.get("attention_mask")
+        positions = call.get("position_ids")
         if session is not None:
-            self._state = self._start_decode(session, cache, input_ids, bound.get("inputs_embeds"), mask, positions)
-            return
+            changed = None
+            if session.rewrite is not None:  # the prompt was shortened before the language model
+                mask, positions = rewrite_decode_kwargs(session.rewrite, mask, positions)
+                changed = ((), {**call, "attention_mask": mask, "position_ids": positions})
+            self._state = self._start_decode(session, cache, input_ids, call.get("inputs_embeds"), mask, positions)
+            return changed
         past = cache.get_seq_length() if cache is not None else 0
         if input_ids is None:
             raise LayoutError(
@@ -251,12 +285,21 @@ class Pruner:
                     f"this forward continues a cache of {past} tokens with new visual tokens; prunekit prunes "
                     "visual tokens in the prefill only (start from an empty cache)"
                 )
-            return  # text continuing an unpruned cache: nothing to do
+            return None  # text continuing an unpruned cache: nothing to do
         if not bool(layout.visual.any()):
             raise LayoutError(
                 f"the prompt has no visual tokens (looked for {self.adapter.describe_visual(self.model)} in input_ids "
                 f"of shape {tuple(input_ids.shape)}); recipe {self.recipe.name!r} needs an image or video in the prompt"
             )
+        visual_before = layout.visual_counts()
+        changed, rewrite = None, None
+        if self._vision is not None:
+            pad_id = getattr(self.adapter.language_model(self.model).config, "pad_token_id", None) or 0
+            input_ids, mask, positions, rewrite = self._vision.rewrite_prompt(
+                input_ids, mask, positions, layout.visual, pad_id
+            )
+            layout = self.adapter.token_layout(self.model, input_ids, mask)
+            changed = ((), {**call, "input_ids": input_ids, "attention_mask": mask, "position_ids": positions})
         batch, seq = input_ids.shape
         if positions is None:
             positions = self.adapter.default_positions(self.model, input_ids, 0)
@@ -266,9 +309,12 @@ class Pruner:
         ctx = ForwardContext(layout=layout, stage_layers=self.stage_layers, num_layers=self.num_layers)
         self._state = _Prefill(
             ctx=ctx, positions=positions, first_position=positions.gather(1, first_real[:, None])[:, 0],
-            visual_original=layout.visual_counts(),
-            prompt_valid=layout.valid.sum(dim=1), prompt_length=seq, cache=cache,
+            visual_original=layout.visual_counts(), prompt_valid=layout.valid.sum(dim=1), prompt_length=seq,
+            cache=cache, rewrite=rewrite, visual_before_vision=visual_before,
+            rewrite_visual=layout.visual if rewrite is not None else None,
+            rewrite_valid=layout.valid if rewrite is not None else None,
         )
+        return changed
 
     def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         state, self._state = self._state, None
@@ -279,7 +325,8 @@ class Pruner:
         self.last_report = self._report(state)
         cache = state.cache if state.cache is not None else getattr(output, "past_key_values", None)
         if cache is not None:
-            self._sessions[cache] = _Session(state.prompt_length, state.records, seen=state.prompt_length)
+            self._sessions[cache] = _Session(state.prompt_length, state.records, seen=state.prompt_length,
+                                             rewrite=state.rewrite)
 
     def _start_decode(self, session: _Session, cache: Any, input_ids: Tensor | None, embeds: Tensor | None,
                       mask: Tensor | None, positions: Tensor | None) -> _Decode:
@@ -329,6 +376,18 @@ class Pruner:
 
         return hook
 
+    def _input_hook(self, layer_idx: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            state = self._state
+            if not isinstance(state, _Prefill):
+                return
+            hidden = self.adapter.layer_input(args, kwargs)
+            with torch.no_grad():
+                for criterion, probe in self._input_observers[layer_idx]:
+                    criterion.observe(state.ctx, probe, hidden, None)
+
+        return hook
+
     def _on_attention(self, module: nn.Module, query: Tensor, key: Tensor, kwargs: dict) -> None:
         state = self._state
         if not isinstance(state, _Prefill):
@@ -356,10 +415,17 @@ class Pruner:
             for probe in probes:
                 if probe.queries == "instruction":
                     selected = layout.instruction
-                else:  # the last real token of each sample
+                elif probe.queries == "last":  # the last real token of each sample
                     idx = torch.arange(layout.seq_len, device=query.device).expand_as(layout.valid)
                     last = torch.where(layout.valid, idx, -1).amax(dim=1, keepdim=True)
                     selected = idx == last
+                elif probe.queries in state.ctx.buffers:
+                    selected = state.ctx.buffers[probe.queries] & layout.valid
+                else:
+                    raise KeyError(
+                        f"{probe}: no query set {probe.queries!r}; use one of {QUERY_SETS} or a bool buffer a "
+                        "criterion fills before that layer"
+                    )
                 state.ctx.captures[probe] = attention_rows(query, key, scaling, query_weights(selected), layout.valid)
 
     def _scoring_pass(self, layer: nn.Module, hidden: Tensor, kwargs: dict, state: _Prefill,
@@ -388,12 +454,15 @@ class Pruner:
         hidden = self.adapter.layer_input(args, kwargs)  # [batch, seq, hidden]
         if self._rows_before.get(layer_idx):
             self._scoring_pass(layer, hidden, kwargs, state, self._rows_before[layer_idx])
+        with torch.no_grad():
+            for criterion, probe in self._input_observers.get(layer_idx, ()):
+                criterion.observe(ctx, probe, hidden, None)
         ctx.stage = stage_idx
+        counts = torch.minimum(self.stages[stage_idx].keep_counts(state.visual_original), ctx.layout.visual_counts())
+        ctx.keep_counts = counts
         with torch.no_grad():
             scores = {key: criterion.score(ctx) for key, criterion in self.recipe.criteria.items()}
             combined = self.recipe.combiner.combine(scores, ctx.layout.visual)  # [batch, seq]
-            counts = torch.minimum(self.stages[stage_idx].keep_counts(state.visual_original),
-                                   ctx.layout.visual_counts())
             selection = select(combined, ctx.layout.visual, counts)
             merged, merged_valid = None, None
             if self.recipe.merger is not None:
@@ -458,20 +527,34 @@ class Pruner:
     def _report(self, state: _Prefill) -> PruneReport:
         stages = []
         big = torch.iinfo(torch.long).max
-        for record in state.records:
+        records = list(state.records)
+        if state.rewrite is not None:  # index the shortened prompt's tokens by their original columns
+            origin = self._vision.original_positions(state.rewrite, state.rewrite_visual)  # [batch, short_len]
+            first = _StageRecord(layer=0, original_index=origin, visual=state.rewrite_visual,
+                                 valid=state.rewrite_valid, shift=state.rewrite.shift, where="vision")
+            records = [first] + [
+                dataclasses.replace(r, original_index=torch.where(
+                    r.original_index >= 0, origin.gather(1, r.original_index.clamp(min=0)), -1))
+                for r in records
+            ]
+        for record in records:
             original = record.visual & (record.original_index >= 0)  # [batch, seq_s]: kept input tokens
             kept_counts = original.sum(dim=1)  # [batch]
             width = int(kept_counts.max().item()) if kept_counts.numel() else 0
             kept = torch.where(original, record.original_index, big).sort(dim=1).values[:, :width]
             stages.append(StageReport(record.layer, kept.masked_fill(kept == big, -1), kept_counts,
-                                      record.valid.sum(dim=1), (record.visual & ~original).sum(dim=1)))
+                                      record.valid.sum(dim=1), (record.visual & ~original).sum(dim=1),
+                                      record.where))
+        offset = len(records) - len(state.records)  # 1 when a vision stage leads
         tokens_per_layer = [state.prompt_length if s < 0 else state.records[s].original_index.shape[1]
                             for s in self._stage_of_layer]
-        real = torch.stack([state.prompt_valid if s < 0 else stages[s].sequence_lengths
+        real = torch.stack([state.prompt_valid if s < 0 else stages[s + offset].sequence_lengths
                             for s in self._stage_of_layer], dim=1)  # [batch, num_layers]
-        visual = torch.stack([state.visual_original if s < 0 else stages[s].kept_counts + stages[s].merged_counts
-                              for s in self._stage_of_layer], dim=1)  # [batch, num_layers]
-        return PruneReport(stages, state.visual_original, tokens_per_layer, real, visual)
+        visual_entering = state.visual_original  # visual tokens the language model receives
+        visual = torch.stack([visual_entering if s < 0 else stages[s + offset].kept_counts
+                              + stages[s + offset].merged_counts for s in self._stage_of_layer], dim=1)
+        before = state.visual_before_vision if state.visual_before_vision is not None else state.visual_original
+        return PruneReport(stages, before, tokens_per_layer, real, visual)
 
     def __repr__(self) -> str:
         status = "removed" if self._removed else ("installed" if self._installed else "new")
@@ -500,6 +583,8 @@ def _find_adapter(model: nn.Module, name: str | None) -> Adapter:
 
 
 def _check_stages(recipe: Recipe, num_layers: int, model: nn.Module) -> list[Stage]:
+    if recipe.schedule is None:  # a recipe with only a vision stage
+        return []
     stages = recipe.schedule.resolve(num_layers)
     where = f"recipe {recipe.name!r}, schedule"
     if not stages:
@@ -522,7 +607,8 @@ def _check_stages(recipe: Recipe, num_layers: int, model: nn.Module) -> list[Sta
 
 def _collect_probes(recipe: Recipe, stage_layers: tuple[int, ...], num_layers: int) -> list[tuple[Any, Probe]]:
     out = []
-    for key, criterion in recipe.criteria.items():
+    parts = list(recipe.criteria.items()) + ([("merge", recipe.merger)] if recipe.merger is not None else [])
+    for key, criterion in parts:
         try:
             probes = list(criterion.probes(stage_layers, num_layers))
         except ValueError as exc:

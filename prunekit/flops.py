@@ -47,13 +47,18 @@ def prefill_flops(tokens_per_layer: Sequence[float], dims: DecoderDims) -> float
     return float(sum(layer_flops(n, dims) for n in tokens_per_layer))
 
 
-def visual_tokens_per_layer(stages: Sequence[Stage], num_layers: int, n_visual: int) -> list[int]:
-    """Visual tokens each layer runs on under a schedule (counts relative to the original ``n_visual``)."""
+def visual_tokens_per_layer(stages: Sequence[Stage], num_layers: int, n_visual: int, merger: Any = None) -> list[int]:
+    """Visual tokens each layer runs on under a schedule (counts relative to the original ``n_visual``).
+
+    A ``merger`` with a ``count(n_dropped)`` method adds the summary tokens it makes at each stage.
+    """
     counts, current = [], n_visual
     boundaries = {stage.layer: stage for stage in stages}
     for layer in range(num_layers):
         if layer in boundaries:
-            current = min(current, int(boundaries[layer].keep_counts(torch.tensor([n_visual]))[0]))
+            kept = min(current, int(boundaries[layer].keep_counts(torch.tensor([n_visual]))[0]))
+            merged = merger.count(current - kept) if merger is not None and hasattr(merger, "count") else 0
+            current = kept + merged
         counts.append(current)
     return counts
 
@@ -75,12 +80,18 @@ class FlopsEstimate:
         }
 
 
-def estimate(stages: Sequence[Stage], dims: DecoderDims, n_visual: int = 576, n_text: int = 0) -> FlopsEstimate:
+def estimate(stages: Sequence[Stage], dims: DecoderDims, n_visual: int = 576, n_text: int = 0,
+             merger: Any = None) -> FlopsEstimate:
     """Analytic prefill FLOPs of a schedule for ``n_visual`` visual and ``n_text`` other tokens."""
-    visual = visual_tokens_per_layer(stages, dims.num_layers, n_visual)
+    visual = visual_tokens_per_layer(stages, dims.num_layers, n_visual, merger)
     base_visual = prefill_flops([n_visual] * dims.num_layers, dims)
     base_sequence = prefill_flops([n_visual + n_text] * dims.num_layers, dims)
     pruned_visual = prefill_flops(visual, dims)
     pruned_sequence = prefill_flops([v + n_text for v in visual], dims)
     return FlopsEstimate(pruned_visual / 1e12, pruned_visual / base_visual, pruned_sequence / 1e12,
                          pruned_sequence / base_sequence, visual)
+
+
+def recipe_estimate(recipe: Any, dims: DecoderDims, n_visual: int = 576, n_text: int = 0) -> FlopsEstimate:
+    """:func:`estimate` for a loaded :class:`~prunekit.recipe.Recipe` (its schedule and merger)."""
+    return estimate(recipe.schedule.resolve(dims.num_layers), dims, n_visual, n_text, recipe.merger)

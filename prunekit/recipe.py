@@ -29,11 +29,22 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from prunekit.api import Combiner, Criterion, Merger, Schedule
+from prunekit.api import Combiner, Criterion, Merger, Schedule, Stage
 from prunekit.errors import PluginError, RecipeError, valid_list
 from prunekit.plugins import get_registry
 
 Positions = Literal["compact", "original"]
+
+
+@dataclass
+class VisionSchema:
+    """A stage before the language model: prune (and merge) each image's features before the projector."""
+
+    criteria: dict[str, Any] = field(default_factory=dict)
+    combiner: Optional[dict[str, Any]] = None
+    keep: Optional[float] = None  # fraction of each image's visual tokens, in (0, 1]
+    count: Optional[int] = None  # or a number of tokens per image
+    merge: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -46,11 +57,22 @@ class RecipeSchema:
     combiner: Optional[dict[str, Any]] = None
     schedule: dict[str, Any] = field(default_factory=dict)
     merge: Optional[dict[str, Any]] = None
+    vision: Optional[VisionSchema] = None
     adapter: Optional[str] = None
     positions: Positions = "compact"
 
 
 RECIPE_KEYS = [f.name for f in dataclasses.fields(RecipeSchema)]
+
+
+@dataclass(frozen=True)
+class VisionStage:
+    """The built stage before the language model."""
+
+    criteria: dict[str, Criterion]
+    combiner: Combiner
+    stage: Stage  # layer 0: the first decoder layer sees the reduced image
+    merger: Merger | None
 
 
 @dataclass(frozen=True)
@@ -60,12 +82,13 @@ class Recipe:
     name: str
     description: str
     criteria: dict[str, Criterion]
-    combiner: Combiner
-    schedule: Schedule
+    combiner: Combiner | None  # None when the recipe has only a vision stage
+    schedule: Schedule | None
     adapter: str | None
     positions: str
     config: DictConfig = field(repr=False, compare=False)
     merger: Merger | None = None
+    vision: VisionStage | None = None
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(self.config)
@@ -172,33 +195,16 @@ def load_recipe(source: RecipeSource, overrides: Sequence[str] | None = None) ->
         raise _explain(exc, where, RECIPE_KEYS) from exc
     _apply_overrides(cfg, list(overrides or []), where)
 
-    if not cfg.criteria:
-        raise RecipeError(f"{where}: 'criteria' is empty; registered criteria: "
-                          f"{valid_list(get_registry().names('criterion'))}")
+    vision = None if cfg.vision is None else _build_vision(cfg.vision, f"{where}, vision")
     criteria: dict[str, Criterion] = {}
-    for key, spec in cfg.criteria.items():
-        criterion = _build_plugin("criterion", spec, str(key), f"{where}, criteria.{key}")
-        criterion.key = str(key)
-        criteria[str(key)] = criterion
-
-    combiner_spec = cfg.combiner
-    if combiner_spec is None:
-        if len(criteria) > 1:
-            raise RecipeError(f"{where}: {len(criteria)} criteria ({valid_list(criteria)}) need a 'combiner'; "
-                              f"registered combiners: {valid_list(get_registry().names('combiner'))}")
-        combiner_spec = {"type": "weighted_sum", "normalize": "none"}
-    combiner = _build_plugin("combiner", combiner_spec, None, f"{where}, combiner")
-    try:
-        combiner.validate(list(criteria))
-    except ValueError as exc:
-        raise RecipeError(f"{where}, combiner: {exc}") from exc
-
-    if not cfg.schedule:
-        raise RecipeError(f"{where}: 'schedule' is missing; registered schedules: "
-                          f"{valid_list(get_registry().names('schedule'))}")
-    schedule = _build_plugin("schedule", cfg.schedule, None, f"{where}, schedule")
-
-    merger = None if cfg.merge is None else _build_plugin("merger", cfg.merge, None, f"{where}, merge")
+    combiner = schedule = merger = None
+    if cfg.criteria or cfg.schedule or vision is None:
+        criteria, combiner = _build_scoring(cfg.criteria, cfg.combiner, where, "")
+        if not cfg.schedule:
+            raise RecipeError(f"{where}: 'schedule' is missing; registered schedules: "
+                              f"{valid_list(get_registry().names('schedule'))}")
+        schedule = _build_plugin("schedule", cfg.schedule, None, f"{where}, schedule")
+        merger = None if cfg.merge is None else _build_plugin("merger", cfg.merge, None, f"{where}, merge")
 
     if cfg.adapter is not None:
         try:
@@ -215,4 +221,41 @@ def load_recipe(source: RecipeSource, overrides: Sequence[str] | None = None) ->
         positions=cfg.positions,
         config=cfg,
         merger=merger,
+        vision=vision,
     )
+
+
+def _build_scoring(criteria_cfg: Any, combiner_cfg: Any, where: str, prefix: str) -> tuple[dict[str, Criterion], Combiner]:
+    """The criteria and combiner of a recipe (or of its vision block, ``prefix='vision.'``)."""
+    if not criteria_cfg:
+        raise RecipeError(f"{where}: '{prefix}criteria' is empty; registered criteria: "
+                          f"{valid_list(get_registry().names('criterion'))}")
+    criteria: dict[str, Criterion] = {}
+    for key, spec in criteria_cfg.items():
+        criterion = _build_plugin("criterion", spec, str(key), f"{where}, {prefix}criteria.{key}")
+        criterion.key = str(key)
+        criteria[str(key)] = criterion
+    if combiner_cfg is None:
+        if len(criteria) > 1:
+            raise RecipeError(f"{where}: {len(criteria)} criteria ({valid_list(criteria)}) need a "
+                              f"'{prefix}combiner'; registered combiners: "
+                              f"{valid_list(get_registry().names('combiner'))}")
+        combiner_cfg = {"type": "weighted_sum", "normalize": "none"}
+    combiner = _build_plugin("combiner", combiner_cfg, None, f"{where}, {prefix}combiner")
+    try:
+        combiner.validate(list(criteria))
+    except ValueError as exc:
+        raise RecipeError(f"{where}, {prefix}combiner: {exc}") from exc
+    return criteria, combiner
+
+
+def _build_vision(cfg: Any, where: str) -> VisionStage:
+    criteria, combiner = _build_scoring(cfg.criteria, cfg.combiner, where, "")
+    if (cfg.keep is None) == (cfg.count is None):
+        raise RecipeError(f"{where} needs exactly one of 'keep' (fraction of each image's tokens) or 'count'")
+    if cfg.keep is not None and not 0 < cfg.keep <= 1:
+        raise RecipeError(f"{where}.keep must be in (0, 1], got {cfg.keep!r}")
+    if cfg.count is not None and cfg.count < 0:
+        raise RecipeError(f"{where}.count must be >= 0, got {cfg.count!r}")
+    merger = None if cfg.merge is None else _build_plugin("merger", cfg.merge, None, f"{where}.merge")
+    return VisionStage(criteria, combiner, Stage(layer=0, keep=cfg.keep, count=cfg.count), merger)

@@ -46,20 +46,28 @@ def top_visual(scores: Tensor, visual: Tensor, counts: Tensor) -> Tensor:
     return keep & visual
 
 
-def select(scores: Tensor, visual: Tensor, counts: Tensor) -> Selection:
-    """Keep every non-visual token and the top ``counts[b]`` visual tokens of each sample, in order."""
-    batch, seq = visual.shape
-    kept_visual = top_visual(scores, visual, counts)
-    keep = ~visual | kept_visual  # [batch, seq]
+def keep_in_order(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """The kept positions of each row in order, rows left-filled to one length.
+
+    keep: [batch, seq] bool. Returns index [batch, new_seq] long and fill [batch, new_seq] bool.
+    """
+    batch, seq = keep.shape
     n_keep = keep.sum(dim=1)  # [batch]
-    new_seq = int(n_keep.max().item())
-    positions = torch.arange(seq, device=visual.device).expand(batch, seq)
+    new_seq = int(n_keep.max().item()) if batch else 0
+    positions = torch.arange(seq, device=keep.device).expand(batch, seq)
     # Kept positions first, in ascending order (dropped ones pushed past the end).
     kept_sorted = torch.where(keep, positions, positions + seq).sort(dim=1).values[:, :new_seq]  # [batch, new_seq]
     pad = new_seq - n_keep  # [batch] fill slots at the left of each row
-    slot = torch.arange(new_seq, device=visual.device)[None, :]
+    slot = torch.arange(new_seq, device=keep.device)[None, :]
     fill = slot < pad[:, None]
     index = kept_sorted.gather(1, (slot - pad[:, None]).clamp(min=0))
+    return index, fill
+
+
+def select(scores: Tensor, visual: Tensor, counts: Tensor) -> Selection:
+    """Keep every non-visual token and the top ``counts[b]`` visual tokens of each sample, in order."""
+    kept_visual = top_visual(scores, visual, counts)
+    index, fill = keep_in_order(~visual | kept_visual)
     return Selection(index=index, fill=fill, dropped=visual & ~kept_visual)
 
 

@@ -9,6 +9,18 @@ from prunekit.api import Schedule, Stage
 from prunekit.hookspecs import hookimpl
 
 
+def _scale(layer: int, num_layers: int, reference_depth: Optional[int]) -> int:
+    """Map a layer of a ``reference_depth``-layer model onto ``num_layers`` layers (rounded)."""
+    if reference_depth is None:
+        return layer
+    return int(round(layer * num_layers / reference_depth))
+
+
+def _check_reference_depth(reference_depth: Optional[int]) -> None:
+    if reference_depth is not None and reference_depth < 1:
+        raise ValueError(f"reference_depth must be a positive layer count, got {reference_depth}")
+
+
 @dataclass
 class StageSpec:
     """One stage of :class:`Stages`: prune before ``layer``; keep a fraction or a count of visual tokens."""
@@ -22,18 +34,22 @@ class StageSpec:
 class Stages(Schedule):
     """Explicit stages, in layer order: prune before each 0-based ``layer``.
 
-    ``keep`` is relative to the original visual token count of each sample (as TransPrune,
-    FastV and PyramidDrop count), so ``[0.875, 0.625, 0.125]`` keeps 504, 360 and 72 of 576.
+    ``keep`` is relative to the visual tokens that enter the language model (as TransPrune, FastV
+    and PyramidDrop count), so ``[0.875, 0.625, 0.125]`` keeps 504, 360 and 72 of 576.
+    ``reference_depth`` maps the layers of a model that deep onto the model at hand
+    (``round(layer * depth / reference_depth)``), so a recipe written for 32 layers runs on 28.
 
     Example::
 
-        schedule: {type: stages, stages: [{layer: 2, keep: 0.5}]}
+        schedule: {type: stages, stages: [{layer: 2, keep: 0.5}], reference_depth: 32}
     """
 
     name: ClassVar[str] = "stages"
     stages: list[StageSpec] = field(default_factory=list)
+    reference_depth: Optional[int] = None
 
     def validate(self) -> None:
+        _check_reference_depth(self.reference_depth)
         if not self.stages:
             raise ValueError("'stages' is empty; give at least one {layer: L, keep: r}")
         for i, spec in enumerate(self.stages):
@@ -47,9 +63,41 @@ class Stages(Schedule):
                 raise ValueError(f"stages.{i}.layer must be >= 0, got {spec.layer!r}")
 
     def resolve(self, num_layers: int) -> list[Stage]:
-        return [Stage(layer=s.layer, keep=s.keep, count=s.count) for s in self.stages]
+        return [Stage(layer=_scale(s.layer, num_layers, self.reference_depth), keep=s.keep, count=s.count)
+                for s in self.stages]
+
+
+@dataclass
+class Pyramid(Schedule):
+    """PyramidDrop's schedule: prune before each of ``layers``, stage ``s`` keeping ``ratio ** (s + 1)``.
+
+    With ``layers: [8, 16, 24]`` and ``ratio: 0.5`` a 576-token image runs 576 / 288 / 144 / 72 tokens
+    through the four segments of a 32-layer decoder.
+
+    Example::
+
+        schedule: {type: pyramid, layers: [8, 16, 24], ratio: 0.5}
+    """
+
+    name: ClassVar[str] = "pyramid"
+    layers: list[int] = field(default_factory=lambda: [8, 16, 24])
+    ratio: float = 0.5
+    reference_depth: Optional[int] = None
+
+    def validate(self) -> None:
+        _check_reference_depth(self.reference_depth)
+        if not self.layers:
+            raise ValueError("'layers' is empty")
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio!r}")
+        if any(layer < 0 for layer in self.layers):
+            raise ValueError(f"layers must be >= 0, got {self.layers}")
+
+    def resolve(self, num_layers: int) -> list[Stage]:
+        return [Stage(layer=_scale(layer, num_layers, self.reference_depth), keep=self.ratio ** (s + 1))
+                for s, layer in enumerate(self.layers)]
 
 
 @hookimpl
 def prunekit_add_schedules() -> list[type[Schedule]]:
-    return [Stages]
+    return [Stages, Pyramid]
