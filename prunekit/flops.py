@@ -81,9 +81,13 @@ class FlopsEstimate:
 
 
 def estimate(stages: Sequence[Stage], dims: DecoderDims, n_visual: int = 576, n_text: int = 0,
-             merger: Any = None) -> FlopsEstimate:
-    """Analytic prefill FLOPs of a schedule for ``n_visual`` visual and ``n_text`` other tokens."""
-    visual = visual_tokens_per_layer(stages, dims.num_layers, n_visual, merger)
+             merger: Any = None, entering: int | None = None) -> FlopsEstimate:
+    """Analytic prefill FLOPs of a schedule for ``n_visual`` visual and ``n_text`` other tokens.
+
+    ``entering`` is the visual token count the language model receives when a stage before it
+    shortened the image (default ``n_visual``); the ratios compare with ``n_visual`` unpruned.
+    """
+    visual = visual_tokens_per_layer(stages, dims.num_layers, n_visual if entering is None else entering, merger)
     base_visual = prefill_flops([n_visual] * dims.num_layers, dims)
     base_sequence = prefill_flops([n_visual + n_text] * dims.num_layers, dims)
     pruned_visual = prefill_flops(visual, dims)
@@ -93,5 +97,11 @@ def estimate(stages: Sequence[Stage], dims: DecoderDims, n_visual: int = 576, n_
 
 
 def recipe_estimate(recipe: Any, dims: DecoderDims, n_visual: int = 576, n_text: int = 0) -> FlopsEstimate:
-    """:func:`estimate` for a loaded :class:`~prunekit.recipe.Recipe` (its schedule and merger)."""
-    return estimate(recipe.schedule.resolve(dims.num_layers), dims, n_visual, n_text, recipe.merger)
+    """:func:`estimate` for a loaded :class:`~prunekit.recipe.Recipe`: its vision stage, schedule and merger."""
+    entering = n_visual
+    if recipe.vision is not None:
+        kept = int(recipe.vision.stage.keep_counts(torch.tensor([n_visual]))[0])
+        merger = recipe.vision.merger
+        entering = kept + (merger.count(n_visual - kept) if merger is not None else 0)
+    stages = recipe.schedule.resolve(dims.num_layers) if recipe.schedule is not None else []
+    return estimate(stages, dims, n_visual, n_text, recipe.merger, entering)

@@ -43,3 +43,19 @@ def unpad(inputs: dict, row: int) -> dict:
         "attention_mask": inputs["attention_mask"][row][mask][None],
         "pixel_values": inputs["pixel_values"][row:row + 1],
     }
+
+
+# LLaVA-1.5's depth (32 layers) and visual tokens (576), narrow: every built-in recipe runs as published.
+SHAPE576 = LlavaShape(num_layers=32, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=4,
+                      image_size=48, patch_size=2, vision_hidden=16, vision_layers=3)
+
+
+@pytest.fixture(scope="session")
+def llava576():
+    return tiny_llava(SHAPE576, seed=5, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def llava576_eager():
+    """The same weights with eager attention (for output_attentions references)."""
+    return tiny_llava(SHAPE576, seed=5, dtype=torch.float64, attn_implementation="eager")
