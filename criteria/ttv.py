@@ -32,10 +32,20 @@ def transition_variation(
     x = inputs.to(torch.float64 if inputs.dtype == torch.float64 else torch.float32)
     y = output.to(x.dtype)
     score = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
+    info = torch.finfo(x.dtype)
+    tiny = info.tiny
+    x_norm, y_norm = x.norm(dim=-1), y.norm(dim=-1)  # [batch, seq]
     if magnitude:
-        score = score * (y.norm(dim=-1) / x.norm(dim=-1).clamp(min=torch.finfo(x.dtype).tiny))
+        # a (near-)zero input norm is floored relative to the sample's largest one, and the ratio capped
+        # with headroom for sums, so extreme but finite inputs give finite scores
+        largest = x_norm.masked_fill(~valid, 0).amax(dim=-1, keepdim=True)  # [batch, 1]
+        floor = torch.maximum(x_norm, largest * info.eps).clamp(min=tiny)
+        score = score * (y_norm / floor).nan_to_num(posinf=info.max).clamp(max=info.max / 2**16)
     if use_direction:
-        cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)  # [batch, seq]
+        # cos from unit vectors: exact at any scale (F.cosine_similarity's eps bends it for norms near 1e-8)
+        unit_x = x / x_norm.clamp(min=tiny)[..., None]
+        unit_y = y / y_norm.clamp(min=tiny)[..., None]
+        cos = (unit_x * unit_y).sum(dim=-1).clamp(-1.0, 1.0)  # [batch, seq]
         change = 1 - (cos.abs() if direction == "one_minus_abs_cos" else cos)
         change = change.masked_fill(~valid, float("-inf"))
         score = score * torch.softmax(change, dim=-1)
