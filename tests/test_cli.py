@@ -83,3 +83,16 @@ def test_flops_estimate_matches_the_tokens_the_pruner_reports(llava32):
 
 def test_the_quickstart_example_runs():
     runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+
+
+def test_flops_command_reproduces_the_transprune_paper_table(tmp_path, capsys):
+    """The TransPrune paper's LLaVA-1.5-7B TFLOPs, within 1%; SparseVLM's official 192 setting gives 1.353."""
+    LlavaConfig().save_pretrained(tmp_path)
+    recipes = ["fastv", "pdrop", "sparsevlm", "transprune-high", "transprune-low"]
+    assert main(["flops", str(tmp_path), "--recipe", *recipes, "--json"]) == 0
+    rows = {r["recipe"]: r["tflops"] for r in json.loads(capsys.readouterr().out)["recipes"]}
+    paper = {"none": 3.82, "fastv": 2.01, "pdrop": 1.78, "transprune-high": 1.56, "transprune-low": 1.19}
+    for name, tflops in paper.items():
+        assert rows[name] == pytest.approx(tflops, rel=0.01), name
+    # SparseVLM: 3 layers x 576, 4 x (300+9), 9 x (200+4), 16 x (110+3) recycled tokens included
+    assert rows["sparsevlm"] == pytest.approx(_papers_flops([576] * 3 + [309] * 4 + [204] * 9 + [113] * 16), abs=1e-4)
