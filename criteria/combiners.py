@@ -28,7 +28,27 @@ def _check_weights(weights: Optional[dict[str, float]], criteria: Sequence[str])
 
 
 @dataclass
-class WeightedSum(Combiner):
+class _Normalised(Combiner):
+    """Shared by combiners that weigh each criterion's score after a named normalisation."""
+
+    weights: Optional[dict[str, float]] = None
+    normalize: str = "sum"
+
+    def validate(self, criteria: Sequence[str]) -> None:
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize={self.normalize!r} is unknown; valid: {valid_list(NORMALIZATIONS)}")
+        _check_weights(self.weights, criteria)
+
+    def _weights(self, scores: Mapping[str, Tensor], default: float) -> dict[str, float]:
+        return self.weights or {key: default for key in scores}
+
+    def _normalised(self, scores: Mapping[str, Tensor], visual: Tensor) -> dict[str, Tensor]:
+        norm = get_normalization(self.normalize)
+        return {key: norm(score.to(torch.float64), visual) for key, score in scores.items()}
+
+
+@dataclass
+class WeightedSum(_Normalised):
     """Weighted sum of normalised scores: ``sum_k w_k * normalize(score_k)`` over each sample's visual tokens.
 
     TransPrune combines its two criteria this way: ``normalize: sum`` makes TTV and IGA each sum
@@ -41,23 +61,11 @@ class WeightedSum(Combiner):
     """
 
     name: ClassVar[str] = "weighted_sum"
-    weights: Optional[dict[str, float]] = None
-    normalize: str = "sum"
-
-    def validate(self, criteria: Sequence[str]) -> None:
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize={self.normalize!r} is unknown; valid: {valid_list(NORMALIZATIONS)}")
-        _check_weights(self.weights, criteria)
 
     def combine(self, scores: Mapping[str, Tensor], visual: Tensor) -> Tensor:
-        norm = get_normalization(self.normalize)
-        weights = self.weights or {key: 1.0 / len(scores) for key in scores}
-        total = None
-        for key, score in scores.items():
-            term = weights[key] * norm(score, visual)
-            total = term if total is None else total + term
-        assert total is not None
-        return total.masked_fill(~visual, 0)
+        weights = self._weights(scores, 1.0 / len(scores))
+        terms = [weights[key] * value for key, value in self._normalised(scores, visual).items()]
+        return torch.stack(terms).sum(dim=0).masked_fill(~visual, 0)
 
 
 @dataclass
@@ -93,7 +101,7 @@ class RankFusion(Combiner):
 
 
 @dataclass
-class Product(Combiner):
+class Product(_Normalised):
     """Weighted geometric combination: ``prod_k normalize(score_k) ** w_k`` (scores made positive first).
 
     With ``normalize: sum`` (default) it is invariant to a positive scaling of each score.
@@ -104,27 +112,17 @@ class Product(Combiner):
     """
 
     name: ClassVar[str] = "product"
-    weights: Optional[dict[str, float]] = None
-    normalize: str = "sum"
     eps: float = 1e-12
 
-    def validate(self, criteria: Sequence[str]) -> None:
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize={self.normalize!r} is unknown; valid: {valid_list(NORMALIZATIONS)}")
-        _check_weights(self.weights, criteria)
-
     def combine(self, scores: Mapping[str, Tensor], visual: Tensor) -> Tensor:
-        norm = get_normalization(self.normalize)
-        weights = self.weights or {key: 1.0 for key in scores}
-        log_total = torch.zeros(visual.shape, dtype=torch.float64, device=visual.device)
-        for key, score in scores.items():
-            value = norm(score.to(torch.float64), visual).clamp(min=0) + self.eps
-            log_total = log_total + weights[key] * value.log()
-        return log_total.exp().masked_fill(~visual, 0)
+        weights = self._weights(scores, 1.0)
+        logs = [weights[key] * (value.clamp(min=0) + self.eps).log()
+                for key, value in self._normalised(scores, visual).items()]
+        return torch.stack(logs).sum(dim=0).exp().masked_fill(~visual, 0)
 
 
 @dataclass
-class Maximum(Combiner):
+class Maximum(_Normalised):
     """Per token, the largest weighted normalised score: a token kept by any criterion survives.
 
     Example::
@@ -133,19 +131,12 @@ class Maximum(Combiner):
     """
 
     name: ClassVar[str] = "max"
-    weights: Optional[dict[str, float]] = None
     normalize: str = "minmax"
 
-    def validate(self, criteria: Sequence[str]) -> None:
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize={self.normalize!r} is unknown; valid: {valid_list(NORMALIZATIONS)}")
-        _check_weights(self.weights, criteria)
-
     def combine(self, scores: Mapping[str, Tensor], visual: Tensor) -> Tensor:
-        norm = get_normalization(self.normalize)
-        weights = self.weights or {key: 1.0 for key in scores}
-        stacked = torch.stack([weights[k] * norm(s.to(torch.float64), visual) for k, s in scores.items()])
-        return stacked.amax(dim=0).masked_fill(~visual, 0)
+        weights = self._weights(scores, 1.0)
+        terms = [weights[key] * value for key, value in self._normalised(scores, visual).items()]
+        return torch.stack(terms).amax(dim=0).masked_fill(~visual, 0)
 
 
 @hookimpl

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.api import Adapter, ForwardContext, Stage
-from prunekit.attention import AttentionTap, attention_rows, query_weights
+from prunekit.attention import attention_rows, query_weights
+from prunekit.hooks import HookSet
 from prunekit.errors import AdapterError, LayoutError, PrunerStateError, RecipeError, valid_list
 from prunekit.plugins import get_registry
 from prunekit.probes import QUERY_SETS, AttentionRows, LayerInput, ModuleIO, Probe
@@ -155,8 +156,7 @@ class Pruner:
         self.stages: list[Stage] = _check_stages(recipe, self.num_layers, model)
         self.stage_layers = tuple(s.layer for s in self.stages)
         self.last_report: PruneReport | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._tap: AttentionTap | None = None
+        self._hooks = HookSet()
         self._state: _Prefill | _Decode | None = None
         self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
         self._installed = False
@@ -208,7 +208,7 @@ class Pruner:
         return self
 
     def _install_hooks(self) -> None:
-        add = self._handles.append
+        add = self._hooks.add
         add(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         add(self.model.register_forward_hook(self._after_model, with_kwargs=True, always_call=True))
         if self._vision is not None:
@@ -225,16 +225,11 @@ class Pruner:
             module = self.adapter.attention(layer_module) if kind == "attention" else self.adapter.mlp(layer_module)
             add(module.register_forward_hook(self._io_hook(layer, kind), with_kwargs=True))
         if self._rows_before or self._rows_during:
-            self._tap = AttentionTap(self.adapter.language_model(self.model).config, self._on_attention)
+            self._hooks.tap(self.adapter.language_model(self.model).config, self._on_attention)
 
     def remove(self) -> None:
         """Remove every hook and restore the attention implementation. Safe to call twice."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        if self._tap is not None:
-            self._tap.close()
-            self._tap = None
+        self._hooks.remove()
         if self._vision is not None:
             self._vision.remove()
         if _ACTIVE.get(self.model) is self:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.api import Adapter, ForwardContext
-from prunekit.attention import AttentionTap
+from prunekit.hooks import HookSet
 from prunekit.errors import LayoutError, RecipeError
 from prunekit.layout import TokenLayout
 from prunekit.probes import VisionAttention, VisionHidden, VisionKeys
@@ -81,8 +81,7 @@ class ProjectorStage:
         self.captures: dict[Any, Tensor] = {}
         self.kept_patches: Tensor | None = None  # [n_images, k] of the last prefill
         self._attention_layer = {id(adapter.vision_attention(layer)): i for i, layer in enumerate(self.layers)}
-        self._handles: list[Any] = []
-        self._tap: AttentionTap | None = None
+        self._hooks = HookSet()
 
     # -- counts -------------------------------------------------------------------------
     def tokens_per_image(self, patches: int) -> tuple[int, int]:
@@ -101,19 +100,13 @@ class ProjectorStage:
         for layer, probes in by_layer.items():
             hidden = [p for p in probes if isinstance(p, VisionHidden)]
             if hidden:
-                self._handles.append(self.layers[layer].register_forward_hook(self._hidden_hook(hidden)))
+                self._hooks.add(self.layers[layer].register_forward_hook(self._hidden_hook(hidden)))
         if any(isinstance(p, (VisionAttention, VisionKeys)) for p in self.probes):
-            config = self.adapter.vision_attention(self.layers[0]).config
-            self._tap = AttentionTap(config, self._on_attention)
-        self._handles.append(self.projector.register_forward_pre_hook(self._projector_hook))
+            self._hooks.tap(self.adapter.vision_attention(self.layers[0]).config, self._on_attention)
+        self._hooks.add(self.projector.register_forward_pre_hook(self._projector_hook))
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        if self._tap is not None:
-            self._tap.close()
-            self._tap = None
+        self._hooks.remove()
 
     def _hidden_hook(self, probes: list[VisionHidden]):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:

@@ -100,7 +100,7 @@ def test_weighted_sum_normalises_each_criterion_to_sum_one_over_visual_tokens():
     b = torch.tensor([[3.0, 0.2, 0.2, 0.6, 7.0]])
     combined = WeightedSum(weights={"a": 0.5, "b": 0.5}, normalize="sum").combine({"a": a, "b": b}, visual)
     expected = 0.5 * torch.tensor([0, 0.25, 0.5, 0.25, 0]) + 0.5 * torch.tensor([0, 0.2, 0.2, 0.6, 0])
-    torch.testing.assert_close(combined[0], expected)
+    torch.testing.assert_close(combined[0], expected, check_dtype=False)
 
 
 @pytest.mark.parametrize("name", sorted(NORMALIZATIONS))
