@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from prunekit.api import Adapter
 from prunekit.errors import AdapterError
@@ -102,26 +102,29 @@ class DecoderAdapter(Adapter):
         visual = torch.isin(input_ids, ids)  # [batch, seq]
         return layout_from_ids(input_ids, visual, attention_mask)
 
-    def default_positions(self, model: nn.Module, input_ids: Tensor, past_length: int) -> Tensor:
-        batch, seq = input_ids.shape[:2]
-        return (torch.arange(seq, device=input_ids.device) + past_length).expand(batch, seq)
+    def layer_kind(self, model: nn.Module, layer_idx: int) -> str:
+        layer_types = getattr(self.language_model(model).config, "layer_types", None)
+        return layer_types[layer_idx] if layer_types else "full_attention"
 
-    def stage_kwargs(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, position_ids: Tensor,
+    def stage_kwargs(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, positions: Tensor,
                      cache: Any, layer_idx: int) -> dict[str, Any]:
         decoder = self.language_model(model)
         rotary = _get(decoder, self.spec.rotary, "rotary embedding")
-        mask = create_causal_mask(
+        text_positions = positions[0]  # [batch, seq]
+        make_mask = (create_sliding_window_causal_mask
+                     if self.layer_kind(model, layer_idx) == "sliding_attention" else create_causal_mask)
+        mask = make_mask(
             config=decoder.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask_2d,
             past_key_values=cache,
-            position_ids=position_ids,
+            position_ids=text_positions,
             layer_idx=layer_idx,
         )
         return {
             "attention_mask": mask,
-            "position_ids": position_ids,
-            "position_embeddings": rotary(hidden, position_ids),
+            "position_ids": text_positions,
+            "position_embeddings": rotary(hidden, text_positions),
         }
 
 

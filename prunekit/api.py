@@ -210,9 +210,32 @@ class Adapter(ABC):
     def token_layout(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> TokenLayout:
         """Find the visual tokens and the instruction in a prompt."""
 
-    @abstractmethod
-    def default_positions(self, model: nn.Module, input_ids: Tensor, past_length: int) -> Tensor:
-        """The position ids the model uses when the caller passes none: ``[batch, seq]``."""
+    def rope_positions(self, model: nn.Module, lm_kwargs: dict, hidden: Tensor, cache: Any) -> Tensor:
+        """The RoPE positions the decoder stack uses for this call: ``[components, batch, seq]`` long.
+
+        Read from the decoder stack's own keyword arguments (``position_ids``); 1 component for
+        standard RoPE, 3 for M-RoPE. Without ``position_ids`` the decoder counts from its cache.
+        """
+        batch, seq = hidden.shape[:2]
+        positions = lm_kwargs.get("position_ids")
+        if positions is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            positions = torch.arange(past, past + seq, device=hidden.device)
+        return positions.reshape(-1, seq)[None].expand(1, batch, seq) if positions.dim() < 3 else positions
+
+    def compact_positions(self, positions: Tensor, valid: Tensor, visual: Tensor) -> Tensor:
+        """Re-index a pruned sequence: real tokens get consecutive positions from the first one.
+
+        positions: ``[components, batch, seq]`` (the kept tokens' own positions); valid, visual:
+        ``[batch, seq]`` bool. M-RoPE adapters override this to keep each image's grid.
+        """
+        first_slot = valid.long().argmax(dim=1)  # [batch]
+        first = positions[0].gather(1, first_slot[:, None])  # [batch, 1]
+        return (first + valid.long().cumsum(dim=1) - 1)[None].expand_as(positions)
+
+    def layer_kind(self, model: nn.Module, layer_idx: int) -> str:
+        """Layers of one kind share their masks (e.g. ``full_attention``, ``sliding_attention``)."""
+        return "full_attention"
 
     @abstractmethod
     def stage_kwargs(
@@ -220,14 +243,15 @@ class Adapter(ABC):
         model: nn.Module,
         hidden: Tensor,
         attention_mask_2d: Tensor,
-        position_ids: Tensor,
+        positions: Tensor,
         cache: Any,
         layer_idx: int,
     ) -> dict[str, Any]:
         """The layer keyword arguments for a shorter sequence (mask, position ids and embeddings).
 
         hidden: ``[batch, seq, hidden]``; attention_mask_2d: ``[batch, kv_len]`` bool over the
-        keys the layer will see (its cache plus this sequence); position_ids: ``[batch, seq]``.
+        keys the layer will see (its cache plus this sequence); positions: ``[components, batch,
+        seq]`` as :meth:`rope_positions` returns them.
         """
 
     def layer_input(self, args: tuple, kwargs: dict) -> Tensor:

@@ -99,17 +99,18 @@ class _StageRecord:
 @dataclass
 class _Prefill:
     ctx: ForwardContext
-    positions: Tensor  # [batch, seq] long: position ids of the current sequence
-    first_position: Tensor  # [batch] long: position id of each sample's first real token
+    positions: Tensor | None  # [components, batch, seq] long: RoPE positions of the current sequence (set by
+    # the language model's pre-hook; components is 1, or 3 for M-RoPE)
     visual_original: Tensor  # [batch] long
     prompt_valid: Tensor  # [batch] long: real (non-padding) tokens of the prompt
     prompt_length: int
     cache: Any
+    prompt_max_position: Tensor | None = None  # [batch] long: largest RoPE position of the prompt
     rewrite: PromptRewrite | None = None  # how a vision stage shortened the prompt
     rewrite_visual: Tensor | None = None  # [batch, short_len] bool: visual tokens of the shortened prompt
     rewrite_valid: Tensor | None = None  # [batch, short_len] bool
     visual_before_vision: Tensor | None = None  # [batch] visual tokens before a vision stage
-    stage_kwargs: dict[str, Any] = field(default_factory=dict)
+    stage_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # layer kind -> kwargs of this stage
     records: list[_StageRecord] = field(default_factory=list)
     scoring_module: nn.Module | None = None
     scoring_probes: tuple[AttentionRows, ...] = ()
@@ -129,9 +130,9 @@ class _Session:
 class _Decode:
     session: _Session
     mask_2d: Tensor  # [batch, seen + q] bool
-    positions: Tensor  # [batch, q] long
+    positions: Tensor | None  # [components, batch, q] long (set by the language model's pre-hook)
     cache: Any
-    stage_kwargs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    stage_kwargs: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,6 +214,8 @@ class Pruner:
         add(self.model.register_forward_hook(self._after_model, with_kwargs=True, always_call=True))
         if self._vision is not None:
             self._vision.install()
+        language_model = self.adapter.language_model(self.model)
+        add(language_model.register_forward_pre_hook(self._before_language_model, with_kwargs=True))
         first = self.stage_layers[0] if self.stage_layers else self.num_layers
         for i in range(first, self.num_layers):
             add(self.layers[i].register_forward_pre_hook(self._layer_pre_hook(i), with_kwargs=True))
@@ -295,15 +298,10 @@ class Pruner:
             )
             layout = self.adapter.token_layout(self.model, input_ids, mask)
             changed = ((), {**call, "input_ids": input_ids, "attention_mask": mask, "position_ids": positions})
-        batch, seq = input_ids.shape
-        if positions is None:
-            positions = self.adapter.default_positions(self.model, input_ids, 0)
-        positions = positions.expand(batch, seq) if positions.dim() == 2 else positions
-        seq_index = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-        first_real = torch.where(layout.valid, seq_index, seq).amin(dim=1).clamp(max=seq - 1)  # [batch]
+        seq = input_ids.shape[1]
         ctx = ForwardContext(layout=layout, stage_layers=self.stage_layers, num_layers=self.num_layers)
         self._state = _Prefill(
-            ctx=ctx, positions=positions, first_position=positions.gather(1, first_real[:, None])[:, 0],
+            ctx=ctx, positions=None,
             visual_original=layout.visual_counts(), prompt_valid=layout.valid.sum(dim=1), prompt_length=seq,
             cache=cache, rewrite=rewrite, visual_before_vision=visual_before,
             rewrite_visual=layout.visual if rewrite is not None else None,
@@ -323,6 +321,20 @@ class Pruner:
             self._sessions[cache] = _Session(state.prompt_length, state.records, seen=state.prompt_length,
                                              rewrite=state.rewrite)
 
+    def _before_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Read the RoPE positions the decoder stack will use (for M-RoPE models they are computed inside)."""
+        state = self._state
+        if state is None:
+            return
+        hidden = kwargs.get("inputs_embeds")
+        if hidden is None:
+            hidden = args[0] if args and isinstance(args[0], Tensor) and args[0].dim() == 3 else None
+        if hidden is None:
+            raise AdapterError(f"{type(module).__name__} was called without inputs_embeds; cannot read its positions")
+        state.positions = self.adapter.rope_positions(self.model, kwargs, hidden, kwargs.get("past_key_values"))
+        if isinstance(state, _Prefill):
+            state.prompt_max_position = _max_position(state.positions, state.ctx.layout.valid)
+
     def _start_decode(self, session: _Session, cache: Any, input_ids: Tensor | None, embeds: Tensor | None,
                       mask: Tensor | None, positions: Tensor | None) -> _Decode:
         tokens = input_ids if input_ids is not None else embeds
@@ -337,9 +349,7 @@ class Pruner:
                     f"decode step: attention_mask has shape {tuple(mask.shape)}, expected [batch, {expected}] "
                     f"({session.seen} cached tokens + {q} new) as a 2D mask over the unpruned sequence"
                 )
-        if positions is None:
-            positions = torch.arange(session.seen, expected, device=tokens.device).expand(batch, q)
-        return _Decode(session=session, mask_2d=mask_2d, positions=positions.expand(batch, q), cache=cache)
+        return _Decode(session=session, mask_2d=mask_2d, positions=None, cache=cache)
 
     # -- layer hooks -------------------------------------------------------------------------
     def _layer_pre_hook(self, layer_idx: int):
@@ -348,11 +358,11 @@ class Pruner:
             if isinstance(state, _Prefill):
                 if layer_idx in self.stage_layers:
                     return self._prune(layer_idx, module, args, kwargs, state)
-                kwargs.update(state.stage_kwargs)
+                kwargs.update(self._prefill_kwargs(state, layer_idx, self.adapter.layer_input(args, kwargs)))
                 return args, kwargs
             if isinstance(state, _Decode):
                 stage = self._stage_of_layer[layer_idx]
-                kwargs.update(self._decode_kwargs(state, stage, self.adapter.layer_input(args, kwargs)))
+                kwargs.update(self._decode_kwargs(state, stage, layer_idx, self.adapter.layer_input(args, kwargs)))
                 return args, kwargs
             return None
 
@@ -445,8 +455,9 @@ class Pruner:
     def _prune(self, layer_idx: int, layer: nn.Module, args: tuple, kwargs: dict, state: _Prefill):
         ctx = state.ctx
         stage_idx = self.stage_layers.index(layer_idx)
-        kwargs.update(state.stage_kwargs)
         hidden = self.adapter.layer_input(args, kwargs)  # [batch, seq, hidden]
+        if state.records:  # the sequence this layer would get: the previous stage's
+            kwargs.update(self._prefill_kwargs(state, layer_idx, hidden))
         if self._rows_before.get(layer_idx):
             self._scoring_pass(layer, hidden, kwargs, state, self._rows_before[layer_idx])
         with torch.no_grad():
@@ -471,14 +482,15 @@ class Pruner:
         if merged is not None:  # merged slots are visual tokens from now on
             ctx.layout.visual |= plan.merged_valid
             ctx.layout.valid |= plan.merged_valid
+        shift = torch.zeros_like(state.prompt_valid)
+        if self.recipe.positions == "compact":  # decode tokens continue right after the compacted prompt
+            shift = state.prompt_max_position - _max_position(state.positions, ctx.layout.valid)
         state.records.append(_StageRecord(
             layer=layer_idx, original_index=ctx.layout.original_index, visual=ctx.layout.visual,
-            valid=ctx.layout.valid, shift=state.prompt_valid - ctx.layout.valid.sum(dim=1),
+            valid=ctx.layout.valid, shift=shift,
         ))
-        state.stage_kwargs = self.adapter.stage_kwargs(
-            self.model, hidden, ctx.layout.valid, state.positions, state.cache, layer_idx
-        )
-        kwargs.update(state.stage_kwargs)
+        state.stage_kwargs = {}
+        kwargs.update(self._prefill_kwargs(state, layer_idx, hidden))
         if args:
             args = (hidden, *args[1:])
         else:
@@ -495,28 +507,38 @@ class Pruner:
         return out
 
     def _next_positions(self, state: _Prefill, plan: Assembly) -> Tensor:
-        """Position ids of the next sequence: re-indexed (compact) or each token's own (original)."""
+        """RoPE positions of the next sequence: re-indexed (compact) or each token's own (original)."""
         valid = (plan.from_current & state.ctx.layout.valid.gather(1, plan.index)) | plan.merged_valid
+        components = state.positions.shape[0]
+        positions = state.positions.gather(2, plan.index[None].expand(components, -1, -1))  # [components, batch, new]
+        # a merged token sits at the position of the kept token before it
+        anchored = positions.gather(2, plan.anchor[None].expand(components, -1, -1))
+        positions = torch.where(plan.merged[None] >= 0, anchored, positions)
         if self.recipe.positions == "compact":
-            positions = state.first_position[:, None] + valid.long().cumsum(dim=1) - 1
-        else:
-            positions = state.positions.gather(1, plan.index)
-            # a merged token sits at the position of the kept token before it
-            positions = torch.where(plan.merged >= 0, positions.gather(1, plan.anchor), positions)
-        return positions.masked_fill(~valid, 0)
+            visual = (plan.from_current & state.ctx.layout.visual.gather(1, plan.index)) | plan.merged_valid
+            positions = self.adapter.compact_positions(positions, valid, visual)
+        return positions.masked_fill(~valid[None], 0)
 
-    def _decode_kwargs(self, state: _Decode, stage: int, hidden: Tensor) -> dict[str, Any]:
-        if stage not in state.stage_kwargs:
+    def _prefill_kwargs(self, state: _Prefill, layer_idx: int, hidden: Tensor) -> dict[str, Any]:
+        """The current stage's layer keyword arguments for a layer of this kind (built once per kind)."""
+        kind = self.adapter.layer_kind(self.model, layer_idx)
+        if kind not in state.stage_kwargs:
+            state.stage_kwargs[kind] = self.adapter.stage_kwargs(
+                self.model, hidden, state.ctx.layout.valid, state.positions, state.cache, layer_idx
+            )
+        return state.stage_kwargs[kind]
+
+    def _decode_kwargs(self, state: _Decode, stage: int, layer_idx: int, hidden: Tensor) -> dict[str, Any]:
+        key = (stage, self.adapter.layer_kind(self.model, layer_idx))
+        if key not in state.stage_kwargs:
             record = state.session.records[stage]
             prompt = state.session.prompt_length
             mask_2d = torch.cat([record.valid, state.mask_2d[:, prompt:]], dim=1)  # [batch, seq_s + decoded + q]
-            positions = state.positions
-            if self.recipe.positions == "compact":
-                positions = positions - record.shift[:, None]
-            state.stage_kwargs[stage] = self.adapter.stage_kwargs(
-                self.model, hidden, mask_2d, positions, state.cache, record.layer
+            positions = state.positions - record.shift[None, :, None]
+            state.stage_kwargs[key] = self.adapter.stage_kwargs(
+                self.model, hidden, mask_2d, positions, state.cache, layer_idx
             )
-        return state.stage_kwargs[stage]
+        return state.stage_kwargs[key]
 
     # -- report ------------------------------------------------------------------------------
     def _report(self, state: _Prefill) -> PruneReport:
@@ -559,6 +581,11 @@ class Pruner:
 # ----------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------
+def _max_position(positions: Tensor, valid: Tensor) -> Tensor:
+    """Largest position (over components and real tokens) of each sample: [batch]."""
+    return positions.masked_fill(~valid[None], -1).amax(dim=(0, 2))
+
+
 def _find_adapter(model: nn.Module, name: str | None) -> Adapter:
     registry = get_registry()
     if name is not None:
