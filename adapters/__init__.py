@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    _preprocess_mask_arguments,
+    blockwise_overlay,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    maybe_pad_block_sequence_ids,
+    sliding_window_overlay,
+)
 
 from prunekit.api import Adapter
 from prunekit.errors import AdapterError
@@ -107,7 +114,7 @@ class DecoderAdapter(Adapter):
         return layer_types[layer_idx] if layer_types else "full_attention"
 
     def stage_kwargs(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, positions: Tensor,
-                     cache: Any, layer_idx: int) -> dict[str, Any]:
+                     cache: Any, layer_idx: int, blocks: Tensor | None = None) -> dict[str, Any]:
         decoder = self.language_model(model)
         rotary = _get(decoder, self.spec.rotary, "rotary embedding")
         text_positions = positions[0]  # [batch, seq]
@@ -128,13 +135,127 @@ class DecoderAdapter(Adapter):
         }
 
 
+class MRopeAdapter(DecoderAdapter):
+    """Qwen2-VL / Qwen2.5-VL: multimodal RoPE with (temporal, height, width) positions per token.
+
+    The decoder stack computes 3-D positions itself (``get_rope_index`` and ``rope_deltas``); the
+    adapter reads them from the stack's pre-hook. ``compact`` keeps each image's grid offsets and
+    closes the gap the pruned tokens leave: every token moves down by how much the largest
+    position before it (or before its image) shrank.
+    """
+
+    def rope_positions(self, model: nn.Module, lm_kwargs: dict, hidden: Tensor, cache: Any) -> Tensor:
+        positions = lm_kwargs.get("position_ids")
+        if positions is not None and positions.dim() == 3:
+            return positions[-3:]  # [3, batch, seq]; a leading text row (4 rows) is dropped
+        flat = super().rope_positions(model, lm_kwargs, hidden, cache)
+        return flat.expand(3, -1, -1)
+
+    def compact_positions(self, positions: Tensor, valid: Tensor, visual: Tensor) -> Tensor:
+        out = positions.clone()
+        for b in range(positions.shape[1]):  # sequential by nature; a few thousand integer steps at most
+            old = positions[:, b].tolist()  # [3][seq]
+            is_valid, is_visual = valid[b].tolist(), visual[b].tolist()
+            old_max = new_max = None
+            shift = 0
+            in_run = False
+            for j in range(len(is_valid)):
+                if not is_valid[j]:
+                    in_run = False
+                    continue
+                if not (is_visual[j] and in_run):  # a text token, or the first token of a visual run
+                    shift = 0 if old_max is None else old_max - new_max
+                in_run = is_visual[j]
+                token_max = max(old[0][j], old[1][j], old[2][j])
+                for c in range(3):
+                    out[c, b, j] = old[c][j] - shift
+                old_max = token_max if old_max is None else max(old_max, token_max)
+                new_max = token_max - shift if new_max is None else max(new_max, token_max - shift)
+        return out
+
+    def stage_kwargs(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, positions: Tensor,
+                     cache: Any, layer_idx: int, blocks: Tensor | None = None) -> dict[str, Any]:
+        decoder = self.language_model(model)
+        rotary = _get(decoder, self.spec.rotary, "rotary embedding")
+        kwargs = super().stage_kwargs(model, hidden, attention_mask_2d, positions, cache, layer_idx)
+        kwargs["position_embeddings"] = rotary(hidden, positions)  # 3-D positions
+        kwargs["position_ids"] = None  # the stack passes text positions only for packed sequences
+        return kwargs
+
+
+class Gemma3Adapter(DecoderAdapter):
+    """Gemma 3: during the prefill the tokens of one image attend to each other bidirectionally; local
+    (sliding-window) and global layers have their own masks and their own rotary embeddings."""
+
+    def stage_kwargs(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, positions: Tensor,
+                     cache: Any, layer_idx: int, blocks: Tensor | None = None) -> dict[str, Any]:
+        decoder = self.language_model(model)
+        config = decoder.config
+        kind = self.layer_kind(model, layer_idx)
+        text_positions = positions[0]
+        common = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask_2d, past_key_values=cache,
+                      position_ids=text_positions, layer_idx=layer_idx)  # sized against this layer's own cache
+        if blocks is None:  # decode: plain causal (sliding for local layers), as the model does
+            maker = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            mask = maker(**common)
+        elif kind == "full_attention":  # prefill: OR(causal, bidirectional image blocks)
+            mask = create_causal_mask(**common, block_sequence_ids=blocks)
+        else:  # prefill, local layer: AND(sliding window, OR(causal, image blocks))
+            early_exit, _, _, _, kv_length, _, kv_offset = _preprocess_mask_arguments(
+                config, hidden, attention_mask_2d, cache, text_positions, layer_idx
+            )
+            padded = blocks if early_exit else maybe_pad_block_sequence_ids(blocks, attention_mask_2d, kv_length,
+                                                                             kv_offset)
+            mask = create_causal_mask(**common, or_mask_function=blockwise_overlay(padded),
+                                      and_mask_function=sliding_window_overlay(config.sliding_window))
+        return {
+            "attention_mask": mask,
+            "position_ids": text_positions,
+            "position_embeddings": decoder.rotary_emb(hidden, text_positions, kind),
+        }
+
+
 LLAVA = DecoderAdapter(FamilySpec(
     name="llava",
     model_types=("llava",),
     classes=("LlavaForConditionalGeneration",),
 ))
+LLAVA_NEXT = DecoderAdapter(FamilySpec(
+    name="llava_next",
+    model_types=("llava_next",),
+    classes=("LlavaNextForConditionalGeneration",),
+    projector=None, vision_layers=None,  # any-resolution tiles: no stage before the language model yet
+))
+VIDEO_LLAVA = DecoderAdapter(FamilySpec(
+    name="video_llava",
+    model_types=("video_llava",),
+    classes=("VideoLlavaForConditionalGeneration",),
+    visual_token_ids=("image_token_id", "video_token_id"),
+    projector=None, vision_layers=None,
+))
+LLAVA_ONEVISION = DecoderAdapter(FamilySpec(
+    name="llava_onevision",
+    model_types=("llava_onevision",),
+    classes=("LlavaOnevisionForConditionalGeneration",),
+    visual_token_ids=("image_token_id", "video_token_id"),
+    projector=None, vision_layers=None,
+))
+QWEN2_VL = MRopeAdapter(FamilySpec(
+    name="qwen2_vl",
+    model_types=("qwen2_vl", "qwen2_5_vl"),
+    classes=("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
+    visual_token_ids=("image_token_id", "video_token_id"),
+    projector=None, vision_layers=None,
+))
 
-BUILTIN_ADAPTERS: list[Adapter] = [LLAVA]
+GEMMA3 = Gemma3Adapter(FamilySpec(
+    name="gemma3",
+    model_types=("gemma3",),
+    classes=("Gemma3ForConditionalGeneration",),
+    projector=None, vision_layers=None,
+))
+
+BUILTIN_ADAPTERS: list[Adapter] = [LLAVA, LLAVA_NEXT, VIDEO_LLAVA, LLAVA_ONEVISION, QWEN2_VL, GEMMA3]
 
 
 @hookimpl

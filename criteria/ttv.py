@@ -116,8 +116,8 @@ class AccumulatedTTV(TTV):
     """
 
     name: ClassVar[str] = "accumulated_ttv"
-    first_layer: int = 6
-    last_layer: int = 11
+    first_layer: int = field(default=6, metadata={"layer": True})
+    last_layer: int = field(default=11, metadata={"layer": True})
 
     def validate(self) -> None:
         super().validate()

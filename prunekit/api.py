@@ -246,12 +246,15 @@ class Adapter(ABC):
         positions: Tensor,
         cache: Any,
         layer_idx: int,
+        blocks: Tensor | None = None,
     ) -> dict[str, Any]:
         """The layer keyword arguments for a shorter sequence (mask, position ids and embeddings).
 
         hidden: ``[batch, seq, hidden]``; attention_mask_2d: ``[batch, kv_len]`` bool over the
         keys the layer will see (its cache plus this sequence); positions: ``[components, batch,
-        seq]`` as :meth:`rope_positions` returns them.
+        seq]`` as :meth:`rope_positions` returns them; blocks (prefill only): ``[batch, seq]`` the
+        visual span each token belongs to, -1 for text (for families whose images attend
+        bidirectionally).
         """
 
     def layer_input(self, args: tuple, kwargs: dict) -> Tensor:

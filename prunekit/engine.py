@@ -36,7 +36,7 @@ from prunekit.hooks import HookSet
 from prunekit.errors import AdapterError, LayoutError, PrunerStateError, RecipeError, valid_list
 from prunekit.plugins import get_registry
 from prunekit.probes import QUERY_SETS, AttentionRows, LayerInput, ModuleIO, Probe
-from prunekit.recipe import Recipe, RecipeSource, load_recipe
+from prunekit.recipe import Recipe, RecipeSource, load_recipe, resolve_stages, scale_to_depth
 from prunekit.sequence import Assembly, assemble, gather_tokens, select
 from prunekit.vision import ProjectorStage, PromptRewrite, rewrite_decode_kwargs
 
@@ -150,10 +150,11 @@ class Pruner:
 
     def __init__(self, model: nn.Module, recipe: Recipe) -> None:
         self.model = model
-        self.recipe = recipe
         self.adapter: Adapter = _find_adapter(model, recipe.adapter)
         self.layers: list[nn.Module] = list(self.adapter.decoder_layers(model))
         self.num_layers = len(self.layers)
+        self.recipe = scale_to_depth(recipe, self.num_layers)
+        recipe = self.recipe
         self.stages: list[Stage] = _check_stages(recipe, self.num_layers, model)
         self.stage_layers = tuple(s.layer for s in self.stages)
         self.last_report: PruneReport | None = None
@@ -523,8 +524,9 @@ class Pruner:
         """The current stage's layer keyword arguments for a layer of this kind (built once per kind)."""
         kind = self.adapter.layer_kind(self.model, layer_idx)
         if kind not in state.stage_kwargs:
+            layout = state.ctx.layout
             state.stage_kwargs[kind] = self.adapter.stage_kwargs(
-                self.model, hidden, state.ctx.layout.valid, state.positions, state.cache, layer_idx
+                self.model, hidden, layout.valid, state.positions, state.cache, layer_idx, layout.image_index
             )
         return state.stage_kwargs[kind]
 
@@ -607,7 +609,7 @@ def _find_adapter(model: nn.Module, name: str | None) -> Adapter:
 def _check_stages(recipe: Recipe, num_layers: int, model: nn.Module) -> list[Stage]:
     if recipe.schedule is None:  # a recipe with only a vision stage
         return []
-    stages = recipe.schedule.resolve(num_layers)
+    stages = resolve_stages(recipe, num_layers)
     where = f"recipe {recipe.name!r}, schedule"
     if not stages:
         raise RecipeError(f"{where}: the schedule has no stages")

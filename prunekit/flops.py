@@ -103,5 +103,6 @@ def recipe_estimate(recipe: Any, dims: DecoderDims, n_visual: int = 576, n_text:
         kept = int(recipe.vision.stage.keep_counts(torch.tensor([n_visual]))[0])
         merger = recipe.vision.merger
         entering = kept + (merger.count(n_visual - kept) if merger is not None else 0)
-    stages = recipe.schedule.resolve(dims.num_layers) if recipe.schedule is not None else []
-    return estimate(stages, dims, n_visual, n_text, recipe.merger, entering)
+    from prunekit.recipe import resolve_stages
+
+    return estimate(resolve_stages(recipe, dims.num_layers), dims, n_visual, n_text, recipe.merger, entering)

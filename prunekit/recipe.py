@@ -20,6 +20,7 @@ A recipe in YAML::
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ class RecipeSchema:
     vision: Optional[VisionSchema] = None
     adapter: Optional[str] = None
     positions: Positions = "compact"
+    reference_depth: Optional[int] = None  # the decoder depth the recipe's layer numbers were written for
 
 
 RECIPE_KEYS = [f.name for f in dataclasses.fields(RecipeSchema)]
@@ -89,6 +91,7 @@ class Recipe:
     config: DictConfig = field(repr=False, compare=False)
     merger: Merger | None = None
     vision: VisionStage | None = None
+    reference_depth: int | None = None
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(self.config)
@@ -195,6 +198,8 @@ def load_recipe(source: RecipeSource, overrides: Sequence[str] | None = None) ->
         raise _explain(exc, where, RECIPE_KEYS) from exc
     _apply_overrides(cfg, list(overrides or []), where)
 
+    if cfg.reference_depth is not None and cfg.reference_depth < 1:
+        raise RecipeError(f"{where}: reference_depth must be a positive layer count, got {cfg.reference_depth}")
     vision = None if cfg.vision is None else _build_vision(cfg.vision, f"{where}, vision")
     criteria: dict[str, Criterion] = {}
     combiner = schedule = merger = None
@@ -222,6 +227,7 @@ def load_recipe(source: RecipeSource, overrides: Sequence[str] | None = None) ->
         config=cfg,
         merger=merger,
         vision=vision,
+        reference_depth=cfg.reference_depth,
     )
 
 
@@ -259,3 +265,46 @@ def _build_vision(cfg: Any, where: str) -> VisionStage:
         raise RecipeError(f"{where}.count must be >= 0, got {cfg.count!r}")
     merger = None if cfg.merge is None else _build_plugin("merger", cfg.merge, None, f"{where}.merge")
     return VisionStage(criteria, combiner, Stage(layer=0, keep=cfg.keep, count=cfg.count), merger)
+
+
+def _ratio(recipe: Recipe, num_layers: int) -> float | None:
+    if recipe.reference_depth is None or recipe.reference_depth == num_layers:
+        return None
+    return num_layers / recipe.reference_depth
+
+
+def resolve_stages(recipe: Recipe, num_layers: int) -> list[Stage]:
+    """The recipe's decoder stages for a ``num_layers``-layer model.
+
+    With ``reference_depth`` a prune before layer ``L`` moves to ``ceil(L * num_layers / reference_depth)``.
+    """
+    if recipe.schedule is None:
+        return []
+    stages = recipe.schedule.resolve(num_layers)
+    ratio = _ratio(recipe, num_layers)
+    if ratio is None:
+        return stages
+    return [dataclasses.replace(stage, layer=int(math.ceil(stage.layer * ratio))) for stage in stages]
+
+
+def scale_to_depth(recipe: Recipe, num_layers: int) -> Recipe:
+    """The recipe with the layers its criteria read mapped from ``reference_depth`` onto ``num_layers``.
+
+    A criterion's layer (a dataclass field marked ``metadata={"layer": True}``) moves to
+    ``floor(l * num_layers / reference_depth)``, so a layer read before a prune stays before it
+    (prunes move up, see :func:`resolve_stages`).
+    """
+    ratio = _ratio(recipe, num_layers)
+    if ratio is None:
+        return recipe
+
+    def scale_fields(obj: Any) -> Any:
+        changes = {f.name: int(math.floor(getattr(obj, f.name) * ratio))
+                   for f in dataclasses.fields(obj) if f.metadata.get("layer")}
+        if not changes:
+            return obj
+        scaled = dataclasses.replace(obj, **changes)
+        scaled.key = obj.key
+        return scaled
+
+    return dataclasses.replace(recipe, criteria={key: scale_fields(c) for key, c in recipe.criteria.items()})

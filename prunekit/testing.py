@@ -132,3 +132,159 @@ def llava_inputs(
         attention_mask[i, width - len(row):] = 1
     pixel_values = torch.randn(len(rows) * images, 3, shape.image_size, shape.image_size, generator=generator)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values.to(dtype)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Other families: tiny configs and prompts built from what the model's own vision side produces
+# ----------------------------------------------------------------------------------------------
+_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+             max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=24,
+               patch_size=4)
+_PINPOINTS = [[24, 24], [24, 48], [48, 24], [48, 48]]
+IMAGE_ID, VIDEO_ID, START_ID, END_ID = 255, 254, 253, 252
+
+
+def family_config(family: str, num_layers: int = 16):
+    """A tiny config of a real architecture: ``llava_next``, ``video_llava``, ``llava_onevision``,
+    ``qwen2_vl``, ``qwen2_5_vl`` or ``gemma3``."""
+    import transformers as tf
+
+    text = dict(_TEXT, num_hidden_layers=num_layers)
+    if family == "llava_next":
+        return tf.LlavaNextConfig(vision_config=tf.CLIPVisionConfig(**_VISION, projection_dim=32),
+                                  text_config=tf.LlamaConfig(**text), image_token_id=IMAGE_ID,
+                                  image_grid_pinpoints=_PINPOINTS, vision_feature_layer=-2)
+    if family == "video_llava":
+        return tf.VideoLlavaConfig(vision_config=tf.CLIPVisionConfig(**_VISION, projection_dim=32),
+                                   text_config=tf.LlamaConfig(**text), image_token_id=IMAGE_ID,
+                                   video_token_id=VIDEO_ID, vision_feature_layer=-2)
+    if family == "llava_onevision":
+        return tf.LlavaOnevisionConfig(vision_config=tf.SiglipVisionConfig(**_VISION),
+                                       text_config=tf.Qwen2Config(**text), image_token_id=IMAGE_ID,
+                                       video_token_id=VIDEO_ID, image_grid_pinpoints=_PINPOINTS,
+                                       vision_feature_layer=-1)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        vision = dict(depth=2, hidden_size=64, num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                      in_chans=3)
+        if family == "qwen2_vl":
+            return tf.Qwen2VLConfig(vision_config=dict(vision, embed_dim=32), text_config=dict(text, rope_parameters=rope),
+                                    image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=START_ID,
+                                    vision_end_token_id=END_ID)
+        return tf.Qwen2_5_VLConfig(vision_config=dict(vision, intermediate_size=64, out_hidden_size=64,
+                                                      fullatt_block_indexes=[1], window_size=16),
+                                   text_config=dict(text, rope_parameters=rope), image_token_id=IMAGE_ID,
+                                   video_token_id=VIDEO_ID, vision_start_token_id=START_ID, vision_end_token_id=END_ID)
+    if family == "gemma3":
+        gemma_text = tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300,
+                                         sliding_window=16, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+        return tf.Gemma3Config(text_config=gemma_text, vision_config=tf.SiglipVisionConfig(**_VISION),
+                               mm_tokens_per_image=9, image_token_id=299, boi_token_id=297, eoi_token_id=298)
+    raise ValueError(f"unknown family {family!r}")
+
+
+FAMILIES = ("llava_next", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3")
+
+
+def tiny_family_model(family: str, num_layers: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      attn_implementation: str = "sdpa"):
+    """A random-weight model of ``family``, saved and reloaded with ``from_pretrained``."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(family_config(family, num_layers))
+    _spread_weights(model, seed)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            loaded = AutoModelForImageTextToText.from_pretrained(tmp, dtype=dtype,
+                                                                 attn_implementation=attn_implementation)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return loaded.eval()
+
+
+def _left_pad(rows: list[list[int]], pad: int = 0) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list[tuple[int, int]] | None = None,
+                  video: bool = False, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Left-padded prompts ``<bos> text <image tokens> question`` for a tiny ``family`` model.
+
+    ``sizes`` gives each sample's image size (LLaVA-NeXT, OneVision: any-resolution tiles; Qwen2-VL:
+    the patch grid), so samples may carry different numbers of visual tokens. ``video`` gives the
+    sample a video instead (Video-LLaVA, Qwen2-VL).
+    """
+    g = torch.Generator().manual_seed(seed)
+    dtype = dtype or model.dtype
+    sizes = sizes or [(24, 24)] * batch
+    vocab = 250 if family != "gemma3" else 290
+
+    def words(low: int, high: int) -> list[int]:
+        n = int(torch.randint(low, high + 1, (1,), generator=g))
+        return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+    rows, extra = [], {}
+    with torch.no_grad():
+        if family in ("llava_next", "llava_onevision"):
+            pixel = torch.randn(len(sizes), 5, 3, 24, 24, generator=g).to(dtype)
+            image_sizes = torch.tensor([list(s) for s in sizes])
+            counts = [f.shape[0] for f in model.model.get_image_features(
+                pixel_values=pixel, image_sizes=image_sizes).pooler_output]
+            extra = {"pixel_values": pixel, "image_sizes": image_sizes}
+            image_id = model.config.image_token_id
+        elif family == "video_llava":
+            if video:
+                pixel = torch.randn(len(sizes), 8, 3, 24, 24, generator=g).to(dtype)
+                feats = model.model.get_video_features(pixel_values_videos=pixel).pooler_output
+                extra = {"pixel_values_videos": pixel}
+                image_id = model.config.video_token_id
+            else:
+                pixel = torch.randn(len(sizes), 3, 24, 24, generator=g).to(dtype)
+                feats = model.model.get_image_features(pixel_values_images=pixel).pooler_output
+                extra = {"pixel_values_images": pixel}
+                image_id = model.config.image_token_id
+            counts = [feats.shape[1] if isinstance(feats, Tensor) else f.numel() // feats[0].shape[-1]
+                      for f in (feats if not isinstance(feats, Tensor) else feats)]
+            counts = [int(feats[i].numel() // feats[i].shape[-1]) for i in range(len(sizes))]
+        elif family in ("qwen2_vl", "qwen2_5_vl"):
+            grids = torch.tensor([[2 if video else 1, h // 4, w // 4] for h, w in sizes])
+            patches = int(grids.prod(dim=1).sum())
+            pixel = torch.randn(patches, 3 * 2 * 4 * 4, generator=g).to(dtype)
+            merge = model.config.vision_config.spatial_merge_size ** 2
+            counts = [int(t * h * w // merge) for t, h, w in grids.tolist()]
+            key = "video" if video else "image"
+            extra = {f"pixel_values{'_videos' if video else ''}": pixel, f"{key}_grid_thw": grids}
+            image_id = model.config.video_token_id if video else model.config.image_token_id
+        elif family == "gemma3":
+            pixel = torch.randn(len(sizes), 3, 24, 24, generator=g).to(dtype)
+            counts = [model.config.mm_tokens_per_image] * len(sizes)
+            extra = {"pixel_values": pixel}
+            image_id = model.config.image_token_id
+        else:
+            raise ValueError(f"unknown family {family!r}")
+    bos = 2 if family == "gemma3" else 1
+    for count in counts:
+        image = [image_id] * count
+        if family in ("qwen2_vl", "qwen2_5_vl"):
+            image = [START_ID, *image, END_ID]
+        rows.append([bos, *words(2, 5), *image, *words(3, 8)])
+    input_ids, attention_mask = _left_pad(rows)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        out["mm_token_type_ids"] = (input_ids == image_id).long() * (2 if video else 1)
+    if family == "gemma3":
+        out["token_type_ids"] = (input_ids == image_id).long()
+    return out

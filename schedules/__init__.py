@@ -9,18 +9,6 @@ from prunekit.api import Schedule, Stage
 from prunekit.hookspecs import hookimpl
 
 
-def _scale(layer: int, num_layers: int, reference_depth: Optional[int]) -> int:
-    """Map a layer of a ``reference_depth``-layer model onto ``num_layers`` layers (rounded)."""
-    if reference_depth is None:
-        return layer
-    return int(round(layer * num_layers / reference_depth))
-
-
-def _check_reference_depth(reference_depth: Optional[int]) -> None:
-    if reference_depth is not None and reference_depth < 1:
-        raise ValueError(f"reference_depth must be a positive layer count, got {reference_depth}")
-
-
 @dataclass
 class StageSpec:
     """One stage of :class:`Stages`: prune before ``layer``; keep a fraction or a count of visual tokens."""
@@ -36,20 +24,16 @@ class Stages(Schedule):
 
     ``keep`` is relative to the visual tokens that enter the language model (as TransPrune, FastV
     and PyramidDrop count), so ``[0.875, 0.625, 0.125]`` keeps 504, 360 and 72 of 576.
-    ``reference_depth`` maps the layers of a model that deep onto the model at hand
-    (``round(layer * depth / reference_depth)``), so a recipe written for 32 layers runs on 28.
 
     Example::
 
-        schedule: {type: stages, stages: [{layer: 2, keep: 0.5}], reference_depth: 32}
+        schedule: {type: stages, stages: [{layer: 2, keep: 0.5}]}
     """
 
     name: ClassVar[str] = "stages"
     stages: list[StageSpec] = field(default_factory=list)
-    reference_depth: Optional[int] = None
 
     def validate(self) -> None:
-        _check_reference_depth(self.reference_depth)
         if not self.stages:
             raise ValueError("'stages' is empty; give at least one {layer: L, keep: r}")
         for i, spec in enumerate(self.stages):
@@ -63,8 +47,7 @@ class Stages(Schedule):
                 raise ValueError(f"stages.{i}.layer must be >= 0, got {spec.layer!r}")
 
     def resolve(self, num_layers: int) -> list[Stage]:
-        return [Stage(layer=_scale(s.layer, num_layers, self.reference_depth), keep=s.keep, count=s.count)
-                for s in self.stages]
+        return [Stage(layer=s.layer, keep=s.keep, count=s.count) for s in self.stages]
 
 
 @dataclass
@@ -82,10 +65,8 @@ class Pyramid(Schedule):
     name: ClassVar[str] = "pyramid"
     layers: list[int] = field(default_factory=lambda: [8, 16, 24])
     ratio: float = 0.5
-    reference_depth: Optional[int] = None
 
     def validate(self) -> None:
-        _check_reference_depth(self.reference_depth)
         if not self.layers:
             raise ValueError("'layers' is empty")
         if not 0 < self.ratio <= 1:
@@ -94,8 +75,7 @@ class Pyramid(Schedule):
             raise ValueError(f"layers must be >= 0, got {self.layers}")
 
     def resolve(self, num_layers: int) -> list[Stage]:
-        return [Stage(layer=_scale(layer, num_layers, self.reference_depth), keep=self.ratio ** (s + 1))
-                for s, layer in enumerate(self.layers)]
+        return [Stage(layer=layer, keep=self.ratio ** (s + 1)) for s, layer in enumerate(self.layers)]
 
 
 @hookimpl
