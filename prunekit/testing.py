@@ -256,9 +256,8 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
                 feats = model.model.get_image_features(pixel_values_images=pixel).pooler_output
                 extra = {"pixel_values_images": pixel}
                 image_id = model.config.image_token_id
-            counts = [feats.shape[1] if isinstance(feats, Tensor) else f.numel() // feats[0].shape[-1]
-                      for f in (feats if not isinstance(feats, Tensor) else feats)]
-            counts = [int(feats[i].numel() // feats[i].shape[-1]) for i in range(len(sizes))]
+            total = sum(int(f.numel() // f.shape[-1]) for f in feats)  # frames of a video come as rows
+            counts = [total // len(sizes)] * len(sizes)
         elif family in ("qwen2_vl", "qwen2_5_vl"):
             grids = torch.tensor([[2 if video else 1, h // 4, w // 4] for h, w in sizes])
             patches = int(grids.prod(dim=1).sum())

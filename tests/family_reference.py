@@ -1,0 +1,143 @@
+"""A hook-free, layer-by-layer reference for any supported family: the model's own decoder layers called
+by hand on one sample, dropping the given tokens at the given layers.
+
+What it writes out again: the gathering of the kept tokens, the positions under both policies
+(1-D re-indexing, or M-RoPE gap closing over each image's grid), and every attention mask (causal,
+sliding window, Gemma 3's bidirectional image blocks) as an explicit additive 4-D tensor. What it
+shares with the model: the layers themselves, the rotary embedding and the embeddings the decoder
+receives (captured from an unhooked forward).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class _Captured(Exception):
+    pass
+
+
+def decoder_inputs(model, inputs: dict) -> tuple[Tensor, Tensor]:
+    """Embeddings ``[seq, dim]`` and RoPE positions ``[components, seq]`` the decoder stack receives."""
+    lm = model.model.language_model
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+        seen["positions"] = kwargs.get("position_ids")
+        raise _Captured
+
+    handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    embeds = seen["embeds"][0]
+    seq = embeds.shape[0]
+    positions = seen["positions"]
+    if positions is None:
+        positions = torch.arange(seq)[None]
+    elif positions.dim() == 3:
+        positions = positions[-3:, 0]  # M-RoPE [3, seq]
+    else:
+        positions = positions.reshape(-1, seq)[:1]
+    return embeds, positions
+
+
+def compact_1d(n: int) -> Tensor:
+    return torch.arange(n)[None]
+
+
+def compact_mrope(positions: Tensor, visual: Tensor) -> Tensor:
+    """Close the gaps pruning left, image run by image run: text continues right after the largest kept
+    position; each image keeps its grid offsets from where the previous token ends."""
+    out = positions.clone()
+    runs = []  # (start, end) of contiguous token groups: a text token alone, or a visual run
+    j = 0
+    n = positions.shape[1]
+    while j < n:
+        end = j + 1
+        if visual[j]:
+            while end < n and visual[end]:
+                end += 1
+        runs.append((j, end))
+        j = end
+    old_before = new_before = None
+    for start, end in runs:
+        shift = 0 if old_before is None else old_before - new_before
+        out[:, start:end] = positions[:, start:end] - shift
+        old_top = int(positions[:, start:end].max())
+        new_top = int(out[:, start:end].max())
+        old_before = old_top if old_before is None else max(old_before, old_top)
+        new_before = new_top if new_before is None else max(new_before, new_top)
+    return out
+
+
+def build_mask(n: int, kind: str, window: int | None, blocks: Tensor | None, dtype) -> Tensor:
+    """Additive [1, 1, n, n] mask: causal, then sliding window, then image blocks (bidirectional)."""
+    q = torch.arange(n)[:, None]
+    k = torch.arange(n)[None, :]
+    allowed = k <= q
+    if blocks is not None:
+        same_block = (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
+        allowed = allowed | same_block
+    if kind == "sliding_attention" and window is not None:
+        allowed = allowed & (q - k < window)
+    mask = torch.zeros(n, n, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def run_family_reference(model, family: str, inputs: dict, visual_id: list[int], stages: list[int],
+                         kept: list[Tensor], policy: str, decoded: Tensor | None = None) -> Tensor:
+    """Logits ``[seq_final, vocab]`` of one unpadded sample (+ ``decoded`` tokens) with ``kept[s]`` (original
+    positions of the visual tokens to keep) from layer ``stages[s]`` on."""
+    if decoded is not None and decoded.numel():
+        inputs = dict(inputs)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], decoded[None]], dim=1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if key in inputs:
+                inputs[key] = torch.cat([inputs[key], torch.zeros_like(decoded)[None]], dim=1)
+    embeds, positions = decoder_inputs(model, inputs)
+    ids = inputs["input_ids"][0]
+    visual = torch.isin(ids, torch.tensor(visual_id))
+    lm = model.model.language_model
+    config = lm.config
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * len(lm.layers)
+    window = getattr(config, "sliding_window", None)
+    gemma = family == "gemma3"
+    mrope = positions.shape[0] == 3
+    index = torch.arange(len(ids))
+    h = embeds[None]
+    pos = positions
+    for i, layer in enumerate(lm.layers):
+        if i in stages:
+            s = stages.index(i)
+            keep = ~visual[index] | torch.isin(index, kept[s])
+            h, index, pos = h[:, keep], index[keep], pos[:, keep]
+            if policy == "compact":
+                pos = compact_mrope(pos, visual[index]) if mrope else compact_1d(len(index))
+        vis_now = visual[index]
+        blocks = None
+        if gemma:  # one block per contiguous run of image tokens in the current sequence
+            starts = vis_now & ~torch.nn.functional.pad(vis_now[:-1], (1, 0), value=False)
+            blocks = torch.where(vis_now, starts.long().cumsum(0) - 1, torch.full_like(index, -1))
+        kind = layer_types[i]
+        mask = build_mask(len(index), kind, window, blocks, h.dtype)
+        if mrope:
+            pe = lm.rotary_emb(h, pos[:, None])
+            position_ids = None
+        elif gemma:
+            pe = lm.rotary_emb(h, pos, kind)
+            position_ids = pos
+        else:
+            pe = lm.rotary_emb(h, pos)
+            position_ids = pos
+        with torch.no_grad():
+            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=position_ids)
+    with torch.no_grad():
+        return model.lm_head(lm.norm(h))[0]

@@ -1,0 +1,138 @@
+"""Every supported family on a tiny random-weight model of its real architecture (issue: architecture-agnostic)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prunekit
+from family_reference import run_family_reference
+from prunekit.testing import FAMILIES, family_inputs, tiny_family_model
+
+SIZES = {  # per sample: images of different sizes give different visual token counts
+    "llava_next": [(40, 30), (24, 24)],
+    "llava_onevision": [(40, 30), (24, 24)],
+    "qwen2_vl": [(32, 48), (24, 24)],
+    "qwen2_5_vl": [(32, 48), (24, 24)],
+}
+KEEP_ALL = {"name": "keep-all", "criteria": {"iga": {}},
+            "schedule": {"type": "stages", "stages": [{"layer": 3, "keep": 1.0}, {"layer": 6, "keep": 1.0}]}}
+# transprune-high written for 32 layers, mapped onto these 16-layer models
+SCALED = ["reference_depth=32"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    name = request.param
+    return name, tiny_family_model(name, num_layers=16, seed=3, dtype=torch.float64)
+
+
+def _inputs(name, model, batch=2, seed=0, video=False):
+    sizes = SIZES.get(name, [(24, 24)] * batch)[:batch]
+    return family_inputs(model, name, batch=batch, seed=seed, sizes=sizes, video=video, dtype=torch.float64)
+
+
+def _alone(inputs, row):
+    """One sample without its padding (pixel inputs of that sample only)."""
+    mask = inputs["attention_mask"][row].bool()
+    out = {"input_ids": inputs["input_ids"][row][mask][None], "attention_mask": inputs["attention_mask"][row][mask][None]}
+    for key, value in inputs.items():
+        if key in ("input_ids", "attention_mask"):
+            continue
+        if key in ("mm_token_type_ids", "token_type_ids"):
+            out[key] = value[row][mask][None]
+        elif key in ("image_grid_thw", "video_grid_thw"):
+            out[key] = value[row:row + 1]
+        elif key == "pixel_values" and "image_grid_thw" in inputs:  # flattened patches: this image's rows
+            counts = inputs["image_grid_thw"].prod(dim=1).tolist()
+            start = sum(counts[:row])
+            out[key] = value[start:start + counts[row]]
+        else:
+            out[key] = value[row:row + 1]
+    return out
+
+
+def _visual_ids(model):
+    return [getattr(model.config, k) for k in ("image_token_id", "video_token_id")
+            if getattr(model.config, k, None) is not None]
+
+
+def test_an_adapter_is_found_and_keep_everything_is_identical(family):
+    name, model = family
+    inputs = _inputs(name, model)
+    with torch.no_grad():
+        bare = model(**inputs).logits
+        bare_ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    for positions in ("compact", "original"):
+        with prunekit.apply(model, KEEP_ALL, [f"positions={positions}"]) as pruner, torch.no_grad():
+            logits = model(**inputs).logits
+            ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert pruner.adapter.name == {"qwen2_5_vl": "qwen2_vl"}.get(name, name)
+        mask = inputs["attention_mask"].bool()
+        torch.testing.assert_close(logits[mask], bare[mask], rtol=0, atol=1e-10)
+        assert torch.equal(ids, bare_ids)
+
+
+@pytest.mark.parametrize("recipe,positions", [("transprune-high", "compact"), ("transprune-high", "original"),
+                                              ("fastv", "original")])
+def test_pruned_prefill_and_cached_decoding_match_the_layer_by_layer_reference(family, recipe, positions):
+    name, model = family
+    sample = _alone(_inputs(name, model, batch=1, seed=4), 0)
+    overrides = [*SCALED, f"positions={positions}"]
+    with prunekit.apply(model, recipe, overrides) as pruner, torch.no_grad():
+        logits = model(**sample).logits[0]
+        report = pruner.last_report
+        result = model(**sample, use_cache=True)
+        mask, step_logits, decoded = sample["attention_mask"], [], []
+        for _ in range(4):
+            step_logits.append(result.logits[0, -1])
+            next_id = result.logits[:, -1].argmax(-1, keepdim=True)
+            decoded.append(int(next_id))
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            step = {"input_ids": next_id, "attention_mask": mask, "past_key_values": result.past_key_values,
+                    "use_cache": True}
+            if "mm_token_type_ids" in sample:  # M-RoPE: positions come from the cache length + rope deltas
+                step["mm_token_type_ids"] = torch.zeros_like(next_id)
+                del step["attention_mask"]  # with a mask the model would rebuild positions for the whole sequence
+            result = model(**step)
+    stages = [s.layer for s in report]
+    kept = [s.kept[0] for s in report]
+    assert all(len(k) for k in kept[:1]), "the first stage must keep some visual tokens"
+    ref = run_family_reference(model, name, sample, _visual_ids(model), stages, kept, positions)
+    torch.testing.assert_close(logits, ref, rtol=0, atol=1e-8)
+    for t in range(4):
+        ref_step = run_family_reference(model, name, sample, _visual_ids(model), stages, kept, positions,
+                                        decoded=torch.tensor(decoded[:t], dtype=torch.long))
+        torch.testing.assert_close(step_logits[t], ref_step[-1], rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("recipe", ["transprune-high", "fastv"])
+def test_each_sample_of_a_padded_batch_gets_its_lone_answer(family, recipe):
+    name, model = family
+    inputs = _inputs(name, model, batch=2, seed=6)
+    with prunekit.apply(model, recipe, SCALED) as pruner, torch.no_grad():
+        batch_out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        batch_report = pruner.last_report
+        for row in range(2):
+            alone = _alone(inputs, row)
+            out = model.generate(**alone, max_new_tokens=4, do_sample=False)
+            pad = int((inputs["attention_mask"][row] == 0).sum())
+            for stage_batch, stage_alone in zip(batch_report, pruner.last_report):
+                kept = stage_batch.kept[row]
+                assert torch.equal(kept[kept >= 0] - pad, stage_alone.kept[0])
+            lone = out[0, alone["input_ids"].shape[1]:].tolist()
+            batched = batch_out[row, inputs["input_ids"].shape[1]:].tolist()
+            assert batched[:len(lone)] == lone  # a lone sample may stop at EOS while the batch pads on
+
+
+def test_video_inputs_are_pruned_where_the_family_takes_videos(family):
+    name, model = family
+    if name not in ("video_llava", "qwen2_vl", "qwen2_5_vl"):
+        pytest.skip(f"{name}: images only in these tests")
+    inputs = _inputs(name, model, batch=1, seed=8, video=True)
+    video_id = model.config.video_token_id
+    n_video = int((inputs["input_ids"] == video_id).sum())
+    with prunekit.apply(model, "transprune-high", SCALED) as pruner, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert int(pruner.last_report.visual_tokens[0]) == n_video
+    assert int(pruner.last_report[-1].kept_counts[0]) == int(n_video * 0.125)
