@@ -66,6 +66,13 @@ class DecoderAdapter(Adapter):
     def matches(self, model: nn.Module) -> bool:
         return getattr(getattr(model, "config", None), "model_type", None) in self.spec.model_types
 
+    def explain(self, model: nn.Module) -> str | None:
+        """Why the model does not fit (None when it does)."""
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in self.spec.model_types:
+            return f"config.model_type {model_type!r} is not one of {list(self.spec.model_types)}"
+        return None
+
     def language_model(self, model: nn.Module) -> nn.Module:
         return _get(model, self.spec.language_model, "decoder stack")
 
@@ -96,7 +103,7 @@ class DecoderAdapter(Adapter):
 
     def visual_token_ids(self, model: nn.Module) -> list[int]:
         ids = [getattr(model.config, key, None) for key in self.spec.visual_token_ids]
-        ids = [int(i) for i in ids if i is not None]
+        ids = list(dict.fromkeys(int(i) for i in ids if i is not None))  # aliases (image_token_index) once
         if not ids:
             raise AdapterError(f"{type(model).__name__} config has none of {self.spec.visual_token_ids}")
         return ids
@@ -135,6 +142,36 @@ class DecoderAdapter(Adapter):
         }
 
 
+def compact_mrope(positions: Tensor, valid: Tensor, visual: Tensor) -> Tensor:
+    """M-RoPE re-indexing after a prune: ``[3, batch, seq]`` -> the same shape.
+
+    Every token moves down by how much the largest position before it (before its image, for an
+    image token) shrank, so text continues right after the largest kept position and each image
+    keeps its grid offsets.
+    """
+    out = positions.clone()
+    for b in range(positions.shape[1]):  # sequential by nature: plain integers, a few thousand steps at most
+        old = positions[:, b].tolist()  # [3][seq]
+        new = [row[:] for row in old]
+        is_valid, is_visual = valid[b].tolist(), visual[b].tolist()
+        old_max = new_max = None
+        shift, in_run = 0, False
+        for j, real in enumerate(is_valid):
+            if not real:
+                in_run = False
+                continue
+            if not (is_visual[j] and in_run):  # a text token, or the first token of a visual run
+                shift = 0 if old_max is None else old_max - new_max
+            in_run = is_visual[j]
+            top = max(old[0][j], old[1][j], old[2][j])
+            for c in range(3):
+                new[c][j] = old[c][j] - shift
+            old_max = top if old_max is None else max(old_max, top)
+            new_max = top - shift if new_max is None else max(new_max, top - shift)
+        out[:, b] = torch.tensor(new, dtype=positions.dtype, device=positions.device)
+    return out
+
+
 class MRopeAdapter(DecoderAdapter):
     """Qwen2-VL / Qwen2.5-VL: multimodal RoPE with (temporal, height, width) positions per token.
 
@@ -152,26 +189,7 @@ class MRopeAdapter(DecoderAdapter):
         return flat.expand(3, -1, -1)
 
     def compact_positions(self, positions: Tensor, valid: Tensor, visual: Tensor) -> Tensor:
-        out = positions.clone()
-        for b in range(positions.shape[1]):  # sequential by nature; a few thousand integer steps at most
-            old = positions[:, b].tolist()  # [3][seq]
-            is_valid, is_visual = valid[b].tolist(), visual[b].tolist()
-            old_max = new_max = None
-            shift = 0
-            in_run = False
-            for j in range(len(is_valid)):
-                if not is_valid[j]:
-                    in_run = False
-                    continue
-                if not (is_visual[j] and in_run):  # a text token, or the first token of a visual run
-                    shift = 0 if old_max is None else old_max - new_max
-                in_run = is_visual[j]
-                token_max = max(old[0][j], old[1][j], old[2][j])
-                for c in range(3):
-                    out[c, b, j] = old[c][j] - shift
-                old_max = token_max if old_max is None else max(old_max, token_max)
-                new_max = token_max - shift if new_max is None else max(new_max, token_max - shift)
-        return out
+        return compact_mrope(positions, valid, visual)
 
     def stage_kwargs(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, positions: Tensor,
                      cache: Any, layer_idx: int, blocks: Tensor | None = None) -> dict[str, Any]:
@@ -248,6 +266,117 @@ QWEN2_VL = MRopeAdapter(FamilySpec(
     projector=None, vision_layers=None,
 ))
 
+_ATTENTION_NAMES = ("self_attn", "attn", "attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_NORM_NAMES = ("input_layernorm", "attention_norm", "ln_1", "norm1")
+_VISUAL_ID_KEYS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
+class GenericAdapter(Adapter):
+    """Any model whose config names an image (or video) token id and whose language model is a
+    standard decoder stack: the layers, their attention / MLP / input norm and the rotary embedding
+    are found by structure, so a new family usually needs no code. Tried after every named adapter.
+    """
+
+    name = "generic"
+
+    def __init__(self) -> None:
+        import weakref
+
+        self._resolved: weakref.WeakKeyDictionary[nn.Module, DecoderAdapter] = weakref.WeakKeyDictionary()
+
+    def explain(self, model: nn.Module) -> str | None:
+        """Why the model does not fit (None when it does)."""
+        try:
+            self._adapter(model)
+        except AdapterError as exc:
+            return str(exc)
+        return None
+
+    def matches(self, model: nn.Module) -> bool:
+        return self.explain(model) is None
+
+    def _adapter(self, model: nn.Module) -> DecoderAdapter:
+        if model in self._resolved:
+            return self._resolved[model]
+        config = getattr(model, "config", None)
+        keys = tuple(k for k in _VISUAL_ID_KEYS if getattr(config, k, None) is not None)
+        if not keys:
+            raise AdapterError(f"{type(model).__name__}'s config names no visual token id (looked for "
+                               f"{', '.join(_VISUAL_ID_KEYS)})")
+        found = None
+        for path, module in model.named_modules():
+            layers = getattr(module, "layers", None)
+            if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(module, "rotary_emb") \
+                    and hasattr(module, "embed_tokens"):
+                found = (path, module)
+                break
+        if found is None:
+            raise AdapterError(f"{type(model).__name__} has no decoder stack with layers, rotary_emb and "
+                               "embed_tokens")
+        path, stack = found
+        layer = stack.layers[0]
+
+        def pick(names: tuple[str, ...], what: str) -> str:
+            for name in names:
+                if isinstance(getattr(layer, name, None), nn.Module):
+                    return name
+            raise AdapterError(f"{type(layer).__name__} has no {what} (looked for {', '.join(names)})")
+
+        mrope = "mrope_section" in (getattr(stack.config, "rope_parameters", None) or {})
+        spec = FamilySpec(
+            name="generic", model_types=(getattr(config, "model_type", ""),), classes=(type(model).__name__,),
+            language_model=path, attention=pick(_ATTENTION_NAMES, "attention"), mlp=pick(_MLP_NAMES, "MLP"),
+            input_norm=pick(_NORM_NAMES, "input norm"), visual_token_ids=keys, projector=None, vision_layers=None,
+        )
+        adapter = (MRopeAdapter if mrope else DecoderAdapter)(spec)
+        self._resolved[model] = adapter
+        return adapter
+
+    # every question goes to the adapter resolved for that model
+    def language_model(self, model):
+        return self._adapter(model).language_model(model)
+
+    def decoder_layers(self, model):
+        return self._adapter(model).decoder_layers(model)
+
+    def attention(self, layer):
+        return _get(layer, self._names(layer)[0], "attention module")
+
+    def mlp(self, layer):
+        return _get(layer, self._names(layer)[1], "MLP module")
+
+    def input_norm(self, layer):
+        return _get(layer, self._names(layer)[2], "input norm")
+
+    @staticmethod
+    def _names(layer: nn.Module) -> tuple[str, str, str]:
+        def first(names):
+            return next((n for n in names if isinstance(getattr(layer, n, None), nn.Module)), names[0])
+        return first(_ATTENTION_NAMES), first(_MLP_NAMES), first(_NORM_NAMES)
+
+    def token_layout(self, model, input_ids, attention_mask):
+        return self._adapter(model).token_layout(model, input_ids, attention_mask)
+
+    def describe_visual(self, model):
+        return self._adapter(model).describe_visual(model)
+
+    def rope_positions(self, model, lm_kwargs, hidden, cache):
+        return self._adapter(model).rope_positions(model, lm_kwargs, hidden, cache)
+
+    def compact_positions(self, positions, valid, visual):
+        if positions.shape[0] == 3:
+            return compact_mrope(positions, valid, visual)
+        return super().compact_positions(positions, valid, visual)
+
+    def layer_kind(self, model, layer_idx):
+        return self._adapter(model).layer_kind(model, layer_idx)
+
+    def stage_kwargs(self, model, hidden, attention_mask_2d, positions, cache, layer_idx, blocks=None):
+        return self._adapter(model).stage_kwargs(model, hidden, attention_mask_2d, positions, cache, layer_idx,
+                                                 blocks)
+
+
 GEMMA3 = Gemma3Adapter(FamilySpec(
     name="gemma3",
     model_types=("gemma3",),
@@ -255,7 +384,10 @@ GEMMA3 = Gemma3Adapter(FamilySpec(
     projector=None, vision_layers=None,
 ))
 
-BUILTIN_ADAPTERS: list[Adapter] = [LLAVA, LLAVA_NEXT, VIDEO_LLAVA, LLAVA_ONEVISION, QWEN2_VL, GEMMA3]
+GENERIC = GenericAdapter()
+
+# Named rows first; the generic adapter is the fallback (the registry tries adapters in this order).
+BUILTIN_ADAPTERS: list[Adapter] = [LLAVA, LLAVA_NEXT, VIDEO_LLAVA, LLAVA_ONEVISION, QWEN2_VL, GEMMA3, GENERIC]
 
 
 @hookimpl

@@ -96,6 +96,14 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from prunekit.doctor import build_skeleton, diagnose, format_report
+
+    report = diagnose(build_skeleton(args.model))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["adapter"] is not None and "error" not in report else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunekit", description="Training-free visual token pruning for VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--text-tokens", type=int, default=0)
     flops.add_argument("--json", action="store_true")
     flops.set_defaults(func=_cmd_flops)
+
+    doctor = sub.add_parser("doctor", help="which adapter fits a model and which probes it supports (no weights)")
+    doctor.add_argument("model", help="model directory or hub id (only config.json is read)")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(func=_cmd_doctor)
     return parser
 
 

@@ -600,9 +600,11 @@ def _find_adapter(model: nn.Module, name: str | None) -> Adapter:
         if adapter.matches(model):
             return adapter
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    reasons = [f"{a.name}: {a.explain(model)}" for a in adapters if getattr(a, "name", "") == "generic"]
     raise AdapterError(
         f"no adapter matches {type(model).__name__} (config.model_type={model_type!r}); "
-        f"registered adapters: {valid_list(a.name for a in adapters)}"
+        f"registered adapters: {valid_list(a.name for a in adapters)}" + (f" ({'; '.join(reasons)})" if reasons else "")
+        + "; `prunekit doctor` explains each"
     )
 
 

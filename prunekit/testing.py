@@ -151,6 +151,11 @@ def family_config(family: str, num_layers: int = 16):
     import transformers as tf
 
     text = dict(_TEXT, num_hidden_layers=num_layers)
+    if family == "llava_next_video":  # no named adapter: the generic one handles it
+        return tf.LlavaNextVideoConfig(vision_config=tf.CLIPVisionConfig(**_VISION, projection_dim=32),
+                                       text_config=tf.LlamaConfig(**text), image_token_id=IMAGE_ID,
+                                       video_token_id=VIDEO_ID, image_grid_pinpoints=_PINPOINTS,
+                                       vision_feature_layer=-2)
     if family == "llava_next":
         return tf.LlavaNextConfig(vision_config=tf.CLIPVisionConfig(**_VISION, projection_dim=32),
                                   text_config=tf.LlamaConfig(**text), image_token_id=IMAGE_ID,
@@ -185,7 +190,7 @@ def family_config(family: str, num_layers: int = 16):
     raise ValueError(f"unknown family {family!r}")
 
 
-FAMILIES = ("llava_next", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3")
+FAMILIES = ("llava_next", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "llava_next_video")
 
 
 def tiny_family_model(family: str, num_layers: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -238,7 +243,7 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
 
     rows, extra = [], {}
     with torch.no_grad():
-        if family in ("llava_next", "llava_onevision"):
+        if family in ("llava_next", "llava_onevision", "llava_next_video"):
             pixel = torch.randn(len(sizes), 5, 3, 24, 24, generator=g).to(dtype)
             image_sizes = torch.tensor([list(s) for s in sizes])
             counts = [f.shape[0] for f in model.model.get_image_features(

@@ -12,6 +12,7 @@ from prunekit.testing import FAMILIES, family_inputs, tiny_family_model
 SIZES = {  # per sample: images of different sizes give different visual token counts
     "llava_next": [(40, 30), (24, 24)],
     "llava_onevision": [(40, 30), (24, 24)],
+    "llava_next_video": [(40, 30), (24, 24)],
     "qwen2_vl": [(32, 48), (24, 24)],
     "qwen2_5_vl": [(32, 48), (24, 24)],
 }
@@ -67,7 +68,7 @@ def test_an_adapter_is_found_and_keep_everything_is_identical(family):
         with prunekit.apply(model, KEEP_ALL, [f"positions={positions}"]) as pruner, torch.no_grad():
             logits = model(**inputs).logits
             ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        assert pruner.adapter.name == {"qwen2_5_vl": "qwen2_vl"}.get(name, name)
+        assert pruner.adapter.name == {"qwen2_5_vl": "qwen2_vl", "llava_next_video": "generic"}.get(name, name)
         mask = inputs["attention_mask"].bool()
         torch.testing.assert_close(logits[mask], bare[mask], rtol=0, atol=1e-10)
         assert torch.equal(ids, bare_ids)
@@ -136,3 +137,33 @@ def test_video_inputs_are_pruned_where_the_family_takes_videos(family):
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert int(pruner.last_report.visual_tokens[0]) == n_video
     assert int(pruner.last_report[-1].kept_counts[0]) == int(n_video * 0.125)
+
+
+@pytest.mark.parametrize("family_name,adapter", [("qwen2_vl", "qwen2_vl"), ("gemma3", "gemma3"),
+                                                 ("llava_next_video", "generic"), ("video_llava", "video_llava")])
+def test_doctor_names_the_adapter_without_loading_weights(tmp_path, capsys, family_name, adapter):
+    from prunekit.cli import main
+    from prunekit.testing import family_config
+
+    family_config(family_name).save_pretrained(tmp_path)
+    assert main(["doctor", str(tmp_path), "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["adapter"] == adapter and report["decoder_layers"] == 16
+    assert report["probes"]["AttentionRows (through the attention interface)"] is True
+    if family_name == "qwen2_vl":
+        assert report["rope"].startswith("M-RoPE")
+    if family_name == "gemma3":
+        assert set(report["layer_kinds"]) == {"sliding_attention", "full_attention"}
+
+
+def test_doctor_explains_why_no_adapter_fits(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from prunekit.cli import main
+
+    LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2).save_pretrained(tmp_path)
+    assert main(["doctor", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "none fits" in out and "names no visual token id" in out and "'llama' is not one of ['llava']" in out

@@ -1,0 +1,101 @@
+"""``prunekit doctor``: which adapter fits a model and what it supports, without running the model."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import AdapterError
+from prunekit.plugins import get_registry
+
+
+def build_skeleton(source: str) -> nn.Module:
+    """The model of a config (a folder or hub id) on the meta device: structure only, no weights."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        try:
+            return AutoModelForImageTextToText.from_config(config)
+        except ValueError:
+            return AutoModel.from_config(config)
+
+
+def _uses_attention_interface(attention: nn.Module) -> bool:
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(type(attention).forward)
+    except (OSError, TypeError):
+        return False
+
+
+def diagnose(model: nn.Module) -> dict[str, Any]:
+    """What prunekit can do with ``model``: the adapter, why others do not fit, and the probes it supports."""
+    registry = get_registry()
+    adapters = registry.adapters()
+    report: dict[str, Any] = {"model": type(model).__name__,
+                              "model_type": getattr(getattr(model, "config", None), "model_type", None),
+                              "adapter": None, "rejected": {}}
+    chosen = None
+    for adapter in adapters:
+        if adapter.matches(model):
+            chosen = adapter
+            break
+        explain = getattr(adapter, "explain", None)
+        report["rejected"][adapter.name] = explain(model) if explain else "matches() is false"
+    if chosen is None:
+        return report
+    report["adapter"] = chosen.name
+    try:
+        layers = list(chosen.decoder_layers(model))
+        lm = chosen.language_model(model)
+        attention = chosen.attention(layers[0])
+        chosen.mlp(layers[0])
+        chosen.input_norm(layers[0])
+    except AdapterError as exc:
+        report["error"] = str(exc)
+        return report
+    kinds: dict[str, int] = {}
+    for i in range(len(layers)):
+        kind = chosen.layer_kind(model, i)
+        kinds[kind] = kinds.get(kind, 0) + 1
+    rope = getattr(lm.config, "rope_parameters", None) or {}
+    report.update({
+        "language_model": type(lm).__name__,
+        "decoder_layers": len(layers),
+        "layer_kinds": kinds,
+        "rope": "M-RoPE (3-D)" if "mrope_section" in rope else "RoPE",
+        "visual_tokens": chosen.describe_visual(model),
+        "probes": {
+            "ModuleIO (attention / MLP input and output)": True,
+            "LayerInput": True,
+            "AttentionRows (through the attention interface)": _uses_attention_interface(attention),
+        },
+    })
+    try:
+        chosen.projector(model)
+        vision_layers = list(chosen.vision_layers(model))
+        report["probes"]["vision stage (VisionAttention / VisionKeys / VisionHidden)"] = bool(vision_layers)
+    except (NotImplementedError, AdapterError):
+        report["probes"]["vision stage (VisionAttention / VisionKeys / VisionHidden)"] = False
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"model: {report['model']} (model_type {report['model_type']!r})"]
+    if report["adapter"] is None:
+        lines.append("adapter: none fits")
+        lines += [f"  {name}: {why}" for name, why in report["rejected"].items()]
+        return "\n".join(lines)
+    lines.append(f"adapter: {report['adapter']}")
+    if "error" in report:
+        lines.append(f"  but: {report['error']}")
+        return "\n".join(lines)
+    lines.append(f"language model: {report['language_model']}, {report['decoder_layers']} decoder layers "
+                 f"({', '.join(f'{n} {k}' for k, n in report['layer_kinds'].items())}), {report['rope']}")
+    lines.append(f"visual tokens: {report['visual_tokens']}")
+    lines.append("probes:")
+    lines += [f"  {'yes' if ok else 'no '}  {name}" for name, ok in report["probes"].items()]
+    return "\n".join(lines)
