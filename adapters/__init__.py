@@ -66,6 +66,9 @@ class DecoderAdapter(Adapter):
     def matches(self, model: nn.Module) -> bool:
         return getattr(getattr(model, "config", None), "model_type", None) in self.spec.model_types
 
+    def summary(self) -> str:
+        return f"{', '.join(self.spec.classes)} (config.model_type {', '.join(self.spec.model_types)})"
+
     def explain(self, model: nn.Module) -> str | None:
         """Why the model does not fit (None when it does)."""
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -279,6 +282,9 @@ class GenericAdapter(Adapter):
     """
 
     name = "generic"
+
+    def summary(self) -> str:
+        return "any model whose config names an image/video token id and whose decoder is a standard stack"
 
     def __init__(self) -> None:
         import weakref

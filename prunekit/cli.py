@@ -96,12 +96,76 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from prunekit.plugins import KINDS, PLURALS, get_registry
+
+    registry = get_registry()
+    rows = []
+    for kind in KINDS:
+        for name, claims in sorted(registry.entries(kind).items()):
+            for entry in claims:
+                rows.append({"kind": kind, "name": name, "distribution": entry.distribution, "plugin": entry.plugin,
+                             "description": entry.description})
+    problems = registry.all_problems()
+    if args.json:
+        print(json.dumps({"plugins": rows, "problems": problems}, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for kind in KINDS:
+        print(f"{PLURALS[kind]}:")
+        for r in (r for r in rows if r["kind"] == kind):
+            print(f"  {r['name'].ljust(width)}  [{r['distribution']}:{r['plugin']}]  {r['description']}")
+    if problems:
+        print("problems:")
+        for problem in problems:
+            print(f"  {problem}")
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from prunekit.doctor import build_skeleton, diagnose, format_report
 
     report = diagnose(build_skeleton(args.model))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["adapter"] is not None and "error" not in report else 1
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from prunekit.run import describe, run_model, run_toy
+
+    if args.model is None:
+        if args.image or args.prompt:
+            raise PrunekitError("--image and --prompt go with --model (without --model the built-in toy model "
+                                "answers a generated question)")
+        result = run_toy(args.recipe, args.override, seed=args.seed, out=args.out)
+    else:
+        if not (args.image and args.prompt):
+            raise PrunekitError("--model needs --image PATH and --prompt TEXT")
+        result = run_model(args.model, args.image, args.prompt, args.recipe, args.override, args.max_new_tokens,
+                           args.out)
+    print(describe(result, args.recipe))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from prunekit.recipe import builtin_recipe_names
+    from prunekit.toy.evaluate import format_table, plot, run_eval, to_json
+    from prunekit.toy.model import load_toy
+
+    model, processor = load_toy()
+    recipes = args.recipes or builtin_recipe_names()
+    result = run_eval(model, processor, recipes, n=args.n, seed=args.seed, sweep=args.sweep, ratios=args.ratios,
+                      progress=not args.json)
+    plot(result, args.plot)
+    if args.json:
+        print(to_json(result))
+    else:
+        print(f"toy task: {args.n} questions (seed {args.seed}); FLOPs in the papers' convention on the toy model")
+        print(format_table(result["rows"]))
+        print(f"keep-ratio sweep ({', '.join(f'{r:g}' for r in args.ratios)} kept at the last stage):")
+        print(format_table(result["sweep"]))
+        print(f"plot: {args.plot}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +197,33 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--text-tokens", type=int, default=0)
     flops.add_argument("--json", action="store_true")
     flops.set_defaults(func=_cmd_flops)
+
+    run = sub.add_parser("run", help="answer a question with and without pruning and draw the kept tokens")
+    run.add_argument("--model", help="a model folder or hub id (default: the built-in toy LLaVA)")
+    run.add_argument("--image", help="an image file (with --model)")
+    run.add_argument("--prompt", help="the question (with --model)")
+    run.add_argument("--recipe", default="transprune-high")
+    run.add_argument("--override", nargs="*", default=[], help="dotted recipe overrides")
+    run.add_argument("--seed", type=int, default=0, help="which generated question (toy model)")
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--out", default="prunekit_run.png", help="the PNG of kept tokens per stage")
+    run.set_defaults(func=_cmd_run)
+
+    evaluate = sub.add_parser("eval", help="accuracy, retention, FLOPs and relevance recall per recipe (toy task)")
+    evaluate.add_argument("--recipes", nargs="+", help="recipes to compare (default: every built-in)")
+    evaluate.add_argument("-n", type=int, default=500, help="questions")
+    evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.add_argument("--sweep", nargs="*", default=["random", "fastv", "pdrop", "l2norm", "transprune-high"],
+                          help="recipes whose keep ratios are swept")
+    evaluate.add_argument("--ratios", nargs="*", type=float, default=[0.5, 0.25, 0.125, 0.0625],
+                          help="last-stage keep fractions of the sweep")
+    evaluate.add_argument("--plot", default="prunekit_eval.png", help="PNG of accuracy against FLOPs")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    plugins = sub.add_parser("plugins", help="every registered criterion, combiner, merger, schedule and adapter")
+    plugins.add_argument("--json", action="store_true")
+    plugins.set_defaults(func=_cmd_plugins)
 
     doctor = sub.add_parser("doctor", help="which adapter fits a model and which probes it supports (no weights)")
     doctor.add_argument("model", help="model directory or hub id (only config.json is read)")

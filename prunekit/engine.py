@@ -2,16 +2,19 @@
 
 One prefill, as the hooks see it:
 
-1. model pre-hook: find the visual tokens and the instruction (the adapter's ``TokenLayout``).
-2. ModuleIO probes: forward hooks on attention/MLP modules hand their input and output to the
-   criteria that asked (TTV accumulates there).
-3. AttentionRows probes: the attention tap computes a few softmax rows from the layer's own
+1. model pre-hook: find the visual tokens and the instruction (the adapter's ``TokenLayout``);
+   with a vision stage, shorten each image's placeholders (``prunekit.vision``).
+2. decoder-stack pre-hook: read the RoPE positions the stack will use (M-RoPE included).
+3. ModuleIO / LayerInput probes: forward hooks hand module inputs and outputs to the criteria
+   that asked (TTV accumulates there).
+4. AttentionRows probes: the attention tap computes a few softmax rows from the layer's own
    query/key; at a prune layer a scoring pass runs that layer's attention on the unpruned input.
-4. prune layer pre-hook: criteria score, the combiner merges, the top tokens are gathered out
-   of the hidden states, the layout and every buffer; the layer gets a mask and position
-   embeddings for the shorter sequence. Later layers reuse that stage's keyword arguments.
-5. model post-hook: the report of what was kept; the stage index of each layer's KV cache is
-   remembered by cache object so that decode steps get masks and positions that fit it.
+5. prune layer pre-hook: criteria score, the combiner merges, the top tokens (and any merged
+   summary tokens) become the new sequence; the hidden states, the layout and every buffer
+   follow; the adapter builds the layer's mask and position embeddings for it, once per layer
+   kind. Later layers reuse them.
+6. model post-hook: the report of what was kept; each stage's slots are remembered by KV-cache
+   object so that decode steps get masks and positions that fit every layer's cache.
 
 The Pruner keeps no tensors between forwards except that per-cache decode record, which lives
 only as long as the cache does.
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import time
 import weakref
+from contextlib import contextmanager, nullcontext
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +44,33 @@ from prunekit.probes import QUERY_SETS, AttentionRows, LayerInput, ModuleIO, Pro
 from prunekit.recipe import Recipe, RecipeSource, load_recipe, resolve_stages, scale_to_depth
 from prunekit.sequence import Assembly, assemble, gather_tokens, select
 from prunekit.vision import ProjectorStage, PromptRewrite, rewrite_decode_kwargs
+
+class Clock:
+    """Wall time spent in each part of the pruning work, summed over forwards (``measure=True``)."""
+
+    PARTS = ("probes", "attention rows", "scoring", "selection", "stage inputs")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {part: 0.0 for part in self.PARTS}
+
+    @contextmanager
+    def __call__(self, part: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - start
+
+    def reset(self) -> None:
+        self.seconds = {part: 0.0 for part in self.PARTS}
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+_NO_CLOCK = nullcontext()
+
 
 # One active pruner per model: a registry, so that a second apply() is a clear error.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Pruner] = weakref.WeakKeyDictionary()
@@ -148,8 +180,9 @@ class Pruner:
         pruner.last_report.stages[0].kept   # [batch, n_kept] original positions
     """
 
-    def __init__(self, model: nn.Module, recipe: Recipe) -> None:
+    def __init__(self, model: nn.Module, recipe: Recipe, measure: bool = False) -> None:
         self.model = model
+        self.clock: Clock | None = Clock() if measure else None
         self.adapter: Adapter = _find_adapter(model, recipe.adapter)
         self.layers: list[nn.Module] = list(self.adapter.decoder_layers(model))
         self.num_layers = len(self.layers)
@@ -187,6 +220,9 @@ class Pruner:
         # stage index of every layer (-1 before the first prune)
         self._stage_of_layer = [max((s for s, L in enumerate(self.stage_layers) if L <= i), default=-1)
                                 for i in range(self.num_layers)]
+
+    def _timed(self, part: str):
+        return self.clock(part) if self.clock is not None else _NO_CLOCK
 
     # -- lifecycle -------------------------------------------------------------------------
     def install(self) -> Pruner:
@@ -376,7 +412,7 @@ class Pruner:
                 return
             inputs = self.adapter.layer_input(args, kwargs)
             out = self.adapter.module_output(output)
-            with torch.no_grad():
+            with torch.no_grad(), self._timed("probes"):
                 for criterion, probe in self._io_observers[(layer_idx, kind)]:
                     criterion.observe(state.ctx, probe, inputs, out)
 
@@ -388,7 +424,7 @@ class Pruner:
             if not isinstance(state, _Prefill):
                 return
             hidden = self.adapter.layer_input(args, kwargs)
-            with torch.no_grad():
+            with torch.no_grad(), self._timed("probes"):
                 for criterion, probe in self._input_observers[layer_idx]:
                     criterion.observe(state.ctx, probe, hidden, None)
 
@@ -406,7 +442,8 @@ class Pruner:
         layer = self._attention_layer.get(id(module))
         probes = self._rows_during.get(layer, ()) if layer is not None else ()
         if probes:
-            self._capture_rows(state, probes, module, query, key, kwargs)
+            with self._timed("attention rows"):
+                self._capture_rows(state, probes, module, query, key, kwargs)
 
     def _capture_rows(self, state: _Prefill, probes: Sequence[AttentionRows], module: nn.Module,
                       query: Tensor, key: Tensor, kwargs: dict) -> None:
@@ -460,16 +497,18 @@ class Pruner:
         if state.records:  # the sequence this layer would get: the previous stage's
             kwargs.update(self._prefill_kwargs(state, layer_idx, hidden))
         if self._rows_before.get(layer_idx):
-            self._scoring_pass(layer, hidden, kwargs, state, self._rows_before[layer_idx])
-        with torch.no_grad():
+            with self._timed("attention rows"):  # the scoring pass
+                self._scoring_pass(layer, hidden, kwargs, state, self._rows_before[layer_idx])
+        with torch.no_grad(), self._timed("probes"):
             for criterion, probe in self._input_observers.get(layer_idx, ()):
                 criterion.observe(ctx, probe, hidden, None)
         ctx.stage = stage_idx
         counts = torch.minimum(self.stages[stage_idx].keep_counts(state.visual_original), ctx.layout.visual_counts())
         ctx.keep_counts = counts
-        with torch.no_grad():
+        with torch.no_grad(), self._timed("scoring"):
             scores = {key: criterion.score(ctx) for key, criterion in self.recipe.criteria.items()}
             combined = self.recipe.combiner.combine(scores, ctx.layout.visual)  # [batch, seq]
+        with torch.no_grad(), self._timed("selection"):
             selection = select(combined, ctx.layout.visual, counts)
             merged, merged_valid = None, None
             if self.recipe.merger is not None:
@@ -477,12 +516,12 @@ class Pruner:
             seq_index = torch.arange(ctx.layout.seq_len, device=hidden.device)
             last_visual = torch.where(ctx.layout.visual, seq_index, -1).amax(dim=1)  # [batch]
             plan = assemble(selection, last_visual, merged_valid)
-        hidden = self._next_hidden(hidden, plan, merged)
-        state.positions = self._next_positions(state, plan)
-        ctx.gather(plan.index, ~plan.from_current)
-        if merged is not None:  # merged slots are visual tokens from now on
-            ctx.layout.visual |= plan.merged_valid
-            ctx.layout.valid |= plan.merged_valid
+            hidden = self._next_hidden(hidden, plan, merged)
+            state.positions = self._next_positions(state, plan)
+            ctx.gather(plan.index, ~plan.from_current)
+            if merged is not None:  # merged slots are visual tokens from now on
+                ctx.layout.visual |= plan.merged_valid
+                ctx.layout.valid |= plan.merged_valid
         shift = torch.zeros_like(state.prompt_valid)
         if self.recipe.positions == "compact":  # decode tokens continue right after the compacted prompt
             shift = state.prompt_max_position - _max_position(state.positions, ctx.layout.valid)
@@ -525,9 +564,10 @@ class Pruner:
         kind = self.adapter.layer_kind(self.model, layer_idx)
         if kind not in state.stage_kwargs:
             layout = state.ctx.layout
-            state.stage_kwargs[kind] = self.adapter.stage_kwargs(
-                self.model, hidden, layout.valid, state.positions, state.cache, layer_idx, layout.image_index
-            )
+            with self._timed("stage inputs"):
+                state.stage_kwargs[kind] = self.adapter.stage_kwargs(
+                    self.model, hidden, layout.valid, state.positions, state.cache, layer_idx, layout.image_index
+                )
         return state.stage_kwargs[kind]
 
     def _decode_kwargs(self, state: _Decode, stage: int, layer_idx: int, hidden: Tensor) -> dict[str, Any]:
@@ -537,9 +577,10 @@ class Pruner:
             prompt = state.session.prompt_length
             mask_2d = torch.cat([record.valid, state.mask_2d[:, prompt:]], dim=1)  # [batch, seq_s + decoded + q]
             positions = state.positions - record.shift[None, :, None]
-            state.stage_kwargs[key] = self.adapter.stage_kwargs(
-                self.model, hidden, mask_2d, positions, state.cache, layer_idx
-            )
+            with self._timed("stage inputs"):
+                state.stage_kwargs[key] = self.adapter.stage_kwargs(
+                    self.model, hidden, mask_2d, positions, state.cache, layer_idx
+                )
         return state.stage_kwargs[key]
 
     # -- report ------------------------------------------------------------------------------
@@ -649,10 +690,12 @@ def _collect_probes(recipe: Recipe, stage_layers: tuple[int, ...], num_layers: i
     return out
 
 
-def apply(model: nn.Module, recipe: RecipeSource, overrides: Sequence[str] | None = None) -> Pruner:
+def apply(model: nn.Module, recipe: RecipeSource, overrides: Sequence[str] | None = None,
+          measure: bool = False) -> Pruner:
     """Install a recipe's hooks on ``model`` and return the :class:`Pruner` (a context manager).
 
     ``recipe`` is a built-in name (``"transprune-high"``), a YAML path, a dict or a :class:`Recipe`;
-    ``overrides`` are dotted ``key=value`` strings applied on top.
+    ``overrides`` are dotted ``key=value`` strings applied on top. ``measure`` keeps the wall time of
+    each part of the pruning work in ``pruner.clock`` (for benchmarks).
     """
-    return Pruner(model, load_recipe(recipe, overrides)).install()
+    return Pruner(model, load_recipe(recipe, overrides), measure=measure).install()

@@ -23,6 +23,8 @@ from prunekit.errors import PluginError, valid_list
 PROJECT = "prunekit"
 
 # kind -> (hook name, expected type, whether items are classes)
+PLURALS = {"criterion": "criteria", "combiner": "combiners", "schedule": "schedules", "merger": "mergers",
+           "adapter": "adapters"}
 KINDS: dict[str, tuple[str, type, bool]] = {
     "criterion": ("prunekit_add_criteria", Criterion, True),
     "combiner": ("prunekit_add_combiners", Combiner, True),
@@ -44,8 +46,12 @@ class Entry:
 
     @property
     def description(self) -> str:
-        doc = inspect.getdoc(self.obj) or ""
-        return doc.strip().splitlines()[0] if doc.strip() else ""
+        """The first paragraph of the item's docstring, on one line (an adapter may say it itself)."""
+        describe = getattr(self.obj, "summary", None)
+        if callable(describe):
+            return describe()
+        doc = (inspect.getdoc(self.obj) or "").strip()
+        return " ".join(doc.split("\n\n")[0].split())
 
 
 class Registry:
@@ -146,7 +152,7 @@ class Registry:
         """The item registered as ``name``; a clear error if it is missing or claimed twice."""
         claims = self.entries(kind).get(name)
         if not claims:
-            raise PluginError(f"unknown {kind} {name!r}; registered {kind}s: {valid_list(self.names(kind))}")
+            raise PluginError(f"unknown {kind} {name!r}; registered {PLURALS[kind]}: {valid_list(self.names(kind))}")
         if len(claims) > 1:
             who = ", ".join(f"plugin {e.plugin!r} (distribution {e.distribution})" for e in claims)
             raise PluginError(f"{kind} {name!r} is registered twice, by {who}; uninstall or rename one")

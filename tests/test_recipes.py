@@ -51,7 +51,7 @@ def test_yaml_file_and_dict_sources(tmp_path):
 
 @pytest.mark.parametrize("source,overrides,message", [
     ("no-such-recipe", None, r"unknown recipe 'no-such-recipe'; built-in recipes: .*'transprune-high'"),
-    ("transprune-high", ["criteria.iga.type=igaa"], r"unknown criterion 'igaa'; registered criterions: .*'iga'"),
+    ("transprune-high", ["criteria.iga.type=igaa"], r"unknown criterion 'igaa'; registered criteria: .*'iga'"),
     ("transprune-high", ["schedule.stages.1.keep=1.5"], r"stages.1.keep must be in \(0, 1\], got 1.5"),
     ("transprune-high", ["schedule.stages.1.keep=0"], r"stages.1.keep must be in \(0, 1\], got 0"),
     ("transprune-high", ["shedule.type=stages"], r"unknown recipe key 'shedule'; valid keys: .*'schedule'"),
