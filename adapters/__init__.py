@@ -23,6 +23,7 @@ from transformers.masking_utils import (
 )
 
 from prunekit.api import Adapter
+from prunekit.compat import MASK_CACHE_KWARG
 from prunekit.errors import AdapterError
 from prunekit.hookspecs import hookimpl
 from prunekit.layout import TokenLayout, layout_from_ids
@@ -134,7 +135,7 @@ class DecoderAdapter(Adapter):
             config=decoder.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask_2d,
-            past_key_values=cache,
+            **{MASK_CACHE_KWARG: cache},
             position_ids=text_positions,
             layer_idx=layer_idx,
         )
@@ -214,7 +215,7 @@ class Gemma3Adapter(DecoderAdapter):
         config = decoder.config
         kind = self.layer_kind(model, layer_idx)
         text_positions = positions[0]
-        common = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask_2d, past_key_values=cache,
+        common = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask_2d, **{MASK_CACHE_KWARG: cache},
                       position_ids=text_positions, layer_idx=layer_idx)  # sized against this layer's own cache
         if blocks is None:  # decode: plain causal (sliding for local layers), as the model does
             maker = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask

@@ -24,6 +24,7 @@ from prunekit.attention import attention_rows, query_weights
 from prunekit.bench import _kv_bytes, _peak_memory, build_model
 from prunekit.flops import DecoderDims, recipe_estimate
 from prunekit.testing import LLAVA15_SHAPED, llava_inputs
+from prunekit.compat import cache_of
 
 RECIPES = ("none", "fastv", "transprune-high", "pdrop", "random")
 
@@ -133,7 +134,7 @@ def memory_section(model, inputs, recipes) -> list[str]:
         with _pruner(model, name, measure=False) as pruner, torch.no_grad():
             peak = _peak_memory(lambda: model(**inputs, use_cache=True), "cpu")
             out = model(**inputs, use_cache=True)
-        kv = _kv_bytes(out.past_key_values)
+        kv = _kv_bytes(cache_of(out))
         tokens = [inputs["input_ids"].shape[1]] * config.num_hidden_layers if pruner is None \
             else pruner.last_report.tokens_per_layer
         predicted = sum(tokens) * per_token * inputs["input_ids"].shape[0]

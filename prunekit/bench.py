@@ -23,6 +23,7 @@ from transformers import LlavaForConditionalGeneration
 import prunekit
 from prunekit.flops import DecoderDims, estimate, recipe_estimate
 from prunekit.testing import LLAVA15_SHAPED, LlavaShape, llava_config, llava_inputs
+from prunekit.compat import cache_of, with_cache
 
 NO_PRUNING = "none"
 
@@ -108,13 +109,13 @@ def _measure(model, inputs: dict, new_tokens: int, device: str) -> tuple[float, 
         out = model(**inputs, use_cache=True)
         _sync(device)
         prefill = time.perf_counter() - start
-        cache, mask = out.past_key_values, inputs["attention_mask"]
+        cache, mask = cache_of(out), inputs["attention_mask"]
         kv = _kv_bytes(cache)
         next_id = out.logits[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
         for _ in range(new_tokens):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model(input_ids=next_id, attention_mask=mask, past_key_values=cache, use_cache=True)
+            out = model(input_ids=next_id, attention_mask=mask, **with_cache(model, cache), use_cache=True)
             next_id = out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         decode = time.perf_counter() - start

@@ -152,10 +152,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from prunekit.toy.evaluate import format_table, plot, run_eval, to_json
     from prunekit.toy.model import load_toy
 
-    model, processor = load_toy()
+    model, processor = load_toy(args.weights)
     recipes = args.recipes or builtin_recipe_names()
     result = run_eval(model, processor, recipes, n=args.n, seed=args.seed, sweep=args.sweep, ratios=args.ratios,
-                      progress=not args.json)
+                      batch_size=args.batch_size, progress=not args.json)
+    if result is None:  # data-parallel: rank 0 reports
+        return 0
     plot(result, args.plot)
     if args.json:
         print(to_json(result))
@@ -218,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ratios", nargs="*", type=float, default=[0.5, 0.25, 0.125, 0.0625],
                           help="last-stage keep fractions of the sweep")
     evaluate.add_argument("--plot", default="prunekit_eval.png", help="PNG of accuracy against FLOPs")
+    evaluate.add_argument("--batch-size", type=int, default=50, help="questions per forward pass")
+    evaluate.add_argument("--weights", help="a toy model folder (default: the one in the package)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)
 

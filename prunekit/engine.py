@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from prunekit.api import Adapter, ForwardContext, Stage
 from prunekit.attention import attention_rows, query_weights
+from prunekit.compat import CACHE_NAMES, cache_in, cache_of
 from prunekit.hooks import HookSet
 from prunekit.errors import AdapterError, LayoutError, PrunerStateError, RecipeError, valid_list
 from prunekit.plugins import get_registry
@@ -295,7 +296,7 @@ class Pruner:
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self._state = None
         call = self._call_kwargs(args, kwargs)
-        cache = call.get("past_key_values")
+        cache = cache_in(call)
         session = self._sessions.get(cache) if cache is not None else None
         input_ids: Tensor | None = call.get("input_ids")
         mask = call.get("attention_mask")
@@ -353,7 +354,7 @@ class Pruner:
                 state.session.seen = state.mask_2d.shape[1]
             return
         self.last_report = self._report(state)
-        cache = state.cache if state.cache is not None else getattr(output, "past_key_values", None)
+        cache = state.cache if state.cache is not None else cache_of(output)
         if cache is not None:
             self._sessions[cache] = _Session(state.prompt_length, state.records, seen=state.prompt_length,
                                              rewrite=state.rewrite)
@@ -368,7 +369,7 @@ class Pruner:
             hidden = args[0] if args and isinstance(args[0], Tensor) and args[0].dim() == 3 else None
         if hidden is None:
             raise AdapterError(f"{type(module).__name__} was called without inputs_embeds; cannot read its positions")
-        state.positions = self.adapter.rope_positions(self.model, kwargs, hidden, kwargs.get("past_key_values"))
+        state.positions = self.adapter.rope_positions(self.model, kwargs, hidden, cache_in(kwargs))
         if isinstance(state, _Prefill):
             state.prompt_max_position = _max_position(state.positions, state.ctx.layout.valid)
 
@@ -475,11 +476,11 @@ class Pruner:
                       probes: Sequence[AttentionRows]) -> None:
         """Run the prune layer's attention on its unpruned input until the tap has the rows."""
         attention = self.adapter.attention(layer)
-        call_kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+        call_kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "use_cache", *CACHE_NAMES)}
         state.scoring_module, state.scoring_probes = attention, tuple(probes)
         try:
             with torch.no_grad():
-                attention(hidden_states=self.adapter.input_norm(layer)(hidden), past_key_values=None, **call_kwargs)
+                attention(hidden_states=self.adapter.input_norm(layer)(hidden), **call_kwargs)
         except _ScoringPassDone:
             pass
         else:

@@ -95,6 +95,15 @@ def run_toy(recipe: str, overrides=None, seed: int = 0, out: str | Path = "prune
     return RunResult(question.question, question.answer, answer, pruned, report, flops, recall, GRID * GRID, figure)
 
 
+def chat_prompt(processor, text: str, n_images: int = 1) -> str:
+    """``text`` after ``n_images`` images in the processor's chat template (image tokens first where it has none)."""
+    if not getattr(processor, "chat_template", None):
+        token = getattr(processor, "image_token", None)
+        return text if n_images == 0 or token is None or token in text else f"{token * n_images}\n{text}"
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
 def run_model(model_id: str, image_path: str, prompt_text: str, recipe: str, overrides=None,
               max_new_tokens: int = 32, out: str | Path = "prunekit_run.png") -> RunResult:
     """A real checkpoint (a folder or hub id) with its processor and chat template."""
@@ -103,10 +112,7 @@ def run_model(model_id: str, image_path: str, prompt_text: str, recipe: str, ove
     processor = AutoProcessor.from_pretrained(model_id)
     model = AutoModelForImageTextToText.from_pretrained(model_id).eval()
     image = Image.open(image_path).convert("RGB")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt_text}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True) \
-        if getattr(processor, "chat_template", None) else prompt_text
-    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    inputs = processor(images=[image], text=[chat_prompt(processor, prompt_text)], return_tensors="pt")
     length = inputs["input_ids"].shape[1]
     with torch.no_grad():
         plain = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

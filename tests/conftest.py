@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers.utils import logging as hf_logging
@@ -59,3 +61,19 @@ def llava576():
 def llava576_eager():
     """The same weights with eager attention (for output_attentions references)."""
     return tiny_llava(SHAPE576, seed=5, dtype=torch.float64, attn_implementation="eager")
+
+
+@pytest.fixture(scope="session")
+def toy_weights(tmp_path_factory) -> Path:
+    """The shipped toy model, or (before it is trained) random weights of the same architecture."""
+    from prunekit.toy.model import WEIGHTS_DIR, build_config, build_processor
+
+    if (WEIGHTS_DIR / "model.safetensors").is_file():
+        return WEIGHTS_DIR
+    from transformers import LlavaForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("toy")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(build_config()).save_pretrained(folder)
+    build_processor().save_pretrained(folder)
+    return folder

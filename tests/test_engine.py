@@ -11,6 +11,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 import prunekit
 from conftest import SHAPE, unpad
 from prunekit.testing import llava_inputs, tiny_llava
+from prunekit.compat import with_cache
 
 KEEP_ALL = {
     "name": "keep-all",
@@ -170,7 +171,7 @@ def test_kv_cache_of_each_layer_holds_only_its_kept_tokens(llava32):
     inputs = llava_inputs(SHAPE, batch=2, seed=4)
     cache = DynamicCache(config=llava32.config.text_config)
     with prunekit.apply(llava32, "transprune-high") as pruner, torch.no_grad():
-        llava32(**inputs, past_key_values=cache, use_cache=True)
+        llava32(**inputs, **with_cache(llava32, cache), use_cache=True)
     report = pruner.last_report
     lengths = [cache.layers[i].keys.shape[-2] for i in range(SHAPE.num_layers)]
     assert lengths == report.tokens_per_layer

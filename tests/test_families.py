@@ -8,6 +8,7 @@ import torch
 import prunekit
 from family_reference import run_family_reference
 from prunekit.testing import FAMILIES, family_inputs, tiny_family_model
+from prunekit.compat import cache_of, with_cache
 
 SIZES = {  # per sample: images of different sizes give different visual token counts
     "llava_next": [(40, 30), (24, 24)],
@@ -90,7 +91,7 @@ def test_pruned_prefill_and_cached_decoding_match_the_layer_by_layer_reference(f
             next_id = result.logits[:, -1].argmax(-1, keepdim=True)
             decoded.append(int(next_id))
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            step = {"input_ids": next_id, "attention_mask": mask, "past_key_values": result.past_key_values,
+            step = {"input_ids": next_id, "attention_mask": mask, **with_cache(model, cache_of(result)),
                     "use_cache": True}
             if "mm_token_type_ids" in sample:  # M-RoPE: positions come from the cache length + rope deltas
                 step["mm_token_type_ids"] = torch.zeros_like(next_id)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import prunekit
+from prunekit.compat import cache_of, with_cache
 from reference import RefModel, greedy_reference, run_reference
 
 TRANSPRUNE_STAGES = [(7, 0.875), (9, 0.625), (12, 0.125)]
@@ -56,7 +57,7 @@ def test_greedy_generation_with_cache_matches_reference(llava64, single_inputs64
             step_logits.append(result.logits[0, -1])
             next_id = result.logits[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            result = llava64(input_ids=next_id, attention_mask=mask, past_key_values=result.past_key_values,
+            result = llava64(input_ids=next_id, attention_mask=mask, **with_cache(llava64, cache_of(result)),
                              use_cache=True)
     generated = out[0, single_inputs64["input_ids"].shape[1]:]
     kept = [stage.kept[0] for stage in pruner.last_report]

@@ -31,35 +31,37 @@ class EvalRow:
     by_kind: dict[str, float] = field(default_factory=dict)
 
 
-def _batches(processor, questions: Sequence[Question], batch_size: int) -> list[dict]:
-    """The processed inputs, made once and reused by every recipe."""
-    return [processor(images=[q.image for q in questions[i:i + batch_size]],
-                      text=[prompt(q.question) for q in questions[i:i + batch_size]],
-                      return_tensors="pt", padding=True)
-            for i in range(0, len(questions), batch_size)]
+def _batches(processor, questions: Sequence[Question], batch_size: int, rank: int = 0,
+             world: int = 1) -> dict[int, dict]:
+    """Processed inputs of every ``world``-th batch from ``rank`` on, keyed by batch index; made once for all recipes.
+
+    Whole batches per process keep the padding, hence the answers, identical to one process's.
+    """
+    starts = range(0, len(questions), batch_size)
+    return {index: processor(images=[q.image for q in questions[start:start + batch_size]],
+                             text=[prompt(q.question) for q in questions[start:start + batch_size]],
+                             return_tensors="pt", padding=True)
+            for index, start in enumerate(starts) if index % world == rank}
 
 
-def _answers(model, processor, batches: Sequence[dict], recipe: str | dict | None,
-             overrides) -> tuple[list[str], list[set[int]]]:
-    """Greedy one-word answers and, per question, the patches kept at the last stage."""
-    answers: list[str] = []
-    kept: list[set[int]] = []
+def _answers(model, processor, batches: dict[int, dict], recipe: str | dict | None,
+             overrides) -> dict[int, tuple[list[str], list[set[int]]]]:
+    """Per batch index: greedy one-word answers and, per question, the patches kept at the last stage."""
+    results: dict[int, tuple[list[str], list[set[int]]]] = {}
     context = nullcontext() if recipe is None else prunekit.apply(model, recipe, overrides)
     with context as pruner, torch.no_grad():
-        for batch in batches:
-            chunk = range(batch["input_ids"].shape[0])
-            logits = model(**batch).logits[:, -1]
-            answers += processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
-            ids = batch["input_ids"]
-            first_visual = (ids == model.config.image_token_id).long().argmax(dim=1)  # [batch]
+        for index, batch in batches.items():
+            ids = batch["input_ids"]  # [batch, seq]
+            logits = model(**batch).logits[:, -1]  # [batch, vocab]
+            answers = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
             if pruner is None:
-                kept += [set(range(GRID * GRID))] * len(chunk)
+                results[index] = (answers, [set(range(GRID * GRID)) for _ in answers])
                 continue
+            first_visual = (ids == model.config.image_token_id).long().argmax(dim=1)  # [batch]
             last = pruner.last_report.stages[-1].kept  # [batch, n] original positions, -1 pads
-            for row in range(len(chunk)):
-                positions = last[row][last[row] >= 0] - first_visual[row]
-                kept.append(set(positions.tolist()))
-    return answers, kept
+            kept = [set((last[row][last[row] >= 0] - first_visual[row]).tolist()) for row in range(len(answers))]
+            results[index] = (answers, kept)
+    return results
 
 
 def _row(name: str, questions, answers, kept, base_accuracy: float | None, flops_ratio: float,
@@ -96,8 +98,12 @@ def _scaled_overrides(recipe: prunekit.Recipe, final_keep: float) -> list[str] |
 
 def run_eval(model, processor, recipes: Sequence[str], n: int = 500, seed: int = 1234,
              sweep: Sequence[str] = DEFAULT_SWEEP, ratios: Sequence[float] = DEFAULT_RATIOS,
-             batch_size: int = 50, progress: bool = True) -> dict[str, Any]:
-    """Evaluate each recipe (and the keep-ratio sweep) on ``n`` seeded toy questions."""
+             batch_size: int = 50, progress: bool = True) -> dict[str, Any] | None:
+    """Evaluate each recipe (and the keep-ratio sweep) on ``n`` seeded toy questions.
+
+    Under ``torchrun`` / ``accelerate launch`` each process answers every ``world``-th batch and rank 0
+    gathers the answers: it returns the result, the other ranks return None.
+    """
     questions = ToyTask(seed).questions(n)
     dims = DecoderDims.from_config(model.config)
     n_text = 8  # the toy prompt's text tokens, roughly (for the whole-sequence ratio only)
@@ -111,9 +117,11 @@ def run_eval(model, processor, recipes: Sequence[str], n: int = 500, seed: int =
                 jobs.append((f"{name}@{ratio:g}", name, overrides, ratio))
     rows, sweep_rows = [], []
     base_accuracy = None
-    batches = _batches(processor, questions, batch_size)
-    for label, recipe, overrides, ratio in tqdm(jobs, desc="prunekit eval", unit="recipe", disable=not progress):
-        answers, kept = _answers(model, processor, batches, recipe, overrides)
+    rank, world, started = _distributed()
+    mine = _batches(processor, questions, batch_size, rank, world)  # this process's share of whole batches
+    for label, recipe, overrides, ratio in tqdm(jobs, desc="prunekit eval", unit="recipe",
+                                                disable=not progress or rank != 0):
+        answers, kept = _gather(_answers(model, processor, mine, recipe, overrides), world)
         if recipe is None:
             flops = estimate([], dims, GRID * GRID, n_text).visual_ratio
         else:
@@ -123,7 +131,41 @@ def run_eval(model, processor, recipes: Sequence[str], n: int = 500, seed: int =
             base_accuracy = row.accuracy
             row.retention = 1.0
         (sweep_rows if ratio is not None else rows).append(row)
-    return {"questions": n, "seed": seed, "rows": rows, "sweep": sweep_rows}
+    if started:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return {"questions": n, "seed": seed, "processes": world, "rows": rows, "sweep": sweep_rows} if rank == 0 else None
+
+
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether a process group was started here) under torchrun / accelerate launch.
+
+    The group runs on gloo: it only gathers Python objects (the answers), whatever the device.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, False
+    dist.init_process_group(backend="gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _gather(results: dict[int, tuple[list[str], list[set[int]]]],
+            world: int) -> tuple[list[str], list[set[int]]]:
+    """Every process's answers and kept patches, in question order (batches are keyed by their index)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        shards: list[Any] = [None] * world
+        dist.all_gather_object(shards, results)
+        results = {index: value for shard in shards for index, value in shard.items()}
+    ordered = [results[index] for index in sorted(results)]
+    return [a for answers, _ in ordered for a in answers], [k for _, kept in ordered for k in kept]
 
 
 def format_table(rows: Sequence[EvalRow]) -> str:

@@ -1,0 +1,1 @@
+"""Bridges to evaluation frameworks (optional extras): :mod:`prunekit.integrations.lmms_eval`."""
