@@ -100,9 +100,9 @@ def recipe_estimate(recipe: Any, dims: DecoderDims, n_visual: int = 576, n_text:
     """:func:`estimate` for a loaded :class:`~prunekit.recipe.Recipe`: its vision stage, schedule and merger."""
     entering = n_visual
     if recipe.vision is not None:
-        kept = int(recipe.vision.stage.keep_counts(torch.tensor([n_visual]))[0])
-        merger = recipe.vision.merger
-        entering = kept + (merger.count(n_visual - kept) if merger is not None else 0)
+        from prunekit.vision import vision_stage_tokens
+
+        entering = sum(vision_stage_tokens(recipe.vision, n_visual))
     from prunekit.recipe import resolve_stages
 
     return estimate(resolve_stages(recipe, dims.num_layers), dims, n_visual, n_text, recipe.merger, entering)

@@ -44,6 +44,17 @@ class PromptRewrite:
     sample_of_image: Tensor  # [n_images] long
 
 
+def vision_stage_tokens(vision: Any, patches: int) -> tuple[int, int]:
+    """(kept patches, merged tokens) a vision stage gives an image of ``patches`` tokens.
+
+    A stage that would lengthen the image (its count is at least the image's size and the merger adds
+    tokens, e.g. VisionZip's CLS) leaves it whole instead: ``(patches, 0)``.
+    """
+    kept = int(vision.stage.keep_counts(torch.tensor([patches]))[0])
+    merged = 0 if vision.merger is None else int(vision.merger.count(patches - kept))
+    return (patches, 0) if kept + merged > patches else (kept, merged)
+
+
 def run_rank(visual: Tensor) -> Tensor:
     """Index of each visual token within its contiguous run: [batch, seq] long (0 off runs)."""
     seq = visual.shape[1]
@@ -80,16 +91,14 @@ class ProjectorStage:
                 self.probes.add(probe)
         self.captures: dict[Any, Tensor] = {}
         self.kept_patches: Tensor | None = None  # [n_images, k] of the last prefill
+        self.lead = 0  # merged tokens the last prefill put before each image's kept patches
         self._attention_layer = {id(adapter.vision_attention(layer)): i for i, layer in enumerate(self.layers)}
         self._hooks = HookSet()
 
     # -- counts -------------------------------------------------------------------------
     def tokens_per_image(self, patches: int) -> tuple[int, int]:
         """(kept patches, merged tokens) for an image of ``patches`` tokens."""
-        kept = int(self.vision.stage.keep_counts(torch.tensor([patches]))[0])
-        merger = self.vision.merger
-        merged = 0 if merger is None else int(merger.count(patches - kept))
-        return kept, merged
+        return vision_stage_tokens(self.vision, patches)
 
     # -- hooks ----------------------------------------------------------------------------
     def install(self) -> None:
@@ -139,6 +148,11 @@ class ProjectorStage:
         features = args[0]  # [n_images, patches, dim]
         n_images, patches, _ = features.shape
         kept, merged = self.tokens_per_image(patches)
+        if kept == patches:  # the stage leaves images this small whole
+            self.kept_patches = torch.arange(patches, device=features.device).expand(n_images, patches)
+            self.lead = 0
+            self.captures = {}
+            return None
         ones = torch.ones(n_images, patches, dtype=torch.bool, device=features.device)
         index = torch.arange(patches, device=features.device).expand(n_images, patches)
         layout = TokenLayout(visual=ones, instruction=~ones, valid=ones, original_index=index.clone(),
@@ -161,6 +175,7 @@ class ProjectorStage:
             lead = self.vision.merger.lead
             out = torch.cat([extra[:, :lead].to(out.dtype), out, extra[:, lead:].to(out.dtype)], dim=1)
         self.kept_patches = selection.index
+        self.lead = 0 if self.vision.merger is None else self.vision.merger.lead
         self.captures = {}
         return (out, *args[1:])
 
@@ -211,7 +226,7 @@ class ProjectorStage:
         origin = rewrite.columns.masked_fill(rewrite.fill, -1).clone()
         if self.kept_patches is None:
             return origin
-        lead = 0 if self.vision.merger is None else self.vision.merger.lead
+        lead = self.lead  # merged tokens before the kept patches in each image run
         kept = self.kept_patches.shape[1]
         rank = run_rank(shortened_visual)
         image_of_token = (shortened_visual & (rank == 0)).long().cumsum(dim=1) - 1  # run index within sample

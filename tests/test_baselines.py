@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import prunekit
-from conftest import SHAPE576
+from conftest import SHAPE, SHAPE576
 from criteria_helpers import capture_scores
 from prunekit.criteria.diversity import max_min_order
 from prunekit.criteria.sparsevlm import density_peak_merge, select_raters
@@ -253,3 +253,24 @@ def test_vision_stage_reports_original_patch_positions(llava576):
     # later stages keep a subset of what the vision stage kept
     later = {i for i in report[1].kept[0].tolist() if i >= 0}
     assert later and later <= set(report[0].kept[0].tolist())
+
+
+def test_a_vision_stage_that_would_lengthen_a_small_image_leaves_it_whole(llava64, single_inputs64):
+    """VisionZip's 161 dominant tokens + CLS on a 36-token image: the image stays as it is (not 37 tokens)."""
+    with torch.no_grad():
+        bare = llava64(**single_inputs64).logits
+        with prunekit.apply(llava64, "visionzip") as pruner:
+            pruned = llava64(**single_inputs64).logits
+    torch.testing.assert_close(pruned, bare)
+    stage = pruner.last_report.stages[0]
+    assert stage.where == "vision" and int(stage.kept_counts[0]) == SHAPE.visual_tokens
+    assert int(stage.merged_counts[0]) == 0
+    dims = DecoderDims.from_config(llava64.config)
+    assert recipe_estimate(pruner.recipe, dims, SHAPE.visual_tokens).visual_ratio == pytest.approx(1.0)
+    with prunekit.apply(llava64, "visionzip-64", ["vision.count=30"]) as pruner, torch.no_grad():
+        llava64(**single_inputs64)  # 30 kept + CLS + 6 contextual = 37 > 36: left whole too
+    assert int(pruner.last_report.stages[0].kept_counts[0]) == 36
+    with prunekit.apply(llava64, "visionzip-64", ["vision.count=20"]) as pruner, torch.no_grad():
+        llava64(**single_inputs64)  # 20 kept + CLS + 10 contextual = 31 tokens
+    assert (int(pruner.last_report.stages[0].kept_counts[0]), int(pruner.last_report.stages[0].merged_counts[0])) \
+        == (20, 11)

@@ -60,5 +60,13 @@ def load_toy(path: str | Path | None = None, dtype=None) -> tuple[LlavaForCondit
     folder = Path(path) if path is not None else WEIGHTS_DIR
     if not (folder / "model.safetensors").is_file():
         raise PrunekitError(f"no trained toy model in {folder}; train it with `python -m prunekit.toy.train`")
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype or torch.float32)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 3.6 M-parameter load needs none, and ``--json`` output stays clean
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype or torch.float32)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.eval(), LlavaProcessor.from_pretrained(folder)
