@@ -1,6 +1,6 @@
 """prunekit's benchmark suite: scoring overhead, prefill time against FLOPs, memory, decode, batching.
 
-    python benchmarks/suite.py --out docs/benchmarks-measured.md [--quick]
+    python benchmarks/suite.py [--out benchmarks/last-run.md] [--quick]
 
 Every figure is a ratio measured in one process (pruned against unpruned, recipes interleaved
 within each repeat, median of the repeats) on random-weight models shaped like the real ones with a
@@ -10,6 +10,7 @@ reduced width. Not a test: timings on a shared CPU are noisy, the ratios are wha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -114,6 +115,7 @@ def qwen_shaped(num_layers: int = 28, tokens_side: int = 110):
     text.hidden_size, text.intermediate_size = 256, 1352
     text.num_attention_heads, text.num_key_value_heads = 8, 2
     text.head_dim = 32
+    text.rope_parameters["mrope_section"] = [4, 6, 6]  # temporal, height, width halves of head_dim 32
     config.vision_config.out_hidden_size = 256
     torch.manual_seed(0)
     model = tf.AutoModelForImageTextToText.from_config(config).eval()
@@ -200,7 +202,7 @@ def batch_section(model, recipes, sizes=(1, 4, 8), new_tokens: int = 8, repeats:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks-measured.md"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/last-run.md"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sweeps (a smoke run)")
     args = parser.parse_args(argv)
@@ -214,6 +216,11 @@ def main(argv=None) -> int:
     n_text = int(inputs["attention_mask"].sum()) - LLAVA15_SHAPED.visual_tokens
     lines += prefill_table("Prefill and pruning work, LLaVA-1.5-shaped (32 layers, 576 visual tokens, width 256)",
                            llava, inputs, RECIPES, repeats, LLAVA15_SHAPED.visual_tokens, n_text)
+    wide = dataclasses.replace(LLAVA15_SHAPED, hidden_size=1024, intermediate_size=2752, num_heads=16,
+                               num_kv_heads=16)  # a quarter of LLaVA-1.5-7B's width: per-op overheads weigh less
+    lines += prefill_table("Prefill and pruning work, LLaVA-1.5-shaped at width 1024 (32 layers, 576 visual tokens)",
+                           build_model(wide, torch.float32, "sdpa", "cpu"), llava_inputs(wide, batch=1, seed=0),
+                           ("none", "fastv", "transprune-high"), max(1, repeats // 2), wide.visual_tokens, n_text)
     qwen, qwen_inputs = qwen_shaped(tokens_side=60 if args.quick else 110)
     n_visual = int((qwen_inputs["input_ids"] == qwen.config.image_token_id).sum())
     n_text = qwen_inputs["input_ids"].shape[1] - n_visual

@@ -1,6 +1,6 @@
 """Train the toy LLaVA on the synthetic task from a seed: ``python -m prunekit.toy.train``.
 
-Runs on a CPU (2 cores: about an hour for the shipped weights). Writes config, weights
+Runs on a CPU (2 cores: about 70 minutes for the shipped weights, held-out accuracy 0.996). Writes config, weights
 (safetensors), tokenizer and processor to ``--out`` (default: the package's weights folder).
 """
 
