@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     del qwen
     lines += memory_section(llava, inputs, RECIPES)
     lines += probe_memory_section((512, 1024) if args.quick else (1024, 2048, 4096))
-    lines += decode_section(llava, inputs, RECIPES, 8 if args.quick else 64, repeats)
+    lines += decode_section(llava, inputs, RECIPES, 8 if args.quick else 64, 3 * repeats)  # decode is the noisiest
     lines += batch_section(llava, ("none", "fastv", "transprune-high"), (1, 2) if args.quick else (1, 4, 8),
                            repeats=1 if args.quick else 3)
     args.out.write_text("\n".join(lines))
