@@ -179,14 +179,16 @@ def _lmms_eval_cli(launcher: list[str], weights, task_dir, out) -> dict:
 
 @needs_lmms
 @pytest.mark.slow
-def test_lmms_eval_under_accelerate_launch_on_two_processes_gives_the_one_process_result(toy_weights, tmp_path):
+def test_lmms_eval_on_two_processes_gives_the_one_process_result(toy_weights, tmp_path):
+    """torchrun (accelerate launch does the same on GPUs; on CPUs it would need mpirun) with gloo."""
     from prunekit.integrations.toy_task import TASK, write_toy_task
 
     write_toy_task(tmp_path / "task", n=10, seed=3)
     single = _lmms_eval_cli([], toy_weights, tmp_path / "task", tmp_path / "one")
-    double = _lmms_eval_cli(["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"], toy_weights,
+    double = _lmms_eval_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], toy_weights,
                             tmp_path / "task", tmp_path / "two")
     assert double["results"][TASK]["exact_match,none"] == single["results"][TASK]["exact_match,none"]
     pruning = {k: v for k, v in single["throughput"].items() if k.startswith("avg_prunekit")}
+    assert pruning.pop("avg_prunekit_processes") == 1 and double["throughput"].pop("avg_prunekit_processes") == 2
     assert pruning["avg_prunekit_samples"] == 10 and "avg_prunekit_kept_stage3" in pruning
     assert {k: double["throughput"][k] for k in pruning} == pytest.approx(pruning)

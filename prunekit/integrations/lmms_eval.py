@@ -252,15 +252,16 @@ class PruneStats:
                                        dtype=torch.float64)
 
     def summary(self, reduce: bool = False) -> dict[str, float]:
-        totals = torch.tensor([self.samples, self.visual_tokens, *self.flops.tolist(), *self.kept], dtype=torch.float64)
+        totals = torch.tensor([1, self.samples, self.visual_tokens, *self.flops.tolist(), *self.kept],
+                              dtype=torch.float64)  # the leading 1 counts the processes
         if reduce:
             import torch.distributed as dist
 
             dist.all_reduce(totals)
-        samples, visual, flops, kept = totals[0], totals[1], totals[2:6], totals[6:]
+        processes, samples, visual, flops, kept = totals[0], totals[1], totals[2], totals[3:7], totals[7:]
         if samples == 0:
             return {}
-        out = {"samples": float(samples)}
+        out = {"processes": float(processes), "samples": float(samples)}
         if flops[1] > 0:
             out["visual_tokens"] = float(visual / samples)
             out |= {f"kept_stage{i + 1}": float(k / samples) for i, k in enumerate(kept)}
