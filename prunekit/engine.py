@@ -457,19 +457,7 @@ class Pruner:
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         with torch.no_grad():
             for probe in probes:
-                if probe.queries == "instruction":
-                    selected = layout.instruction
-                elif probe.queries == "last":  # the last real token of each sample
-                    idx = torch.arange(layout.seq_len, device=query.device).expand_as(layout.valid)
-                    last = torch.where(layout.valid, idx, -1).amax(dim=1, keepdim=True)
-                    selected = idx == last
-                elif probe.queries in state.ctx.buffers:
-                    selected = state.ctx.buffers[probe.queries] & layout.valid
-                else:
-                    raise KeyError(
-                        f"{probe}: no query set {probe.queries!r}; use one of {QUERY_SETS} or a bool buffer a "
-                        "criterion fills before that layer"
-                    )
+                selected = _query_rows(state, probe)
                 state.ctx.captures[probe] = attention_rows(query, key, scaling, query_weights(selected), layout.valid)
 
     def _scoring_pass(self, layer: nn.Module, hidden: Tensor, kwargs: dict, state: _Prefill,
@@ -477,6 +465,10 @@ class Pruner:
         """Run the prune layer's attention on its unpruned input until the tap has the rows."""
         attention = self.adapter.attention(layer)
         call_kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "use_cache", *CACHE_NAMES)}
+        # Only the probes' query rows are read and the values never: project just those (zeros elsewhere).
+        rows = torch.stack([_query_rows(state, probe) for probe in probes]).any(dim=0).any(dim=0)  # [seq]
+        no_rows = torch.zeros(0, dtype=torch.long, device=rows.device)
+        swapped = _swap_projections(attention, {"q_proj": rows.nonzero().flatten(), "v_proj": no_rows})
         state.scoring_module, state.scoring_probes = attention, tuple(probes)
         try:
             with torch.no_grad():
@@ -490,6 +482,8 @@ class Pruner:
             )
         finally:
             state.scoring_module, state.scoring_probes = None, ()
+            for name, original in swapped.items():
+                setattr(attention, name, original)
 
     def _prune(self, layer_idx: int, layer: nn.Module, args: tuple, kwargs: dict, state: _Prefill):
         ctx = state.ctx
@@ -625,6 +619,46 @@ class Pruner:
 # ----------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------
+def _query_rows(state: _Prefill, probe: AttentionRows) -> Tensor:
+    """[batch, seq] bool: the query tokens whose attention rows ``probe`` reads."""
+    layout = state.ctx.layout
+    if probe.queries == "instruction":
+        return layout.instruction
+    if probe.queries == "last":  # the last real token of each sample
+        idx = torch.arange(layout.seq_len, device=layout.valid.device).expand_as(layout.valid)
+        last = torch.where(layout.valid, idx, -1).amax(dim=1, keepdim=True)
+        return idx == last
+    if probe.queries in state.ctx.buffers:
+        return state.ctx.buffers[probe.queries] & layout.valid
+    raise KeyError(f"{probe}: no query set {probe.queries!r}; use one of {QUERY_SETS} or a bool buffer a "
+                   "criterion fills before that layer")
+
+
+class _RowsOnly(nn.Module):
+    """Stands in for a linear projection during a scoring pass: the token columns ``columns`` only, zeros elsewhere."""
+
+    def __init__(self, projection: nn.Linear, columns: Tensor) -> None:
+        super().__init__()
+        self.projection, self.columns = projection, columns
+
+    def forward(self, hidden: Tensor) -> Tensor:  # [batch, seq, in] -> [batch, seq, out]
+        out = hidden.new_zeros(*hidden.shape[:-1], self.projection.out_features)
+        if self.columns.numel():
+            out[:, self.columns] = self.projection(hidden[:, self.columns])
+        return out
+
+
+def _swap_projections(attention: nn.Module, columns: dict[str, Tensor]) -> dict[str, nn.Module]:
+    """Replace the attention's plain ``nn.Linear`` projections named in ``columns``; returns the originals."""
+    swapped = {}
+    for name, wanted in columns.items():
+        projection = getattr(attention, name, None)
+        if type(projection) is nn.Linear:  # fused, quantised or adapted projections are left to run whole
+            swapped[name] = projection
+            setattr(attention, name, _RowsOnly(projection, wanted))
+    return swapped
+
+
 def _max_position(positions: Tensor, valid: Tensor) -> Tensor:
     """Largest position (over components and real tokens) of each sample: [batch]."""
     return positions.masked_fill(~valid[None], -1).amax(dim=(0, 2))

@@ -210,3 +210,21 @@ def test_report_counts_tokens_per_layer(llava32):
     for stage in report:
         assert stage.kept.dtype == torch.long and torch.all(stage.kept[0, 1:] > stage.kept[0, :-1])
         assert torch.all(inputs["input_ids"][0, stage.kept[0]] == SHAPE.image_token_id)
+
+
+def test_the_scoring_pass_puts_the_projections_back_also_after_an_exception(llava32, monkeypatch):
+    """IGA's scoring pass projects only the query rows it reads; the model's own modules return afterwards."""
+    attention = llava32.model.language_model.layers[7].self_attn
+    originals = (attention.q_proj, attention.k_proj, attention.v_proj)
+    seen = []
+
+    def failing_rows(query, key, scaling, weights, valid):
+        seen.append((type(attention.q_proj).__name__, type(attention.v_proj).__name__))
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("prunekit.engine.attention_rows", failing_rows)
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        with prunekit.apply(llava32, "transprune-high"):
+            llava32(**llava_inputs(SHAPE, batch=1, seed=2))
+    assert seen == [("_RowsOnly", "_RowsOnly")]  # swapped while the pass ran
+    assert (attention.q_proj, attention.k_proj, attention.v_proj) == originals
