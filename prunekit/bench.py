@@ -112,10 +112,11 @@ def _measure(model, inputs: dict, new_tokens: int, device: str) -> tuple[float, 
         cache, mask = cache_of(out), inputs["attention_mask"]
         kv = _kv_bytes(cache)
         next_id = out.logits[:, -1].argmax(-1, keepdim=True)
+        cache_kwargs = with_cache(model, cache)  # the same cache object, grown in place by every step
         start = time.perf_counter()
         for _ in range(new_tokens):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model(input_ids=next_id, attention_mask=mask, **with_cache(model, cache), use_cache=True)
+            out = model(input_ids=next_id, attention_mask=mask, **cache_kwargs, use_cache=True)
             next_id = out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         decode = time.perf_counter() - start

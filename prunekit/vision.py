@@ -95,11 +95,6 @@ class ProjectorStage:
         self._attention_layer = {id(adapter.vision_attention(layer)): i for i, layer in enumerate(self.layers)}
         self._hooks = HookSet()
 
-    # -- counts -------------------------------------------------------------------------
-    def tokens_per_image(self, patches: int) -> tuple[int, int]:
-        """(kept patches, merged tokens) for an image of ``patches`` tokens."""
-        return vision_stage_tokens(self.vision, patches)
-
     # -- hooks ----------------------------------------------------------------------------
     def install(self) -> None:
         n = len(self.layers)
@@ -147,7 +142,7 @@ class ProjectorStage:
         images before its first forward, so this cannot wait for the model pre-hook)."""
         features = args[0]  # [n_images, patches, dim]
         n_images, patches, _ = features.shape
-        kept, merged = self.tokens_per_image(patches)
+        kept, merged = vision_stage_tokens(self.vision, patches)
         if kept == patches:  # the stage leaves images this small whole
             self.kept_patches = torch.arange(patches, device=features.device).expand(n_images, patches)
             self.lead = 0
@@ -189,7 +184,7 @@ class ProjectorStage:
         run_length = self._run_lengths(visual)  # [batch, seq]: length of the run each visual token is in
         allowed = torch.zeros_like(rank)
         for length in run_length[visual].unique().tolist():
-            kept, merged = self.tokens_per_image(int(length))
+            kept, merged = vision_stage_tokens(self.vision, int(length))
             allowed = torch.where(run_length == length, kept + merged, allowed)
         keep = ~visual | (rank < allowed)
         index, fill = keep_in_order(keep)

@@ -123,10 +123,9 @@ class PrunekitLMM(lmms):
         from tqdm.auto import tqdm
 
         answers: dict[int, str] = {}
-        order = sorted(range(len(requests)), key=lambda i: _gen_key(requests[i].args[1]))
         groups: dict[str, list[int]] = {}
-        for i in order:  # one gen_kwargs per batch
-            groups.setdefault(_gen_key(requests[i].args[1]), []).append(i)
+        for i, request in enumerate(requests):  # one gen_kwargs per batch
+            groups.setdefault(_gen_key(request.args[1]), []).append(i)
         batches = [ids[s:s + self.batch_size] for ids in groups.values() for s in range(0, len(ids), self.batch_size)]
         start = time.perf_counter()
         self._call_stats = PruneStats(len(self.stats.kept))
@@ -216,6 +215,12 @@ class PrunekitLMM(lmms):
         summary = self._call_stats.summary(reduce=self._world_size > 1)
         log_metrics(total_elapsed_time=elapsed, total_gen_tokens=0, avg_speed=0.0,
                     additional_metrics={f"prunekit_{k}": v for k, v in summary.items()} | {"num_requests": n_requests})
+
+    def clean(self) -> None:
+        """lmms-eval's end of run: take the pruner's hooks off the model, then free it."""
+        if self.pruner is not None:
+            self.pruner.remove()
+        super().clean()
 
     def prune_summary(self, reduce: bool = False) -> dict[str, float]:
         """Every request so far: mean kept visual tokens per stage, mean visual tokens before pruning, and the
