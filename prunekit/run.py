@@ -74,6 +74,7 @@ def overlay(image: Image.Image, report: Any, first_visual: int, n_visual: int, p
 def run_toy(recipe: str, overrides=None, seed: int = 0, out: str | Path = "prunekit_run.png") -> RunResult:
     """The built-in default: the trained toy LLaVA and a generated question."""
     from prunekit.toy.model import load_toy
+    from prunekit.toy.oracle import ground_truth
     from prunekit.toy.task import GRID, ToyTask, prompt
 
     model, processor = load_toy()
@@ -81,7 +82,7 @@ def run_toy(recipe: str, overrides=None, seed: int = 0, out: str | Path = "prune
     inputs = processor(images=[question.image], text=[prompt(question.question)], return_tensors="pt")
     with torch.no_grad():
         answer = processor.tokenizer.convert_ids_to_tokens(int(model(**inputs).logits[0, -1].argmax()))
-        with prunekit.apply(model, recipe, overrides) as pruner:
+        with prunekit.apply(model, recipe, overrides) as pruner, ground_truth([question.relevant]):  # oracle only
             pruned = processor.tokenizer.convert_ids_to_tokens(int(model(**inputs).logits[0, -1].argmax()))
     report = pruner.last_report
     first_visual = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
