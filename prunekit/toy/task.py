@@ -40,6 +40,7 @@ KINDS = ("color", "shape", "count", "presence", "relation")
 ANSWERS = {
     "color": tuple(COLORS), "shape": SHAPES, "count": COUNTS, "presence": ("yes", "no"), "relation": RELATIONS,
 }
+N_PATCH_CLASSES = 1 + len(SIZES) * len(COLORS) * len(SHAPES)  # background, or one size-colour-shape triple
 CHANCE = sum(1 / len(ANSWERS[k]) for k in KINDS) / len(KINDS)  # accuracy of a blind uniform guess
 VOCAB = (
     ["<pad>", "<s>", "</s>", "<unk>", "<image>", "?", "USER:", "ASSISTANT:"]
@@ -206,20 +207,25 @@ def description(shapes: list[Shape]) -> str:
     return " ".join(f"{s.size} {s.color} {s.kind}" for s in ordered)
 
 
-def patch_labels(shapes: list[Shape]) -> np.ndarray:
-    """What covers most of each patch: 0 for background, else 1 + colour * 3 + shape. ``[GRID*GRID]`` int.
+def patch_labels(shapes: list[Shape]) -> tuple[np.ndarray, np.ndarray]:
+    """Dense per-patch targets (training only: they teach the vision tower quickly).
 
-    Used only while training (a dense auxiliary target that teaches the vision tower quickly). A patch
-    a small shape touches counts as that shape's even when the shape covers a quarter of it or less.
+    Returns ``labels`` (``[GRID*GRID]`` int): what covers most of each patch, 0 for background, else
+    1 + an index over (size, colour, shape); a patch a shape covers with 6 pixels or more counts as
+    that shape's. And ``centers`` (``[GRID*GRID]`` bool): the patch holding each object's centre.
     """
     canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(canvas)
+    centers = np.zeros(GRID * GRID, dtype=bool)
     for shape in shapes:
-        draw_shape(draw, shape, 1 + list(COLORS).index(shape.color) * len(SHAPES) + SHAPES.index(shape.kind))
+        label = 1 + (SIZES.index(shape.size) * len(COLORS) + list(COLORS).index(shape.color)) * len(SHAPES)
+        draw_shape(draw, shape, label + SHAPES.index(shape.kind))
+        x, y = shape.center
+        centers[int(y) // PATCH * GRID + int(x) // PATCH] = True
     grid = np.asarray(canvas).reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, -1)
-    counts = np.stack([(grid == k).sum(axis=1) for k in range(1 + len(COLORS) * len(SHAPES))], axis=1)
+    counts = np.stack([(grid == k).sum(axis=1) for k in range(N_PATCH_CLASSES)], axis=1)
     counts[:, 0] = np.where(counts[:, 1:].max(axis=1) >= 6, 0, counts[:, 0])
-    return counts.argmax(axis=1)
+    return counts.argmax(axis=1), centers
 
 
 def prompt(question: str) -> str:

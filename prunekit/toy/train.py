@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration
 
 from prunekit.toy.model import WEIGHTS_DIR, build_config, build_processor
-from prunekit.toy.task import COLORS, GRID, SHAPES, ToyTask, description, patch_labels, prompt
+from prunekit.toy.task import GRID, N_PATCH_CLASSES, ToyTask, description, patch_labels, prompt
 
-N_CLASSES = 1 + len(COLORS) * len(SHAPES)  # background, or one colour-shape pair
+N_CLASSES = N_PATCH_CLASSES  # background, or one size-colour-shape triple
 PATCH_ROW = torch.arange(GRID).repeat_interleave(GRID)[None]  # [1, GRID*GRID] row of each patch
 PATCH_COLUMN = torch.arange(GRID).repeat(GRID)[None]  # [1, GRID*GRID] column of each patch
 
@@ -79,17 +79,23 @@ def accuracy(model, processor, questions, batch_size: int = 64, by_kind: dict | 
 
 
 def aux_loss(aux_head: torch.nn.Module, features: torch.Tensor, questions) -> torch.Tensor:
-    """Dense patch targets on the projected image tokens: what covers each patch, and its row and column.
+    """Dense patch targets on the projected image tokens: what covers each patch (size, colour, shape),
+    whether it holds an object's centre, and its row and column.
 
     features: [batch, GRID*GRID, hidden]. Training only: the head is not part of the shipped model.
     """
-    labels = torch.as_tensor(np.stack([patch_labels(q.shapes) for q in questions]))  # [batch, GRID*GRID]
-    predicted = aux_head(features)  # [batch, GRID*GRID, classes + 2 * GRID]
+    targets = [patch_labels(q.shapes) for q in questions]
+    labels = torch.as_tensor(np.stack([t[0] for t in targets]))  # [batch, GRID*GRID]
+    centers = torch.as_tensor(np.stack([t[1] for t in targets])).float()  # [batch, GRID*GRID]
+    predicted = aux_head(features)  # [batch, GRID*GRID, classes + 2 * GRID + 1]
     batch = len(questions)
     ce = torch.nn.functional.cross_entropy
+    rows = predicted[..., N_CLASSES:N_CLASSES + GRID].flatten(0, 1)
+    columns = predicted[..., N_CLASSES + GRID:N_CLASSES + 2 * GRID].flatten(0, 1)
     return (ce(predicted[..., :N_CLASSES].flatten(0, 1), labels.flatten())
-            + 0.5 * ce(predicted[..., N_CLASSES:N_CLASSES + GRID].flatten(0, 1), PATCH_ROW.expand(batch, -1).flatten())
-            + 0.5 * ce(predicted[..., N_CLASSES + GRID:].flatten(0, 1), PATCH_COLUMN.expand(batch, -1).flatten()))
+            + torch.nn.functional.binary_cross_entropy_with_logits(predicted[..., -1], centers)
+            + 0.5 * ce(rows, PATCH_ROW.expand(batch, -1).flatten())
+            + 0.5 * ce(columns, PATCH_COLUMN.expand(batch, -1).flatten()))
 
 
 def pretrain_vision(model, aux_head, captured: dict, task: ToyTask, steps: int, batch_size: int, lr: float) -> None:
@@ -122,7 +128,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
     task = ToyTask(seed)
     held_out = ToyTask(seed + 10_000).questions(500)
     # Training only: a linear head on the projected image tokens predicts what covers each patch and where it is.
-    aux_head = torch.nn.Linear(model.config.text_config.hidden_size, N_CLASSES + 2 * GRID)
+    aux_head = torch.nn.Linear(model.config.text_config.hidden_size, N_CLASSES + 2 * GRID + 1)
     captured: dict = {}
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: captured.update(features=out))
     optimizer = torch.optim.AdamW(list(model.parameters()) + list(aux_head.parameters()), lr=lr, weight_decay=0.01,
@@ -194,8 +200,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--vision-steps", type=int, default=1500, help="stage 1: vision tower on patch targets")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the shipped weights: 1)")
+    parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1: vision tower on patch targets")
     parser.add_argument("--checkpoint", type=Path, default=Path("toy-train.ckpt"),
                         help="resumable training state, written at every evaluation")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
