@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Optional
@@ -10,21 +11,37 @@ import torch
 from torch import Tensor
 
 from prunekit.api import Combiner
-from prunekit.errors import valid_list
+from prunekit.errors import RecipeError, valid_list
 from prunekit.hookspecs import hookimpl
 from prunekit.normalize import NORMALIZATIONS, get_normalization
 
 
 def _check_weights(weights: Optional[dict[str, float]], criteria: Sequence[str]) -> None:
+    """Weights name exactly the recipe's criteria, each a finite number, with a positive sum.
+
+    A NaN or infinite weight makes every combined score NaN or infinite, and weights that are all
+    zero or cancel to a zero (or negative) sum make the combined score constant or inverted: in
+    each case top-k would keep the first tokens in order, so the recipe is refused at load.
+    """
     if weights is None:
         return
     unknown = set(weights) - set(criteria)
     if unknown:
-        raise ValueError(f"weights name unknown criteria {valid_list(unknown)}; the recipe's criteria: "
-                         f"{valid_list(criteria)}")
+        raise RecipeError(f"weights name unknown criteria {valid_list(unknown)}; the recipe's criteria: "
+                          f"{valid_list(criteria)}")
     missing = set(criteria) - set(weights)
     if missing:
-        raise ValueError(f"weights give no weight to {valid_list(missing)}; give every criterion a weight")
+        raise RecipeError(f"weights give no weight to {valid_list(missing)}; give every criterion a weight")
+    for key, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise RecipeError(f"weights.{key}={weight!r} is not a finite number; each weight must be a finite "
+                              f"number and the weights must sum to more than 0")
+    total = math.fsum(weights.values())
+    if not total > 0:
+        shown = ", ".join(f"{key}: {weight!r}" for key, weight in weights.items())
+        what = "are all zero" if all(w == 0 for w in weights.values()) else f"sum to {total!r}"
+        raise RecipeError(f"weights {{{shown}}} {what}; the weights must sum to more than 0 (a negative weight "
+                          f"is allowed only if the others outweigh it)")
 
 
 @dataclass
@@ -36,7 +53,7 @@ class _Normalised(Combiner):
 
     def validate(self, criteria: Sequence[str]) -> None:
         if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize={self.normalize!r} is unknown; valid: {valid_list(NORMALIZATIONS)}")
+            raise RecipeError(f"normalize={self.normalize!r} is unknown; valid: {valid_list(NORMALIZATIONS)}")
         _check_weights(self.weights, criteria)
 
     def _weights(self, scores: Mapping[str, Tensor], default: float) -> dict[str, float]:
@@ -84,8 +101,8 @@ class RankFusion(Combiner):
     k0: float = 60.0
 
     def validate(self, criteria: Sequence[str]) -> None:
-        if self.k0 < 0:
-            raise ValueError(f"k0 must be >= 0, got {self.k0}")
+        if not (math.isfinite(self.k0) and self.k0 >= 0):
+            raise RecipeError(f"k0={self.k0!r} is invalid; k0 must be a finite number >= 0")
         _check_weights(self.weights, criteria)
 
     def combine(self, scores: Mapping[str, Tensor], visual: Tensor) -> Tensor:
@@ -113,6 +130,11 @@ class Product(_Normalised):
 
     name: ClassVar[str] = "product"
     eps: float = 1e-12
+
+    def validate(self, criteria: Sequence[str]) -> None:
+        super().validate(criteria)
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise RecipeError(f"eps={self.eps!r} is invalid; eps must be a finite number > 0")
 
     def combine(self, scores: Mapping[str, Tensor], visual: Tensor) -> Tensor:
         weights = self._weights(scores, 1.0)

@@ -1,7 +1,9 @@
 """``prunekit bench``: prefill latency, decode speed, peak memory and FLOPs per recipe, in one run.
 
-Every figure is measured in the same process, recipes interleaved within each repeat, and the
-median of the repeats is reported, so ratios against no pruning are meaningful on a noisy machine.
+Every figure is measured in the same process, recipes interleaved within each repeat (repeat 1:
+none, A, B; repeat 2: none, A, B; ...), so a load spike hits every recipe of one repeat rather than
+all repeats of one recipe. The median of the repeats is reported with the spread (min and max), and
+the ratio to no pruning is the median of the per-repeat ratios, so a user sees how noisy the machine was.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ NO_PRUNING = "none"
 class BenchRow:
     recipe: str
     prefill_ms: float  # median prefill latency
-    prefill_ratio: float  # median prefill latency / no pruning
+    prefill_ratio: float  # median over repeats of (prefill latency / no pruning's in the same repeat)
     decode_tokens_per_s: float  # median decode speed over new_tokens steps
     peak_mb: float  # peak tensor memory during the prefill
     kv_cache_mb: float  # KV-cache bytes after the prefill
@@ -42,6 +44,26 @@ class BenchRow:
     sequence_tflops: float  # whole sequence
     sequence_flops_ratio: float
     samples: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    prefill_ms_min: float = 0.0  # the spread of the repeats: fastest and slowest prefill
+    prefill_ms_max: float = 0.0
+    prefill_ratio_min: float = 0.0
+    prefill_ratio_max: float = 0.0
+    decode_tokens_per_s_min: float = 0.0
+    decode_tokens_per_s_max: float = 0.0
+
+
+def interleaved(recipes: Sequence[str], repeats: int) -> list[tuple[int, str]]:
+    """The order in which :func:`run_bench` measures: every recipe once per repeat, repeat 0 the warm-up.
+
+    ``[(0, none), (0, A), (0, B), (1, none), (1, A), (1, B), ...]``: a recipe's repeats are spread over
+    the whole run, as in ``benchmarks/suite.py``, never measured back to back.
+    """
+    return [(repeat, name) for repeat in range(repeats + 1) for name in recipes]
+
+
+def _pruner_for(model, name: str):
+    """The pruner of ``name`` on ``model`` (a no-op context for ``none``)."""
+    return nullcontext() if name == NO_PRUNING else prunekit.apply(model, name)
 
 
 def build_model(shape: LlavaShape, dtype: torch.dtype, attn_implementation: str, device: str,
@@ -134,63 +156,76 @@ def run_bench(
     device: str = "cpu",
     progress: bool = True,
 ) -> list[BenchRow]:
-    """Measure every recipe on one random-weight model; the first recipe should be ``none``."""
+    """Measure every recipe on one random-weight model, interleaved per repeat; the first recipe should be ``none``.
+
+    Each row carries the median of ``repeats`` measured runs (after one warm-up run per recipe) and
+    their spread (``*_min`` / ``*_max``); ``samples`` holds every measured value.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1 (one warm-up run is added), got {repeats}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     model = build_model(shape, dtype, attn_implementation, device)
     inputs = llava_inputs(shape, batch=batch, seed=0, dtype=dtype)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     n_text = int(inputs["attention_mask"][0].sum()) - shape.visual_tokens
     dims = DecoderDims.from_config(model.config)
 
-    def pruner_for(name: str):
-        return nullcontext() if name == NO_PRUNING else prunekit.apply(model, name)
-
     samples: dict[str, dict[str, list[float]]] = {r: {"prefill": [], "decode": []} for r in recipes}
     kept: dict[str, list[int]] = {}
     kv: dict[str, float] = {}
-    total = len(recipes) * (repeats + 1)
-    with tqdm(total=total, desc="prunekit bench", disable=not progress, unit="run") as bar:
-        for repeat in range(repeats + 1):  # repeat 0 warms up and is not counted
-            for name in recipes:
-                with pruner_for(name) as pruner:
-                    prefill, decode, kv_bytes = _measure(model, inputs, new_tokens, device)
-                    if repeat == 0:
-                        kept[name] = [] if pruner is None else [int(s.kept_counts[0]) for s in pruner.last_report]
-                        kv[name] = kv_bytes / 2**20
-                    else:
-                        samples[name]["prefill"].append(prefill)
-                        samples[name]["decode"].append(decode)
-                bar.update(1)
+    order = interleaved(recipes, repeats)
+    with tqdm(total=len(order), desc="prunekit bench", disable=not progress, unit="run") as bar:
+        for repeat, name in order:  # repeat 0 warms up and is not counted
+            with _pruner_for(model, name) as pruner:
+                prefill, decode, kv_bytes = _measure(model, inputs, new_tokens, device)
+                if repeat == 0:
+                    kept[name] = [] if pruner is None else [int(s.kept_counts[0]) for s in pruner.last_report]
+                    kv[name] = kv_bytes / 2**20
+                else:
+                    samples[name]["prefill"].append(prefill)
+                    samples[name]["decode"].append(decode)
+            bar.update(1)
     peaks = {}
     for name in recipes:
-        with pruner_for(name), torch.no_grad():
+        with _pruner_for(model, name), torch.no_grad():
             peaks[name] = _peak_memory(lambda: model(**inputs, use_cache=True), device) / 2**20
 
-    base_prefill = statistics.median(samples[recipes[0]]["prefill"])
+    base = samples[recipes[0]]["prefill"]
     rows = []
     for name in recipes:
         if name == NO_PRUNING:
             flops = estimate([], dims, shape.visual_tokens, n_text)
         else:
             flops = recipe_estimate(prunekit.load_recipe(name), dims, shape.visual_tokens, n_text)
-        prefill = statistics.median(samples[name]["prefill"])
-        decode = statistics.median(samples[name]["decode"])
+        prefill_ms = [t * 1e3 for t in samples[name]["prefill"]]
+        ratios = [t / b for t, b in zip(samples[name]["prefill"], base)]  # each repeat against its own baseline
+        speeds = [batch * new_tokens / t for t in samples[name]["decode"]]
         rows.append(BenchRow(
-            recipe=name, prefill_ms=prefill * 1e3, prefill_ratio=prefill / base_prefill,
-            decode_tokens_per_s=batch * new_tokens / decode, peak_mb=peaks[name], kv_cache_mb=kv[name],
+            recipe=name, prefill_ms=statistics.median(prefill_ms), prefill_ratio=statistics.median(ratios),
+            decode_tokens_per_s=statistics.median(speeds), peak_mb=peaks[name], kv_cache_mb=kv[name],
             kept=kept[name], tflops=flops.visual_tflops, flops_ratio=flops.visual_ratio,
             sequence_tflops=flops.sequence_tflops, sequence_flops_ratio=flops.sequence_ratio,
             samples=samples[name],
+            prefill_ms_min=min(prefill_ms), prefill_ms_max=max(prefill_ms),
+            prefill_ratio_min=min(ratios), prefill_ratio_max=max(ratios),
+            decode_tokens_per_s_min=min(speeds), decode_tokens_per_s_max=max(speeds),
         ))
     return rows
 
 
 def format_table(rows: Sequence[BenchRow]) -> str:
-    header = ["recipe", "prefill ms", "x none", "decode tok/s", "peak MB", "KV MB", "kept/stage",
-              "TFLOPs", "FLOPs x none", "seq FLOPs x none"]
+    """A Markdown table: medians, with the spread of the repeats as ``[min-max]``."""
+    header = ["recipe", "prefill ms [min-max]", "x none [min-max]", "decode tok/s [min-max]", "peak MB", "KV MB",
+              "kept/stage", "TFLOPs", "FLOPs x none", "seq FLOPs x none"]
     lines = [header]
     for r in rows:
         lines.append([
-            r.recipe, f"{r.prefill_ms:.1f}", f"{r.prefill_ratio:.3f}", f"{r.decode_tokens_per_s:.1f}",
+            r.recipe, f"{r.prefill_ms:.1f} [{r.prefill_ms_min:.1f}-{r.prefill_ms_max:.1f}]",
+            f"{r.prefill_ratio:.3f} [{r.prefill_ratio_min:.3f}-{r.prefill_ratio_max:.3f}]",
+            f"{r.decode_tokens_per_s:.1f} [{r.decode_tokens_per_s_min:.1f}-{r.decode_tokens_per_s_max:.1f}]",
             f"{r.peak_mb:.1f}", f"{r.kv_cache_mb:.2f}", "/".join(map(str, r.kept)) or "-",
             f"{r.tflops:.4f}", f"{r.flops_ratio:.3f}", f"{r.sequence_flops_ratio:.3f}",
         ])

@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -14,6 +19,165 @@ from prunekit.errors import PrunekitError
 
 LLAVA15_7B_DIMS = (32, 4096, 11008)  # layers, hidden, MLP width of LLaVA-1.5-7B's decoder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # 'name' or 'namespace/name'
+
+
+class CommandLineError(PrunekitError):
+    """A command-line argument is invalid: printed as ``prunekit: error: ...`` (exit status 2)."""
+
+    def __init__(self, message: str, usage: str | None = None) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors reach :func:`main`, which prints them (and a JSON object under ``--json``)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CommandLineError(message, usage=self.format_usage())
+
+
+# ---- argument types: each names the bad value and what is valid ----
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; valid: an integer >= {low}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is invalid; valid: an integer >= {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _keep_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; valid: a keep fraction in (0, 1]") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"{value:g} is not a keep fraction; valid: a number in (0, 1]")
+    return value
+
+
+def _device(text: str) -> str:
+    """A torch device that exists here: 'cpu', or 'cuda' / 'cuda:N' / 'mps' where available."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; valid: cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here (torch {torch.__version__}, "
+                                             f"built with {built}); valid here: cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s); valid: "
+                                             f"cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here; valid here: cpu")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: prunekit bench runs on cpu, cuda or mps")
+    return text
+
+
+# ---- checks of files and folders, before any work starts ----
+
+def check_model_source(source: str, what: str = "model") -> str:
+    """A model folder holding a readable config.json, or something that can only be a hub id."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CommandLineError(f"{what} {source!r} is a file; give a model folder (holding config.json and "
+                                   f"the weights) or a hub id")
+        config = path / "config.json"
+        if not config.is_file():
+            contents = "it is empty" if not any(path.iterdir()) else "it has no config.json"
+            raise CommandLineError(f"{what} folder {source!r} is not a model folder: {contents} (a Hugging Face "
+                                   f"model folder holds config.json and the weights)")
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CommandLineError(f"{config} is not valid JSON ({exc}); it should be a model's config.json") from None
+        except OSError as exc:
+            raise CommandLineError(f"cannot read {config}: {exc.strerror or exc}") from None
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise CommandLineError(f"{config} has no 'model_type' key; it should be a transformers model's config.json")
+        return str(path)
+    if not HUB_ID.match(source):  # a path ('/...', './...', 'a/b/c'), not 'name' or 'namespace/name'
+        raise CommandLineError(f"{what} folder {source!r} does not exist (give a model folder or a hub id "
+                               f"'namespace/name')")
+    return source  # a hub id: transformers finds it (or says why not)
+
+
+@contextmanager
+def loading(what: str) -> Iterator[None]:
+    """Turn transformers' and PIL's loading errors (OSError, ValueError, ...) into one CommandLineError line."""
+    try:
+        yield
+    except PrunekitError:
+        raise
+    except (OSError, ValueError, KeyError, AttributeError) as exc:  # json.JSONDecodeError is a ValueError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CommandLineError(f"cannot load {what}: {first}") from exc
+
+
+def check_image(path: str) -> None:
+    """An image file that PIL can read."""
+    from PIL import Image, UnidentifiedImageError
+
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise CommandLineError(f"argument --image: {path!r} does not exist")
+    if not file.is_file():
+        raise CommandLineError(f"argument --image: {path!r} is not a file; give an image file (PNG, JPEG, ...)")
+    if file.stat().st_size == 0:
+        raise CommandLineError(f"argument --image: {path!r} is empty (0 bytes); give an image file (PNG, JPEG, ...)")
+    try:
+        with Image.open(file) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CommandLineError(f"argument --image: {path!r} is not an image file PIL can read ({exc}); "
+                               f"give a PNG, JPEG or other image file") from None
+
+
+def check_writable(path: str, option: str) -> None:
+    """``path`` can be written (tried for real: as root, permission bits alone say nothing)."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise CommandLineError(f"argument {option}: {path!r} is a folder; give a file path such as "
+                               f"{str(file / 'out.png')!r}")
+    if not file.parent.is_dir():
+        raise CommandLineError(f"argument {option}: cannot write {path!r}: the folder {str(file.parent)!r} "
+                               f"does not exist")
+    existed = file.exists()
+    try:
+        with open(file, "ab"):
+            pass
+    except OSError as exc:
+        raise CommandLineError(f"argument {option}: cannot write {path!r}: {exc.strerror or exc}") from None
+    if not existed:
+        file.unlink(missing_ok=True)
+
+
+def check_fits_depth(recipe: Any, num_layers: int, model_name: str) -> None:
+    """The checks ``prunekit.apply`` makes of a recipe against a ``num_layers``-deep model, from the depth alone.
+
+    The same calls, in the same order, as the Pruner's (criteria layers, stages, probe layers), so a
+    recipe ``apply`` refuses is refused here with the same message.
+    """
+    from prunekit.recipe import check_stages, collect_probes, scale_to_depth
+
+    scaled = scale_to_depth(recipe, num_layers)
+    stages = check_stages(scaled, num_layers, model_name)
+    collect_probes(scaled.parts(), tuple(stage.layer for stage in stages), num_layers, "decoder",
+                   f"recipe {scaled.name!r}")
 
 
 def best_attention(device: str) -> str:
@@ -27,7 +191,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from prunekit.bench import format_table, run_bench, to_json
     from prunekit.testing import LLAVA15_SHAPED
 
+    from prunekit.recipe import load_recipe
+
     recipes = ["none", *[r for r in args.recipes if r != "none"]]
+    for name in recipes[1:]:
+        load_recipe(name)  # an unknown or broken recipe fails before the model is built
+    if args.attn == "flash_attention_2" and not (args.device.startswith("cuda")
+                                                 and importlib.util.find_spec("flash_attn") is not None):
+        raise CommandLineError("argument --attn: flash_attention_2 needs the flash-attn package and a CUDA device; "
+                               "valid here: auto, sdpa, eager")
     if args.attn == "auto":
         args.attn = best_attention(args.device)
     rows = run_bench(recipes, LLAVA15_SHAPED, repeats=args.repeats, new_tokens=args.new_tokens, batch=args.batch,
@@ -42,7 +214,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     else:
         print(f"LLaVA-1.5-shaped model, random weights: {meta['layers']} layers, hidden {meta['hidden']}, "
               f"{meta['visual_tokens']} visual tokens, batch {args.batch}, {args.dtype}, {args.attn} on "
-              f"{args.device} ({meta['threads']} threads); median of {args.repeats} runs")
+              f"{args.device} ({meta['threads']} threads); median [min-max] of {args.repeats} runs, "
+              f"recipes interleaved per repeat")
         print(format_table(rows))
     return 0
 
@@ -74,14 +247,19 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     from prunekit.flops import DecoderDims, estimate, recipe_estimate
     from prunekit.recipe import load_recipe
 
-    config = AutoConfig.from_pretrained(args.model)
-    dims = DecoderDims.from_config(config)
+    source = check_model_source(args.model)
+    with loading(f"the config of {args.model!r}"):
+        config = AutoConfig.from_pretrained(source)
+        dims = DecoderDims.from_config(config)
+    model_name = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     out = []
     for name in ["none", *args.recipe]:
         if name == "none":
             flops = estimate([], dims, args.visual_tokens, args.text_tokens)
         else:
-            flops = recipe_estimate(load_recipe(name), dims, args.visual_tokens, args.text_tokens)
+            recipe = load_recipe(name)
+            check_fits_depth(recipe, dims.num_layers, model_name)  # as apply() would refuse it
+            flops = recipe_estimate(recipe, dims, args.visual_tokens, args.text_tokens)
         out.append({"recipe": name, **flops.as_dict()})
     if args.json:
         print(json.dumps({"model": args.model, "visual_tokens": args.visual_tokens,
@@ -125,7 +303,10 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from prunekit.doctor import build_skeleton, diagnose, format_report
 
-    report = diagnose(build_skeleton(args.model))
+    source = check_model_source(args.model)
+    with loading(f"the config of {args.model!r}"):
+        skeleton = build_skeleton(source)
+    report = diagnose(skeleton)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["adapter"] is not None and "error" not in report else 1
 
@@ -137,11 +318,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.image or args.prompt:
             raise PrunekitError("--image and --prompt go with --model (without --model the built-in toy model "
                                 "answers a generated question)")
+        check_writable(args.out, "--out")
         result = run_toy(args.recipe, args.override, seed=args.seed, out=args.out)
     else:
         if not (args.image and args.prompt):
             raise PrunekitError("--model needs --image PATH and --prompt TEXT")
-        result = run_model(args.model, args.image, args.prompt, args.recipe, args.override, args.max_new_tokens,
+        source = check_model_source(args.model)
+        check_image(args.image)
+        check_writable(args.out, "--out")
+        result = run_model(source, args.image, args.prompt, args.recipe, args.override, args.max_new_tokens,
                            args.out)
     print(describe(result, args.recipe))
     return 0
@@ -152,7 +337,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from prunekit.toy.evaluate import format_table, plot, run_eval, to_json
     from prunekit.toy.model import load_toy
 
-    model, processor = load_toy(args.weights)
+    from prunekit.recipe import load_recipe
+
+    check_writable(args.plot, "--plot")
+    for name in [*(args.recipes or []), *args.sweep]:
+        if name != "none":
+            load_recipe(name)  # an unknown or broken recipe fails before the model loads
+    if args.weights is not None:
+        check_model_source(args.weights, "--weights")
+    with loading(f"the toy model from {args.weights or 'the package'!r}"):
+        model, processor = load_toy(args.weights)
     recipes = args.recipes or builtin_recipe_names()
     result = run_eval(model, processor, recipes, n=args.n, seed=args.seed, sweep=args.sweep, ratios=args.ratios,
                       batch_size=args.batch_size, progress=not args.json)
@@ -171,20 +365,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunekit", description="Training-free visual token pruning for VLMs.")
+    parser = _Parser(prog="prunekit", description="Training-free visual token pruning for VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="prefill latency, decode speed, memory and FLOPs per recipe")
     bench.add_argument("--recipes", nargs="+", default=["fastv", "transprune-high"],
                        help="recipes to compare with no pruning (default: fastv transprune-high)")
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--new-tokens", type=int, default=16)
-    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--repeats", type=_int_at_least(1), default=5,
+                       help="measured runs per recipe, interleaved (after one warm-up run each)")
+    bench.add_argument("--new-tokens", type=_int_at_least(1), default=16)
+    bench.add_argument("--batch", type=_int_at_least(1), default=1)
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    bench.add_argument("--attn", default="auto",
+    bench.add_argument("--attn", default="auto", choices=ATTENTION,
                        help="attention implementation: auto (flash_attention_2 when flash-attn imports and the "
                             "device is CUDA, else sdpa), sdpa, eager, flash_attention_2")
-    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu, cuda, cuda:N or mps (default: cuda where available)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.set_defaults(func=_cmd_bench)
 
@@ -195,8 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     flops = sub.add_parser("flops", help="analytic prefill TFLOPs of recipes for a model's config.json")
     flops.add_argument("model", help="model directory or hub id (only config.json is read)")
     flops.add_argument("--recipe", nargs="+", default=[], help="recipe names or YAML paths")
-    flops.add_argument("--visual-tokens", type=int, default=576)
-    flops.add_argument("--text-tokens", type=int, default=0)
+    flops.add_argument("--visual-tokens", type=_int_at_least(1), default=576)
+    flops.add_argument("--text-tokens", type=_int_at_least(0), default=0)
     flops.add_argument("--json", action="store_true")
     flops.set_defaults(func=_cmd_flops)
 
@@ -207,20 +403,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--recipe", default="transprune-high")
     run.add_argument("--override", nargs="*", default=[], help="dotted recipe overrides")
     run.add_argument("--seed", type=int, default=0, help="which generated question (toy model)")
-    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--max-new-tokens", type=_int_at_least(1), default=32)
     run.add_argument("--out", default="prunekit_run.png", help="the PNG of kept tokens per stage")
     run.set_defaults(func=_cmd_run)
 
     evaluate = sub.add_parser("eval", help="accuracy, retention, FLOPs and relevance recall per recipe (toy task)")
     evaluate.add_argument("--recipes", nargs="+", help="recipes to compare (default: every built-in)")
-    evaluate.add_argument("-n", type=int, default=500, help="questions")
+    evaluate.add_argument("-n", type=_int_at_least(1), default=500, help="questions")
     evaluate.add_argument("--seed", type=int, default=1234)
     evaluate.add_argument("--sweep", nargs="*", default=["random", "fastv", "pdrop", "l2norm", "transprune-high"],
                           help="recipes whose keep ratios are swept")
-    evaluate.add_argument("--ratios", nargs="*", type=float, default=[0.5, 0.25, 0.125, 0.0625],
-                          help="last-stage keep fractions of the sweep")
+    evaluate.add_argument("--ratios", nargs="*", type=_keep_fraction, default=[0.5, 0.25, 0.125, 0.0625],
+                          help="last-stage keep fractions of the sweep, each in (0, 1]")
     evaluate.add_argument("--plot", default="prunekit_eval.png", help="PNG of accuracy against FLOPs")
-    evaluate.add_argument("--batch-size", type=int, default=50, help="questions per forward pass")
+    evaluate.add_argument("--batch-size", type=_int_at_least(1), default=50, help="questions per forward pass")
     evaluate.add_argument("--weights", help="a toy model folder (default: the one in the package)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)
@@ -233,14 +429,26 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("model", help="model directory or hub id (only config.json is read)")
     doctor.add_argument("--json", action="store_true")
     doctor.set_defaults(func=_cmd_doctor)
+    from prunekit.tune import add_tune_parser  # noqa: E402 (optuna is imported only when tune runs)
+    add_tune_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. Every error prunekit raises on purpose (a bad argument, file, recipe or model)
+    is one ``prunekit: error: ...`` line on stderr with exit status 2, and under ``--json`` also a
+    ``{"error": "..."}`` object on stdout; anything else is a bug and keeps its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except PrunekitError as exc:
+        as_json = getattr(args, "json", False) if args is not None else "--json" in argv
+        if as_json:
+            print(json.dumps({"error": str(exc)}))
+        if getattr(exc, "usage", None):
+            print(exc.usage, end="", file=sys.stderr)
         print(f"prunekit: error: {exc}", file=sys.stderr)
         return 2
 

@@ -108,11 +108,21 @@ def chat_prompt(processor, text: str, n_images: int = 1) -> str:
 def run_model(model_id: str, image_path: str, prompt_text: str, recipe: str, overrides=None,
               max_new_tokens: int = 32, out: str | Path = "prunekit_run.png") -> RunResult:
     """A real checkpoint (a folder or hub id) with its processor and chat template."""
+    from PIL import UnidentifiedImageError
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(model_id)
-    model = AutoModelForImageTextToText.from_pretrained(model_id).eval()
-    image = Image.open(image_path).convert("RGB")
+    from prunekit.errors import PrunekitError
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_id)
+        model = AutoModelForImageTextToText.from_pretrained(model_id).eval()
+    except (OSError, ValueError, KeyError) as exc:  # no weights, a broken file, an unknown architecture, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PrunekitError(f"cannot load the model {model_id!r}: {first}") from exc
+    try:
+        image = Image.open(image_path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise PrunekitError(f"cannot read the image {str(image_path)!r}: {exc}") from exc
     inputs = processor(images=[image], text=[chat_prompt(processor, prompt_text)], return_tensors="pt")
     length = inputs["input_ids"].shape[1]
     with torch.no_grad():
