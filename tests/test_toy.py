@@ -154,3 +154,21 @@ def test_eval_relevance_recall_counts_kept_relevant_patches():
 def test_run_without_a_model_rejects_image_and_prompt(capsys):
     assert main(["run", "--image", "x.png"]) == 2
     assert "go with --model" in capsys.readouterr().err
+
+
+def test_the_oracle_keeps_the_relevant_patches_first_and_needs_the_truth():
+    import prunekit
+    from prunekit.errors import PrunekitError
+    from prunekit.testing import llava_inputs, tiny_llava
+    from prunekit.toy.oracle import ground_truth
+
+    model = tiny_llava()
+    inputs = llava_inputs(prefix=[[5], [5, 9]], question=[[6, 7, 8], [6, 7, 8]])  # left padding: both images at 3
+    truth = [[0, 35, 17], [20, 21, 22, 23, 24]]
+    with prunekit.apply(model, "oracle") as pruner, ground_truth(truth):
+        model(**inputs)
+    last = pruner.last_report.stages[-1].kept  # [batch, 4] original positions; 36 visual tokens keep int(4.5)
+    assert set((last[0] - 3).tolist()) > set(truth[0])
+    assert set((last[1] - 3).tolist()) == {20, 21, 22, 23}  # more relevant than kept: only relevant ones
+    with prunekit.apply(model, "oracle"), pytest.raises(PrunekitError, match="needs the toy task's ground truth"):
+        model(**inputs)
