@@ -169,6 +169,6 @@ def test_the_oracle_keeps_the_relevant_patches_first_and_needs_the_truth():
         model(**inputs)
     last = pruner.last_report.stages[-1].kept  # [batch, 4] original positions; 36 visual tokens keep int(4.5)
     assert set((last[0] - 3).tolist()) > set(truth[0])
-    assert set((last[1] - 3).tolist()) == {20, 21, 22, 23}  # more relevant than kept: only relevant ones
+    assert set((last[1] - 3).tolist()) < set(truth[1])  # more relevant patches than kept: only relevant ones
     with prunekit.apply(model, "oracle"), pytest.raises(PrunekitError, match="needs the toy task's ground truth"):
         model(**inputs)
