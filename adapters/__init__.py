@@ -276,48 +276,40 @@ _NORM_NAMES = ("input_layernorm", "attention_norm", "ln_1", "norm1")
 _VISUAL_ID_KEYS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
 
-class GenericAdapter(Adapter):
+class GenericAdapter(DecoderAdapter):
     """Any model whose config names an image (or video) token id and whose language model is a
     standard decoder stack: the layers, their attention / MLP / input norm and the rotary embedding
     are found by structure, so a new family usually needs no code. Tried after every named adapter.
+
+    :meth:`resolve` returns the concrete adapter built for one model (a :class:`DecoderAdapter`,
+    or an :class:`MRopeAdapter` when the decoder uses M-RoPE); the registry hands that one out.
     """
 
-    name = "generic"
+    def __init__(self) -> None:
+        super().__init__(FamilySpec(name="generic", model_types=(), classes=()))
 
     def summary(self) -> str:
         return "any model whose config names an image/video token id and whose decoder is a standard stack"
 
-    def __init__(self) -> None:
-        import weakref
-
-        self._resolved: weakref.WeakKeyDictionary[nn.Module, DecoderAdapter] = weakref.WeakKeyDictionary()
+    def matches(self, model: nn.Module) -> bool:
+        return self.explain(model) is None
 
     def explain(self, model: nn.Module) -> str | None:
-        """Why the model does not fit (None when it does)."""
         try:
-            self._adapter(model)
+            self.resolve(model)
         except AdapterError as exc:
             return str(exc)
         return None
 
-    def matches(self, model: nn.Module) -> bool:
-        return self.explain(model) is None
-
-    def _adapter(self, model: nn.Module) -> DecoderAdapter:
-        if model in self._resolved:
-            return self._resolved[model]
+    def resolve(self, model: nn.Module) -> DecoderAdapter:
         config = getattr(model, "config", None)
         keys = tuple(k for k in _VISUAL_ID_KEYS if getattr(config, k, None) is not None)
         if not keys:
             raise AdapterError(f"{type(model).__name__}'s config names no visual token id (looked for "
                                f"{', '.join(_VISUAL_ID_KEYS)})")
-        found = None
-        for path, module in model.named_modules():
-            layers = getattr(module, "layers", None)
-            if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(module, "rotary_emb") \
-                    and hasattr(module, "embed_tokens"):
-                found = (path, module)
-                break
+        found = next(((path, module) for path, module in model.named_modules()
+                      if isinstance(getattr(module, "layers", None), nn.ModuleList) and len(module.layers)
+                      and hasattr(module, "rotary_emb") and hasattr(module, "embed_tokens")), None)
         if found is None:
             raise AdapterError(f"{type(model).__name__} has no decoder stack with layers, rotary_emb and "
                                "embed_tokens")
@@ -336,52 +328,7 @@ class GenericAdapter(Adapter):
             language_model=path, attention=pick(_ATTENTION_NAMES, "attention"), mlp=pick(_MLP_NAMES, "MLP"),
             input_norm=pick(_NORM_NAMES, "input norm"), visual_token_ids=keys, projector=None, vision_layers=None,
         )
-        adapter = (MRopeAdapter if mrope else DecoderAdapter)(spec)
-        self._resolved[model] = adapter
-        return adapter
-
-    # every question goes to the adapter resolved for that model
-    def language_model(self, model):
-        return self._adapter(model).language_model(model)
-
-    def decoder_layers(self, model):
-        return self._adapter(model).decoder_layers(model)
-
-    def attention(self, layer):
-        return _get(layer, self._names(layer)[0], "attention module")
-
-    def mlp(self, layer):
-        return _get(layer, self._names(layer)[1], "MLP module")
-
-    def input_norm(self, layer):
-        return _get(layer, self._names(layer)[2], "input norm")
-
-    @staticmethod
-    def _names(layer: nn.Module) -> tuple[str, str, str]:
-        def first(names):
-            return next((n for n in names if isinstance(getattr(layer, n, None), nn.Module)), names[0])
-        return first(_ATTENTION_NAMES), first(_MLP_NAMES), first(_NORM_NAMES)
-
-    def token_layout(self, model, input_ids, attention_mask):
-        return self._adapter(model).token_layout(model, input_ids, attention_mask)
-
-    def describe_visual(self, model):
-        return self._adapter(model).describe_visual(model)
-
-    def rope_positions(self, model, lm_kwargs, hidden, cache):
-        return self._adapter(model).rope_positions(model, lm_kwargs, hidden, cache)
-
-    def compact_positions(self, positions, valid, visual):
-        if positions.shape[0] == 3:
-            return compact_mrope(positions, valid, visual)
-        return super().compact_positions(positions, valid, visual)
-
-    def layer_kind(self, model, layer_idx):
-        return self._adapter(model).layer_kind(model, layer_idx)
-
-    def stage_kwargs(self, model, hidden, attention_mask_2d, positions, cache, layer_idx, blocks=None):
-        return self._adapter(model).stage_kwargs(model, hidden, attention_mask_2d, positions, cache, layer_idx,
-                                                 blocks)
+        return (MRopeAdapter if mrope else DecoderAdapter)(spec)
 
 
 GEMMA3 = Gemma3Adapter(FamilySpec(

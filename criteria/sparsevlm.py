@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from prunekit.api import Criterion, ForwardContext, Merger
+from prunekit.api import Criterion, ForwardContext, Merger, check_fraction
 from prunekit.probes import AttentionRows, LayerInput, Probe
 
 
@@ -113,8 +113,7 @@ class SparseVLMRecycling(Merger):
     tokens_per_cluster: int = 10
 
     def validate(self) -> None:
-        if not 0 < self.top_fraction <= 1:
-            raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+        check_fraction(self.top_fraction, "top_fraction")
         if self.tokens_per_cluster < 1:
             raise ValueError(f"tokens_per_cluster must be >= 1, got {self.tokens_per_cluster}")
 

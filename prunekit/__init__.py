@@ -6,8 +6,8 @@
     pruner.last_report.stages[0].kept
 """
 
-from prunekit.api import Adapter, Combiner, Criterion, ForwardContext, Schedule, Stage
-from prunekit.engine import PruneReport, Pruner, StageReport, apply
+from prunekit.api import Adapter, Combiner, Criterion, ForwardContext, Merger, Schedule, Stage
+from prunekit.engine import Pruner, apply
 from prunekit.errors import (
     AdapterError,
     LayoutError,
@@ -18,14 +18,17 @@ from prunekit.errors import (
 )
 from prunekit.hookspecs import hookimpl
 from prunekit.plugins import get_registry, register_plugin, unregister_plugin
-from prunekit.probes import AttentionRows, ModuleIO
+from prunekit.layout import TokenLayout
+from prunekit.probes import AttentionRows, LayerInput, ModuleIO, VisionAttention, VisionHidden, VisionKeys
 from prunekit.recipe import Recipe, builtin_recipe_names, load_recipe
+from prunekit.report import PruneReport, StageReport
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "AttentionRows", "Combiner", "Criterion", "ForwardContext", "LayoutError",
-    "ModuleIO", "PluginError", "PruneReport", "Pruner", "PrunekitError", "PrunerStateError", "Recipe",
-    "RecipeError", "Schedule", "Stage", "StageReport", "apply", "builtin_recipe_names", "get_registry",
-    "hookimpl", "load_recipe", "register_plugin", "unregister_plugin",
+    "Adapter", "AdapterError", "AttentionRows", "Combiner", "Criterion", "ForwardContext", "LayerInput",
+    "LayoutError", "Merger", "ModuleIO", "PluginError", "PruneReport", "Pruner", "PrunekitError",
+    "PrunerStateError", "Recipe", "RecipeError", "Schedule", "Stage", "StageReport", "TokenLayout",
+    "VisionAttention", "VisionHidden", "VisionKeys", "apply", "builtin_recipe_names", "get_registry", "hookimpl",
+    "load_recipe", "register_plugin", "unregister_plugin",
 ]

@@ -1,8 +1,11 @@
 """The interfaces plugins implement: criteria, combiners, schedules and adapters.
 
 Criteria, combiners and schedules are dataclasses whose fields are their recipe parameters
-(``ttv: {type: ttv, direction: abs_cos}`` builds ``TTV(direction="abs_cos")``); the recipe
-loader validates parameters against the fields before anything runs.
+(``ttv: {type: ttv, direction: one_minus_abs_cos}`` builds ``TTV(direction="one_minus_abs_cos")``);
+the recipe loader validates parameters against the fields before anything runs.
+
+A field that names a decoder layer is marked ``field(metadata={"layer": True})``: with a recipe's
+``reference_depth`` the engine maps it onto the model's depth, and checks that it fits.
 """
 
 from __future__ import annotations
@@ -75,12 +78,14 @@ class ForwardContext:
 class Criterion:
     """Scores the visual tokens at a prune stage; the engine keeps the highest scores.
 
-    Subclass it as a ``@dataclass`` whose fields are the parameters, set ``name``, declare the
-    probes the score needs and implement :meth:`score`.
+    Subclass it as a ``@dataclass`` whose fields are the parameters, set ``name`` (the recipe's
+    ``type``), declare the probes the score needs and implement :meth:`score`. A field naming a
+    decoder layer is marked ``field(default=6, metadata={"layer": True})`` (see ``reference_depth``).
     """
 
     name: ClassVar[str] = ""
-    key: str = ""  # the criterion's name in its recipe; set by the engine, namespaces its buffers
+    key: str = ""  # the criterion's key in its recipe (``criteria: {<key>: ...}``); set when the recipe
+    # is built, before probes() is called: prefix your ctx.buffers names with it so two copies never collide
 
     def probes(self, stage_layers: Sequence[int], num_layers: int) -> Iterable[Probe]:
         """The captures :meth:`score` needs, for a recipe pruning before ``stage_layers``."""
@@ -145,7 +150,7 @@ class Stage:
     """Prune before decoder layer ``layer`` (0-based): it is the first layer on the shorter sequence.
 
     Keep ``keep`` (a fraction in (0, 1] of each sample's original visual tokens, truncated as
-    ``int(n * keep)``) or ``count`` visual tokens.
+    ``int(n * keep)``) or ``count`` visual tokens: exactly one of the two.
     """
 
     layer: int
@@ -163,14 +168,29 @@ class Stage:
     def describe(self) -> str:
         return f"layer {self.layer}: keep {self.keep}" if self.count is None else f"layer {self.layer}: keep {self.count} tokens"
 
+    def check(self, what: str = "stage") -> None:
+        """Raise ``ValueError`` unless the layer is >= 0 and exactly one of a valid keep / count is set."""
+        check_keep_count(self.keep, self.count, what)
+        if not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"{what}.layer must be an int >= 0, got {self.layer!r}")
+
 
 class Schedule:
-    """Decides which layers prune and how many visual tokens each keeps."""
+    """Decides which layers prune and how many visual tokens each keeps.
+
+    Subclass it as a ``@dataclass`` whose fields are the parameters and implement :meth:`resolve`.
+    """
 
     name: ClassVar[str] = ""
 
     def resolve(self, num_layers: int) -> list[Stage]:
-        """The prune stages for a decoder of ``num_layers`` layers, in layer order."""
+        """The prune stages, in layer order, for a decoder of ``num_layers`` layers.
+
+        With a recipe's ``reference_depth`` the engine passes ``reference_depth`` here and maps
+        the returned layers onto the model's depth; without it, the model's depth. Raise
+        ``ValueError`` when ``num_layers`` is too shallow: the recipe loader reports it as a
+        ``RecipeError`` naming the schedule. Stages past the depth are reported the same way.
+        """
         raise NotImplementedError
 
     def validate(self) -> None:
@@ -185,6 +205,15 @@ class Adapter(ABC):
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:
         """Whether this adapter knows the model (usually by ``config.model_type``)."""
+
+    def explain(self, model: nn.Module) -> str | None:
+        """Why the model does not fit (None when it does), for error messages and ``prunekit doctor``."""
+        return None if self.matches(model) else "matches() is false"
+
+    def resolve(self, model: nn.Module) -> Adapter:
+        """The concrete adapter for ``model`` (this one; an adapter that finds a model's parts by
+        looking, such as ``generic``, returns the adapter it built for the model)."""
+        return self
 
     @abstractmethod
     def language_model(self, model: nn.Module) -> nn.Module:
@@ -286,10 +315,21 @@ class Adapter(ABC):
         return self.name
 
 
-def check_probability_like(x: float, what: str) -> None:
-    """Raise if ``x`` is not a finite number in (0, 1]."""
-    if not (isinstance(x, (int, float)) and math.isfinite(x) and 0 < x <= 1):
+def check_fraction(x: float, what: str) -> None:
+    """Raise ``ValueError`` unless ``x`` is a finite number in (0, 1]."""
+    if not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0 < x <= 1):
         raise ValueError(f"{what} must be in (0, 1], got {x!r}")
+
+
+def check_keep_count(keep: float | None, count: int | None, what: str) -> None:
+    """Raise ``ValueError`` unless exactly one of ``keep`` (a fraction in (0, 1]) and ``count`` (>= 0) is set."""
+    if (keep is None) == (count is None):
+        raise ValueError(f"{what} needs exactly one of 'keep' (fraction of the visual tokens) or 'count', "
+                         f"got keep={keep!r}, count={count!r}")
+    if keep is not None:
+        check_fraction(keep, f"{what}.keep")
+    elif not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ValueError(f"{what}.count must be an int >= 0, got {count!r}")
 
 
 __all__ = [
@@ -304,5 +344,6 @@ __all__ = [
     "Probe",
     "Schedule",
     "Stage",
-    "check_probability_like",
+    "check_fraction",
+    "check_keep_count",
 ]

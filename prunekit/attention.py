@@ -63,6 +63,46 @@ def attention_rows(
     return torch.einsum("bw,bws->bs", weights, probs)
 
 
+def attention_rows_split(
+    query: Tensor,
+    key: Tensor,
+    scaling: float,
+    selected: Tensor,
+    key_valid: Tensor,
+    per_head: bool,
+    per_query: bool,
+) -> Tensor:
+    """Attention rows of the selected queries kept apart per head and/or per query.
+
+    query, key, scaling and key_valid as for :func:`attention_rows`; selected: [batch, seq] bool,
+    the queries. Returns [batch, seq, n_q, heads] with both, [batch, seq, heads] per head only
+    (mean over queries), [batch, seq, n_q] per query only (mean over heads); ``n_q`` is the most
+    queries of a sample, query ``j`` a sample's ``j``-th selected token in order, and rows past a
+    sample's own count are zero.
+    """
+    batch, heads, seq, head_dim = query.shape
+    kv_heads = key.shape[1]
+    compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    counts = selected.sum(dim=1)  # [batch]
+    n_q = int(counts.max().item()) if batch else 0
+    # the selected queries of each sample in order, then the rest: [batch, n_q] positions
+    order = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices[:, :n_q]
+    present = torch.arange(n_q, device=query.device)[None, :] < counts[:, None]  # [batch, n_q]
+    q = query.gather(2, order[:, None, :, None].expand(batch, heads, n_q, head_dim)).to(compute_dtype)
+    k = key.to(compute_dtype).repeat_interleave(heads // kv_heads, dim=1)  # [batch, heads, seq, head_dim]
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [batch, heads, n_q, seq]
+    k_pos = torch.arange(seq, device=query.device)[None, None, :]  # [1, 1, seq]
+    allowed = (k_pos <= order[:, :, None]) & key_valid[:, None, :] & present[:, :, None]  # [batch, n_q, seq]
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # [batch, heads, n_q, seq]
+    probs = probs.permute(0, 3, 2, 1)  # [batch, seq, n_q, heads]
+    if per_head and per_query:
+        return probs
+    if per_query:
+        return probs.mean(dim=-1)  # [batch, seq, n_q]
+    return probs.sum(dim=2) / counts.clamp(min=1)[:, None, None].to(probs.dtype)  # [batch, seq, heads]
+
+
 def query_weights(selected: Tensor) -> Tensor:
     """Uniform weights over the selected queries of each sample: [batch, seq] bool -> float."""
     counts = selected.sum(dim=1, keepdim=True).clamp(min=1)

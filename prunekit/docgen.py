@@ -1,6 +1,8 @@
 """Generate the reference pages of the documentation from the recipe schema and the plugins' docstrings.
 
-``python -m prunekit.docgen docs/reference`` (the docs build runs it through ``docs/hooks.py``).
+``python -m prunekit.docgen docs/reference`` (the docs build runs it through ``docs/hooks.py``). The
+pages are committed, so they read from a checkout too; ``tests/test_docs.py`` checks they are current.
+They document prunekit's own plugins only, whatever else is installed.
 """
 
 from __future__ import annotations
@@ -48,12 +50,17 @@ def recipe_reference() -> str:
     lines += _fields_table(RecipeSchema)
     lines += ["", "## `vision` block", ""] + _fields_table(VisionSchema)
     lines += ["", "## Built-in recipes", ""]
-    from prunekit.recipe import builtin_recipe_names, load_recipe
+    from prunekit.recipe import load_recipe, recipe_files
 
+    own = Path(__file__).resolve().parent
     lines += ["| recipe | description |", "| --- | --- |"]
-    for name in builtin_recipe_names():
-        lines.append(f"| `{name}` | {load_recipe(name).description} |")
+    for name, path in sorted(recipe_files().items()):
+        if own in path.resolve().parents:  # prunekit's own recipes, not those of other installed plugins
+            lines.append(f"| `{name}` | {load_recipe(name).description} |")
     return "\n".join(lines) + "\n"
+
+
+OWN_DISTRIBUTION = "prunekit"
 
 
 def plugin_reference() -> str:
@@ -65,6 +72,8 @@ def plugin_reference() -> str:
         lines += [f"## {PLURALS[kind].capitalize()}", ""]
         for name, claims in sorted(registry.entries(kind).items()):
             entry = claims[0]
+            if entry.distribution != OWN_DISTRIBUTION:
+                continue
             lines += [f"### `{name}`", "", f"From `{entry.distribution}` (plugin `{entry.plugin}`).", ""]
             obj = entry.obj
             doc = inspect.getdoc(obj) if kind != "adapter" else entry.description
@@ -74,12 +83,16 @@ def plugin_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
+def pages() -> dict[str, str]:
+    """File name -> text of every reference page."""
+    return {"recipe-schema.md": recipe_reference(), "plugins.md": plugin_reference()}
+
+
 def write(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pages = {"recipe-schema.md": recipe_reference(), "plugins.md": plugin_reference()}
     written = []
-    for name, text in pages.items():
+    for name, text in pages().items():
         path = folder / name
         path.write_text(text)
         written.append(path)

@@ -40,11 +40,11 @@ def diagnose(model: nn.Module) -> dict[str, Any]:
                               "adapter": None, "rejected": {}}
     chosen = None
     for adapter in adapters:
-        if adapter.matches(model):
-            chosen = adapter
+        why = adapter.explain(model)
+        if why is None:
+            chosen = adapter.resolve(model)
             break
-        explain = getattr(adapter, "explain", None)
-        report["rejected"][adapter.name] = explain(model) if explain else "matches() is false"
+        report["rejected"][adapter.name] = why
     if chosen is None:
         return report
     report["adapter"] = chosen.name

@@ -27,10 +27,10 @@ class HookSet:
         return len(self._handles) + len(self._taps)
 
     def remove(self) -> None:
-        """Remove every hook and restore every tapped config; safe to call twice."""
-        for handle in self._handles:
+        """Remove every hook and restore every tapped config, last installed first; safe to call twice."""
+        for handle in reversed(self._handles):
             handle.remove()
         self._handles.clear()
-        for tap in self._taps:
+        for tap in reversed(self._taps):  # a tap may wrap an earlier one on the same config
             tap.close()
         self._taps.clear()

@@ -6,7 +6,10 @@ packages are found through the ``prunekit`` entry-point group::
     [project.entry-points.prunekit]
     my_plugin = "my_package.plugin"
 
-Each hook returns a list; every item has a unique ``name`` within its kind.
+Each hook returns a list; every item has a unique ``name`` within its kind (the recipe's
+``type``). Criterion, combiner, schedule and merger hooks return *classes* (dataclasses whose
+fields are the parameters); the adapter hook returns *instances*; the recipe-folder hook returns
+folders.
 """
 
 from __future__ import annotations
@@ -49,5 +52,10 @@ def prunekit_add_adapters() -> list[Adapter]:
 
 
 @hookspec
-def prunekit_add_recipe_dirs() -> list[Path]:
-    """Folders holding ``<recipe-name>.yaml`` files that ``load_recipe`` finds by name."""
+def prunekit_add_recipe_dirs() -> list[Path | str]:
+    """Folders (not files), each holding recipe files ``<name>.yaml``.
+
+    ``load_recipe(name)`` and ``prunekit.apply(model, name)`` find a recipe by its file name
+    without ``.yaml`` (``recipes/mlp-norm-iga.yaml`` is ``"mlp-norm-iga"``); the first folder
+    registered wins a name two folders hold, built-ins first.
+    """

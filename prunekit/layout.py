@@ -51,10 +51,20 @@ class TokenLayout:
         return TokenLayout(**out)
 
 
+def run_starts(mask: Tensor) -> Tensor:
+    """``[batch, seq]`` bool: the first token of each contiguous run of ``mask`` (``[batch, seq]`` bool)."""
+    return mask & ~torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
+
+
+def last_index(mask: Tensor) -> Tensor:
+    """``[batch]`` long: index of the last true entry of each row of ``mask`` (``[batch, seq]``), -1 for none."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, -1).amax(dim=1)
+
+
 def spans_from_mask(visual: Tensor) -> Tensor:
     """Number each contiguous run of visual tokens within a sample: ``[batch, seq]`` long, -1 off runs."""
-    starts = visual & ~torch.nn.functional.pad(visual[:, :-1], (1, 0), value=False)  # [batch, seq]
-    run_id = starts.long().cumsum(dim=1) - 1
+    run_id = run_starts(visual).long().cumsum(dim=1) - 1
     return run_id.masked_fill(~visual, -1)
 
 
@@ -67,7 +77,7 @@ def layout_from_ids(input_ids: Tensor, visual: Tensor, attention_mask: Tensor | 
     batch, seq = input_ids.shape
     valid = torch.ones_like(visual) if attention_mask is None else attention_mask.to(torch.bool)
     positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-    last_visual = torch.where(visual, positions, torch.full_like(positions, -1)).amax(dim=1)  # [batch]
+    last_visual = last_index(visual)  # [batch]
     has_visual = last_visual >= 0
     instruction = valid & ~visual & (positions > last_visual[:, None]) & has_visual[:, None]
     return TokenLayout(

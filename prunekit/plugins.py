@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pluggy
+from torch import nn
 
 from prunekit import hookspecs
 from prunekit.api import Adapter, Combiner, Criterion, Merger, Schedule
-from prunekit.errors import PluginError, valid_list
+from prunekit.errors import AdapterError, PluginError, valid_list
 
 PROJECT = "prunekit"
 
@@ -162,6 +163,28 @@ class Registry:
         """Adapters in registration order (built-ins first), each name once."""
         return [self.get("adapter", name).obj for name in self.entries("adapter")]
 
+    def adapter_for(self, model: nn.Module, name: str | None = None) -> Adapter:
+        """The concrete adapter for ``model``: the one named, or the first registered one that matches,
+        resolved for the model (``Adapter.resolve``). Raises :class:`AdapterError` saying why none fits."""
+        if name is not None:
+            adapter = self.get("adapter", name).obj
+            why = adapter.explain(model)
+            if why is not None:
+                raise AdapterError(f"adapter {name!r} (from the recipe) does not fit {type(model).__name__}: {why}")
+            return adapter.resolve(model)
+        adapters = self.adapters()
+        reasons = []
+        for adapter in adapters:
+            why = adapter.explain(model)
+            if why is None:
+                return adapter.resolve(model)
+            reasons.append(f"{adapter.name}: {why}")
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise AdapterError(
+            f"no adapter matches {type(model).__name__} (config.model_type={model_type!r}); registered adapters: "
+            f"{valid_list(a.name for a in adapters)} ({'; '.join(reasons)}); `prunekit doctor` explains each"
+        )
+
     def recipe_dirs(self) -> list[Path]:
         dirs: list[Path] = []
         for impl in self.pm.hook.prunekit_add_recipe_dirs.get_hookimpls():
@@ -190,3 +213,8 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
 
 def unregister_plugin(name: str) -> None:
     get_registry().unregister(name)
+
+
+def find_adapter(model: nn.Module, name: str | None = None) -> Adapter:
+    """The concrete adapter for ``model`` from the process-wide registry (see :meth:`Registry.adapter_for`)."""
+    return get_registry().adapter_for(model, name)

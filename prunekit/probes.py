@@ -1,9 +1,14 @@
-"""Captures a criterion can ask the engine for. The engine installs only the probes a recipe needs."""
+"""Captures a criterion can ask the engine for. The engine installs only the probes a recipe needs.
+
+Each probe type says where it reads (``site``: the decoder, or the vision tower before the
+projector); the table ``prunekit.capture.INSTALLERS`` maps each type to the function that installs
+its hook, so a new kind of capture is one dataclass here and one installer there.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import ClassVar, Literal, Union
 
 ModuleKind = Literal["attention", "mlp"]
 QUERY_SETS = ("instruction", "last")
@@ -18,27 +23,48 @@ class ModuleIO:
     ``[batch, seq, hidden]`` tensors; nothing is stored.
     """
 
+    site: ClassVar[str] = "decoder"
     layer: int
     module: ModuleKind
 
 
 @dataclass(frozen=True)
 class AttentionRows:
-    """Attention of some query tokens over every key at one decoder layer: ``[batch, seq]``.
+    """Attention of some query tokens over every key at one decoder layer, read as ``ctx.capture(probe)``.
 
     Computed from the layer's own queries and keys (after RoPE) with the causal and padding mask,
-    softmax over keys, then the mean over heads and over the selected queries. The sequence is the
-    one layer ``layer`` receives before any pruning at that layer: at a prune layer the engine
-    runs the layer's attention projections once on the unpruned input to get it. No full
-    ``seq x seq`` matrix is built: memory grows with ``n_queries x seq``.
+    softmax over keys. The sequence is the one layer ``layer`` receives before any pruning at that
+    layer: at a prune layer the engine runs the layer's attention projections once on the
+    unpruned input to get it. No full ``seq x seq`` matrix is built: memory grows with
+    ``n_queries x seq``.
 
     queries: ``"instruction"`` (the prompt after the last visual token), ``"last"`` (the last
-    token of each sample, as FastV and PyramidDrop use), or the name of a ``[batch, seq]`` bool
-    buffer a criterion filled in ``ctx.buffers`` before the layer runs (SparseVLM's raters).
+    real token of each sample, as FastV and PyramidDrop use), or the name of a custom query set:
+    a ``[batch, seq]`` bool buffer a criterion put in ``ctx.buffers`` before the layer runs (in
+    ``observe`` of an earlier probe, as SparseVLM's raters); padding is never a query.
+
+    The capture's shape (keys first, so it follows the tokens through later prunes):
+
+    ========================  ==========================  =========================================
+    per_head / per_query      shape                       entry
+    ========================  ==========================  =========================================
+    False / False (default)   ``[batch, seq]``            mean over heads and over the queries
+    True / False              ``[batch, seq, heads]``     mean over the queries, one per query head
+    False / True              ``[batch, seq, n_q]``       mean over heads, one per query
+    True / True               ``[batch, seq, n_q, heads]``  one softmax row per query and head
+    ========================  ==========================  =========================================
+
+    ``n_q`` is the largest number of queries of a sample; query ``j`` is the ``j``-th selected
+    token of the sample in sequence order, and a sample with fewer queries has all-zero rows past
+    its own count. Per-head and per-query rows let a criterion build its own statistics (the
+    entropy of each head's row, the max over queries, ...).
     """
 
+    site: ClassVar[str] = "decoder"
     layer: int
     queries: str = "instruction"
+    per_head: bool = False
+    per_query: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +77,7 @@ class LayerInput:
     projected visual features in place.
     """
 
+    site: ClassVar[str] = "decoder"
     layer: int
 
 
@@ -62,6 +89,7 @@ class VisionAttention:
     output LLaVA feeds the projector). Capture: ``[n_images, tokens]``, tokens including CLS.
     """
 
+    site: ClassVar[str] = "vision"
     layer: int
     query: int = 0
 
@@ -70,6 +98,7 @@ class VisionAttention:
 class VisionKeys:
     """The keys of one vision-encoder layer, mean over heads: ``[n_images, tokens, head_dim]``."""
 
+    site: ClassVar[str] = "vision"
     layer: int
 
 
@@ -77,8 +106,8 @@ class VisionKeys:
 class VisionHidden:
     """The output hidden states of one vision-encoder layer: ``[n_images, tokens, dim]``."""
 
+    site: ClassVar[str] = "vision"
     layer: int
 
 
-VisionProbe = Union[VisionAttention, VisionKeys, VisionHidden]
 Probe = Union[ModuleIO, AttentionRows, LayerInput, VisionAttention, VisionKeys, VisionHidden]

@@ -5,7 +5,7 @@ A recipe in YAML::
     name: transprune-high
     positions: compact            # compact | original
     criteria:                     # key -> {type: <registered criterion>, <its parameters>}
-      ttv: {type: accumulated_ttv, layers: [6, 11]}
+      ttv: {type: accumulated_ttv, first_layer: 6, last_layer: 11}
       iga: {type: iga}
     combiner: {type: weighted_sum, weights: {ttv: 0.5, iga: 0.5}, normalize: sum}
     schedule:
@@ -14,7 +14,10 @@ A recipe in YAML::
     merge: null                   # optional: {type: <registered merger>, ...} for dropped tokens
 
 ``type`` defaults to the key (``criteria: {iga: {}}``). Overrides are dotted:
-``["schedule.stages.0.keep=0.5", "criteria.ttv.direction=abs_cos"]``.
+``["schedule.stages.0.keep=0.5", "criteria.ttv.direction=one_minus_abs_cos"]``.
+
+This module also checks a recipe against a model's depth (:func:`check_stages`,
+:func:`scale_to_depth`) and collects the probes its plugins ask for (:func:`collect_probes`).
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from prunekit.api import Combiner, Criterion, Merger, Schedule, Stage
+from prunekit.api import Combiner, Criterion, Merger, Schedule, Stage, check_keep_count
 from prunekit.errors import PluginError, RecipeError, valid_list
 from prunekit.plugins import get_registry
+from prunekit.probes import Probe
 
 Positions = Literal["compact", "original"]
 
@@ -81,13 +85,17 @@ RECIPE_KEYS = [f.name for f in dataclasses.fields(RecipeSchema)]
 
 
 @dataclass(frozen=True)
-class VisionStage:
-    """The built stage before the language model."""
+class VisionRecipe:
+    """The built ``vision`` block of a recipe: what prunes each image before the projector."""
 
     criteria: dict[str, Criterion]
     combiner: Combiner
     stage: Stage  # layer 0: the first decoder layer sees the reduced image
     merger: Merger | None
+
+    def parts(self) -> list[tuple[str, Any]]:
+        """(recipe key, plugin) of everything that may ask for probes: criteria, then the merger."""
+        return list(self.criteria.items()) + ([("merge", self.merger)] if self.merger is not None else [])
 
 
 @dataclass(frozen=True)
@@ -103,11 +111,15 @@ class Recipe:
     positions: str
     config: DictConfig = field(repr=False, compare=False)
     merger: Merger | None = None
-    vision: VisionStage | None = None
+    vision: VisionRecipe | None = None
     reference_depth: int | None = None
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(self.config)
+
+    def parts(self) -> list[tuple[str, Any]]:
+        """(recipe key, plugin) of everything that may ask for decoder probes: criteria, then the merger."""
+        return list(self.criteria.items()) + ([("merge", self.merger)] if self.merger is not None else [])
 
 
 RecipeSource = Union[str, Path, Mapping, DictConfig, Recipe]
@@ -115,10 +127,11 @@ RecipeSource = Union[str, Path, Mapping, DictConfig, Recipe]
 
 def builtin_recipe_names() -> list[str]:
     """Names of every recipe YAML that the registered recipe folders hold."""
-    return sorted(_recipe_files())
+    return sorted(recipe_files())
 
 
-def _recipe_files() -> dict[str, Path]:
+def recipe_files() -> dict[str, Path]:
+    """Recipe name -> its YAML file, over every registered recipe folder (the first folder wins a name)."""
     files: dict[str, Path] = {}
     for folder in get_registry().recipe_dirs():
         for path in sorted(folder.glob("*.yaml")):
@@ -139,7 +152,7 @@ def _read_source(source: RecipeSource) -> tuple[DictConfig, str]:
             return OmegaConf.load(path), f"recipe file {text!r}"
         except (yaml.YAMLError, OmegaConfBaseException) as exc:
             raise RecipeError(f"recipe file {text!r} is not valid YAML: {exc}") from exc
-    files = _recipe_files()
+    files = recipe_files()
     if text not in files:
         raise RecipeError(f"unknown recipe {text!r}; built-in recipes: {valid_list(files)} (or pass a YAML path)")
     return OmegaConf.load(files[text]), f"recipe {text!r}"
@@ -268,16 +281,14 @@ def _build_scoring(criteria_cfg: Any, combiner_cfg: Any, where: str, prefix: str
     return criteria, combiner
 
 
-def _build_vision(cfg: Any, where: str) -> VisionStage:
+def _build_vision(cfg: Any, where: str) -> VisionRecipe:
     criteria, combiner = _build_scoring(cfg.criteria, cfg.combiner, where, "")
-    if (cfg.keep is None) == (cfg.count is None):
-        raise RecipeError(f"{where} needs exactly one of 'keep' (fraction of each image's tokens) or 'count'")
-    if cfg.keep is not None and not 0 < cfg.keep <= 1:
-        raise RecipeError(f"{where}.keep must be in (0, 1], got {cfg.keep!r}")
-    if cfg.count is not None and cfg.count < 0:
-        raise RecipeError(f"{where}.count must be >= 0, got {cfg.count!r}")
+    try:
+        check_keep_count(cfg.keep, cfg.count, where)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from exc
     merger = None if cfg.merge is None else _build_plugin("merger", cfg.merge, None, f"{where}.merge")
-    return VisionStage(criteria, combiner, Stage(layer=0, keep=cfg.keep, count=cfg.count), merger)
+    return VisionRecipe(criteria, combiner, Stage(layer=0, keep=cfg.keep, count=cfg.count), merger)
 
 
 def _ratio(recipe: Recipe, num_layers: int) -> float | None:
@@ -286,34 +297,94 @@ def _ratio(recipe: Recipe, num_layers: int) -> float | None:
     return num_layers / recipe.reference_depth
 
 
+def _depth_note(recipe: Recipe, num_layers: int) -> str:
+    if recipe.reference_depth is None:
+        return f"the model has {num_layers} decoder layers"
+    return f"reference_depth {recipe.reference_depth}; the model has {num_layers} decoder layers"
+
+
 def resolve_stages(recipe: Recipe, num_layers: int) -> list[Stage]:
     """The recipe's decoder stages for a ``num_layers``-layer model.
 
-    With ``reference_depth`` a prune before layer ``L`` moves to ``ceil(L * num_layers / reference_depth)``.
+    The schedule resolves in the coordinates its layers are written in: ``resolve(reference_depth)``
+    when the recipe has one, else ``resolve(num_layers)``. With ``reference_depth`` a prune before
+    layer ``L`` then moves to ``ceil(L * num_layers / reference_depth)``. A schedule that raises
+    ``ValueError`` or returns a stage outside ``0..depth-1`` is a :class:`RecipeError` naming it.
     """
     if recipe.schedule is None:
         return []
-    stages = recipe.schedule.resolve(num_layers)
+    depth = recipe.reference_depth or num_layers
+    where = f"recipe {recipe.name!r}, schedule ({type(recipe.schedule).__name__} {recipe.schedule.name!r})"
+    try:
+        stages = list(recipe.schedule.resolve(depth))
+        for i, stage in enumerate(stages):
+            stage.check(f"stage {i}")
+    except ValueError as exc:
+        raise RecipeError(f"{where}, resolve({depth}): {exc} ({_depth_note(recipe, num_layers)})") from exc
     ratio = _ratio(recipe, num_layers)
     if ratio is None:
         return stages
+    for i, stage in enumerate(stages):
+        if stage.layer >= depth:
+            raise RecipeError(f"{where}: stage {i} prunes before layer {stage.layer}, past reference_depth "
+                              f"{depth} (valid layers 0..{depth - 1}; {_depth_note(recipe, num_layers)})")
     return [dataclasses.replace(stage, layer=int(math.ceil(stage.layer * ratio))) for stage in stages]
+
+
+def check_stages(recipe: Recipe, num_layers: int, model_name: str = "the model") -> list[Stage]:
+    """:func:`resolve_stages`, checked against the model: every stage inside its depth, layers
+    ascending, keeps never growing (fractions against fractions, counts against counts)."""
+    if recipe.schedule is None:  # a recipe with only a vision stage
+        return []
+    stages = resolve_stages(recipe, num_layers)
+    where = f"recipe {recipe.name!r}, schedule"
+    if not stages:
+        raise RecipeError(f"{where}: the schedule has no stages")
+    previous_layer, previous_keep = -1, None
+    for i, stage in enumerate(stages):
+        if not 0 <= stage.layer < num_layers:
+            raise RecipeError(
+                f"{where}: stage {i} prunes before layer {stage.layer}, past the model's depth: "
+                f"{model_name} has {num_layers} decoder layers (valid layers 0..{num_layers - 1})"
+            )
+        if stage.layer <= previous_layer:
+            raise RecipeError(f"{where}: stage {i} layer {stage.layer} must come after layer {previous_layer}")
+        keep = stage.keep if stage.keep is not None else stage.count
+        if previous_keep is not None and type(keep) is type(previous_keep) and keep > previous_keep:
+            raise RecipeError(f"{where}: stage {i} keeps {keep}, more than the stage before ({previous_keep})")
+        previous_layer, previous_keep = stage.layer, keep
+    return stages
+
+
+def layer_fields(plugin: Any) -> list[str]:
+    """The dataclass fields of a criterion that name a decoder layer (``metadata={"layer": True}``)."""
+    return [f.name for f in dataclasses.fields(plugin) if f.metadata.get("layer")]
 
 
 def scale_to_depth(recipe: Recipe, num_layers: int) -> Recipe:
     """The recipe with the layers its criteria read mapped from ``reference_depth`` onto ``num_layers``.
 
-    A criterion's layer (a dataclass field marked ``metadata={"layer": True}``) moves to
+    A criterion's layer (a dataclass field marked ``metadata={"layer": True}``) must lie in
+    ``0..depth-1`` of the depth it is written for (``reference_depth``, else the model's), or this
+    raises a :class:`RecipeError` naming the criterion, field, value and valid range. It moves to
     ``floor(l * num_layers / reference_depth)``, so a layer read before a prune stays before it
     (prunes move up, see :func:`resolve_stages`).
     """
+    depth = recipe.reference_depth or num_layers
+    for key, criterion in recipe.criteria.items():
+        for name in layer_fields(criterion):
+            value = getattr(criterion, name)
+            if not isinstance(value, int) or not 0 <= value < depth:
+                raise RecipeError(
+                    f"recipe {recipe.name!r}, criteria.{key} ({criterion.name!r}): {name}={value!r} does not fit: "
+                    f"valid layers 0..{depth - 1} ({_depth_note(recipe, num_layers)})"
+                )
     ratio = _ratio(recipe, num_layers)
     if ratio is None:
         return recipe
 
     def scale_fields(obj: Any) -> Any:
-        changes = {f.name: int(math.floor(getattr(obj, f.name) * ratio))
-                   for f in dataclasses.fields(obj) if f.metadata.get("layer")}
+        changes = {name: int(math.floor(getattr(obj, name) * ratio)) for name in layer_fields(obj)}
         if not changes:
             return obj
         scaled = dataclasses.replace(obj, **changes)
@@ -321,3 +392,29 @@ def scale_to_depth(recipe: Recipe, num_layers: int) -> Recipe:
         return scaled
 
     return dataclasses.replace(recipe, criteria={key: scale_fields(c) for key, c in recipe.criteria.items()})
+
+
+def collect_probes(parts: list[tuple[str, Any]], stage_layers: Sequence[int], num_layers: int, site: str,
+                   where: str) -> list[tuple[Any, Any]]:
+    """Every ``(plugin, probe)`` the parts ask for, checked: a known probe type read at ``site``
+    (``"decoder"`` or ``"vision"``), inside the ``num_layers`` layers there (vision: negative from the end)."""
+    known = get_args(Probe)
+    low = -num_layers if site == "vision" else 0
+    out = []
+    for key, plugin in parts:
+        at = f"{where}, criteria.{key}" if key != "merge" else f"{where}, merge"
+        try:
+            probes = list(plugin.probes(stage_layers, num_layers))
+        except ValueError as exc:
+            raise RecipeError(f"{at}: {exc}") from exc
+        for probe in probes:
+            if not isinstance(probe, known):
+                raise RecipeError(f"{at}: {probe!r} is not a probe; valid: {valid_list(k.__name__ for k in known)}")
+            if probe.site != site:
+                raise RecipeError(f"{at}: {probe} reads the {probe.site}, but this stage runs in the {site} "
+                                  f"(use {valid_list(k.__name__ for k in known if k.site == site)})")
+            if not low <= probe.layer < num_layers:
+                raise RecipeError(f"{at}: {probe} reads {site} layer {probe.layer}, past the depth: "
+                                  f"valid layers {low}..{num_layers - 1}")
+            out.append((plugin, probe))
+    return out

@@ -1,12 +1,22 @@
-"""Tiny random-weight models of real architectures, for tests, examples and benchmarks (no download).
+"""Helpers for testing prunekit and plugins written for it (no download, no GPU).
 
-Each builder makes a config from the transformers config classes, saves random weights with
+For plugin authors (the public part):
+
+- :func:`token_layout` and :func:`forward_context` build the ``TokenLayout`` and
+  ``ForwardContext`` a criterion sees, so its ``observe`` / ``score`` can be unit- and
+  property-tested without a model;
+- :func:`tiny_llava` and :func:`llava_inputs` make a small random-weight LLaVA and left-padded
+  prompts for end-to-end tests (``prunekit.apply`` on them runs in seconds on a CPU).
+
+The family builders below (:func:`tiny_family_model`, :func:`family_inputs`) make tiny models of
+other architectures from the transformers config classes; every builder saves random weights with
 ``save_pretrained`` and loads them back through the real ``from_pretrained`` path.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +24,57 @@ import torch
 from torch import Tensor
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.utils import logging as hf_logging
+
+from prunekit.api import ForwardContext
+from prunekit.layout import TokenLayout, layout_from_ids
+from prunekit.probes import Probe
+
+
+def token_layout(visual: Tensor | Sequence[Sequence[bool]], valid: Tensor | Sequence[Sequence[bool]] | None = None
+                 ) -> TokenLayout:
+    """The layout of a prompt whose visual tokens are ``visual`` (``[batch, seq]`` bool), as adapters build it.
+
+    ``valid`` marks real tokens (default: all; ``False`` for padding). The instruction is every
+    valid non-visual token after a sample's last visual token; ``original_index`` is the column
+    (``0..seq-1``); ``image_index`` numbers each contiguous visual run of a sample::
+
+        layout = token_layout([[False, True, True, False]], valid=[[False, True, True, True]])
+        layout.instruction   # tensor([[False, False, False,  True]])
+    """
+    visual = torch.as_tensor(visual, dtype=torch.bool)
+    if visual.dim() != 2:
+        raise ValueError(f"visual must be [batch, seq], got shape {tuple(visual.shape)}")
+    mask = None if valid is None else torch.as_tensor(valid, dtype=torch.bool, device=visual.device)
+    if mask is not None and mask.shape != visual.shape:
+        raise ValueError(f"valid has shape {tuple(mask.shape)}, visual {tuple(visual.shape)}: they must match")
+    ids = torch.zeros(visual.shape, dtype=torch.long, device=visual.device)
+    return layout_from_ids(ids, visual, mask)
+
+
+def forward_context(layout: TokenLayout | Tensor | Sequence[Sequence[bool]], stage_layers: Sequence[int] = (2,),
+                    num_layers: int = 4, stage: int = 0, keep: float | None = None,
+                    buffers: dict[str, Tensor] | None = None, captures: dict[Probe, Tensor] | None = None
+                    ) -> ForwardContext:
+    """The ``ForwardContext`` a criterion sees when stage ``stage`` (pruning before ``stage_layers[stage]``)
+    is scored, for a model of ``num_layers`` decoder layers.
+
+    ``layout`` is a :class:`TokenLayout` or a ``visual`` mask for :func:`token_layout`. ``keep``
+    sets ``ctx.keep_counts`` to ``int(n_visual * keep)`` per sample; ``buffers`` and ``captures``
+    pre-fill what ``observe`` would have stored and what probes would have captured
+    (``ctx.captures[AttentionRows(...)] = rows``), each ``[batch, seq, ...]``::
+
+        ctx = forward_context([[False, True, True, False]], stage_layers=(1,), num_layers=2)
+        ctx.layer    # 1
+    """
+    if not isinstance(layout, TokenLayout):
+        layout = token_layout(layout)
+    if not 0 <= stage < len(stage_layers):
+        raise ValueError(f"stage {stage} is not one of the {len(stage_layers)} stages {tuple(stage_layers)}")
+    ctx = ForwardContext(layout=layout, stage_layers=tuple(stage_layers), num_layers=num_layers, stage=stage,
+                         buffers=dict(buffers or {}), captures=dict(captures or {}))
+    if keep is not None:
+        ctx.keep_counts = torch.floor(layout.visual_counts().double() * keep).long()
+    return ctx
 
 
 @dataclass(frozen=True)

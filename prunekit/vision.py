@@ -9,39 +9,31 @@ with hooks only:
 2. model pre-hook: the prompt is rewritten with ``t`` placeholder tokens per image instead of
    ``P`` (``t`` = kept + merged tokens, known from the recipe), so the model's own check that
    placeholders match features holds; the attention mask and position ids follow.
-3. vision probes: forward hooks and the attention tap capture what criteria asked for (the CLS
-   attention row, keys, hidden states of a vision layer) as the vision tower runs.
+3. vision probes (installed through ``prunekit.capture``, as the decoder's): forward hooks and the
+   attention tap capture what criteria asked for (the CLS attention row, keys, hidden states of a
+   vision layer) as the vision tower runs, into the forward's ``VisionRecord``.
 4. decode steps: the attention mask drops the removed placeholder columns and positions shift.
+
+:class:`VisionPruner` keeps no tensors: what one forward captures and keeps lives in the
+pruner's ``Running`` record.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from prunekit.api import Adapter, ForwardContext
-from prunekit.hooks import HookSet
+from prunekit.capture import Site, install_probes
 from prunekit.errors import LayoutError, RecipeError
-from prunekit.layout import TokenLayout
-from prunekit.probes import VisionAttention, VisionHidden, VisionKeys
-from prunekit.recipe import VisionStage
+from prunekit.hooks import HookSet
+from prunekit.layout import TokenLayout, run_starts
+from prunekit.record import PromptRewrite, Running, VisionRecord
+from prunekit.recipe import VisionRecipe, collect_probes
+from prunekit.scoring import score
 from prunekit.sequence import gather_tokens, keep_in_order, select
-
-
-@dataclass
-class PromptRewrite:
-    """How the prompt of one prefill was shortened (kept by the decode session too)."""
-
-    columns: Tensor  # [batch, new_len] long: original prompt column of each new slot (0 on fill)
-    fill: Tensor  # [batch, new_len] bool
-    shift: Tensor  # [batch] long: real tokens removed
-    original_length: int
-    image_starts: Tensor  # [n_images] long: flat (batch * original_len) index of each image's first token
-    sample_of_image: Tensor  # [n_images] long
 
 
 def vision_stage_tokens(vision: Any, patches: int) -> tuple[int, int]:
@@ -57,110 +49,64 @@ def vision_stage_tokens(vision: Any, patches: int) -> tuple[int, int]:
 
 def run_rank(visual: Tensor) -> Tensor:
     """Index of each visual token within its contiguous run: [batch, seq] long (0 off runs)."""
-    seq = visual.shape[1]
-    positions = torch.arange(seq, device=visual.device).expand_as(visual)
-    starts = visual & ~torch.nn.functional.pad(visual[:, :-1], (1, 0), value=False)
-    start_of_run = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
+    positions = torch.arange(visual.shape[1], device=visual.device).expand_as(visual)
+    start_of_run = torch.where(run_starts(visual), positions, torch.zeros_like(positions)).cummax(dim=1).values
     return torch.where(visual, positions - start_of_run, torch.zeros_like(positions))
 
 
-class ProjectorStage:
-    """Owns the hooks and per-forward state of a recipe's ``vision`` stage."""
+def run_lengths(visual: Tensor) -> Tensor:
+    """Length of the run each visual token is in: [batch, seq] long (0 off runs)."""
+    reversed_rank = run_rank(visual.flip(1)).flip(1)  # distance to the run's end
+    return torch.where(visual, run_rank(visual) + reversed_rank + 1, torch.zeros_like(reversed_rank))
 
-    def __init__(self, model: nn.Module, adapter: Adapter, vision: VisionStage) -> None:
+
+class VisionPruner:
+    """Installs the hooks of a recipe's ``vision`` stage: its probes, the projector pre-hook."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, vision: VisionRecipe, running: Running) -> None:
         self.model = model
         self.adapter = adapter
         self.vision = vision
+        self.running = running
         self.layers = list(adapter.vision_layers(model))
         self.projector = adapter.projector(model)
-        n = len(self.layers)
-        self.probes: set[Any] = set()
-        parts = list(vision.criteria.items()) + ([("merge", vision.merger)] if vision.merger is not None else [])
-        for key, criterion in parts:
-            try:
-                probes = list(criterion.probes((0,), n))
-            except ValueError as exc:
-                raise RecipeError(f"vision.criteria.{key}: {exc}") from exc
-            for probe in probes:
-                if not isinstance(probe, (VisionAttention, VisionKeys, VisionHidden)):
-                    raise RecipeError(f"vision.criteria.{key}: {probe} is not a vision probe; a vision stage "
-                                      "runs before the language model")
-                if not -n <= probe.layer < n:
-                    raise RecipeError(f"vision.criteria.{key}: {probe} reads vision layer {probe.layer}, but the "
-                                      f"vision encoder has {n} layers")
-                self.probes.add(probe)
-        self.captures: dict[Any, Tensor] = {}
-        self.kept_patches: Tensor | None = None  # [n_images, k] of the last prefill
-        self.lead = 0  # merged tokens the last prefill put before each image's kept patches
-        self._attention_layer = {id(adapter.vision_attention(layer)): i for i, layer in enumerate(self.layers)}
+        self.wanted = collect_probes(vision.parts(), (0,), len(self.layers), "vision", "vision")
         self._hooks = HookSet()
 
     # -- hooks ----------------------------------------------------------------------------
-    def install(self) -> None:
-        n = len(self.layers)
-        by_layer: dict[int, list[Any]] = defaultdict(list)
-        for probe in self.probes:
-            by_layer[probe.layer % n].append(probe)
-        for layer, probes in by_layer.items():
-            hidden = [p for p in probes if isinstance(p, VisionHidden)]
-            if hidden:
-                self._hooks.add(self.layers[layer].register_forward_hook(self._hidden_hook(hidden)))
-        if any(isinstance(p, (VisionAttention, VisionKeys)) for p in self.probes):
-            self._hooks.tap(self.adapter.vision_attention(self.layers[0]).config, self._on_attention)
+    def install(self, timed: Any) -> None:
+        site = Site(self.model, self.adapter, self._hooks, self.running, timed, vision_layers=self.layers)
+        install_probes(site, self.wanted)
         self._hooks.add(self.projector.register_forward_pre_hook(self._projector_hook))
 
     def remove(self) -> None:
         self._hooks.remove()
-
-    def _hidden_hook(self, probes: list[VisionHidden]):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            for probe in probes:
-                self.captures[probe] = hidden.detach()
-
-        return hook
-
-    def _on_attention(self, module: nn.Module, query: Tensor, key: Tensor, kwargs: dict) -> None:
-        layer = self._attention_layer.get(id(module))
-        if layer is None:
-            return
-        n = len(self.layers)
-        with torch.no_grad():
-            for probe in self.probes:
-                if probe.layer % n != layer:
-                    continue
-                if isinstance(probe, VisionKeys):
-                    self.captures[probe] = key.mean(dim=1)  # [n_images, tokens, head_dim]
-                elif isinstance(probe, VisionAttention):
-                    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-                    q = query[:, :, probe.query: probe.query + 1].float()  # [n_images, heads, 1, head_dim]
-                    logits = torch.matmul(q, key.float().transpose(-1, -2)) * scaling  # [n_images, heads, 1, tokens]
-                    self.captures[probe] = torch.softmax(logits, dim=-1)[:, :, 0].mean(dim=1)
 
     def _projector_hook(self, module: nn.Module, args: tuple) -> tuple | None:
         """Every image the model encodes while the pruner is installed is shortened (generate encodes
         images before its first forward, so this cannot wait for the model pre-hook)."""
         features = args[0]  # [n_images, patches, dim]
         n_images, patches, _ = features.shape
+        record = self.running.vision_record()
+        captures, record.captures = record.captures, {}
         kept, merged = vision_stage_tokens(self.vision, patches)
         if kept == patches:  # the stage leaves images this small whole
-            self.kept_patches = torch.arange(patches, device=features.device).expand(n_images, patches)
-            self.lead = 0
-            self.captures = {}
+            record.kept_patches = torch.arange(patches, device=features.device).expand(n_images, patches)
+            record.lead = 0
             return None
         ones = torch.ones(n_images, patches, dtype=torch.bool, device=features.device)
         index = torch.arange(patches, device=features.device).expand(n_images, patches)
         layout = TokenLayout(visual=ones, instruction=~ones, valid=ones, original_index=index.clone(),
                              image_index=torch.zeros_like(index))
         ctx = ForwardContext(layout=layout, stage_layers=(0,), num_layers=len(self.layers), stage=0,
-                             captures=dict(self.captures))
+                             captures=captures)
         counts = torch.full((n_images,), kept, dtype=torch.long, device=features.device)
         ctx.keep_counts = counts
+        combined = score(self.vision.criteria, self.vision.combiner, ctx)  # [n_images, patches]
         with torch.no_grad():
-            scores = {key: criterion.score(ctx) for key, criterion in self.vision.criteria.items()}
-            combined = self.vision.combiner.combine(scores, ones)
             selection = select(combined, ones, counts)  # index [n_images, kept], in patch order
         out = gather_tokens(features, selection.index)
+        lead = 0
         if self.vision.merger is not None:
             with torch.no_grad():
                 extra, valid = self.vision.merger.merge(features, selection.dropped, combined, ctx)
@@ -169,9 +115,7 @@ class ProjectorStage:
                                   f"per image, its count() promised {merged}")
             lead = self.vision.merger.lead
             out = torch.cat([extra[:, :lead].to(out.dtype), out, extra[:, lead:].to(out.dtype)], dim=1)
-        self.kept_patches = selection.index
-        self.lead = 0 if self.vision.merger is None else self.vision.merger.lead
-        self.captures = {}
+        record.kept_patches, record.lead = selection.index, lead
         return (out, *args[1:])
 
     # -- the prompt -------------------------------------------------------------------------
@@ -181,7 +125,7 @@ class ProjectorStage:
         batch, seq = input_ids.shape
         mask = torch.ones_like(visual) if attention_mask is None else attention_mask.to(torch.bool)
         rank = run_rank(visual)
-        run_length = self._run_lengths(visual)  # [batch, seq]: length of the run each visual token is in
+        run_length = run_lengths(visual)  # [batch, seq]: length of the run each visual token is in
         allowed = torch.zeros_like(rank)
         for length in run_length[visual].unique().tolist():
             kept, merged = vision_stage_tokens(self.vision, int(length))
@@ -195,45 +139,13 @@ class ProjectorStage:
             positions = position_ids.expand(batch, seq)
             first = positions.gather(1, new_mask.long().argmax(dim=1, keepdim=True))  # [batch, 1]
             new_positions = (first + new_mask.long().cumsum(dim=1) - 1).masked_fill(~new_mask, 0)
-        starts = visual & (rank == 0)
-        flat_starts = (starts.flatten().nonzero().flatten())
+        flat_starts = run_starts(visual).flatten().nonzero().flatten()
         rewrite = PromptRewrite(
             columns=index, fill=fill, shift=mask.sum(dim=1) - new_mask.sum(dim=1), original_length=seq,
             image_starts=flat_starts, sample_of_image=flat_starts // seq,
         )
         out_mask = new_mask.to(attention_mask.dtype) if attention_mask is not None else None
         return new_ids, out_mask, new_positions, rewrite
-
-    @staticmethod
-    def _run_lengths(visual: Tensor) -> Tensor:
-        rank = run_rank(visual)
-        # a run's length is the rank of its last token + 1; spread it back over the run
-        reversed_visual = visual.flip(1)
-        reversed_rank = run_rank(reversed_visual).flip(1)  # distance to the run's end
-        return torch.where(visual, rank + reversed_rank + 1, torch.zeros_like(rank))
-
-    def original_positions(self, rewrite: PromptRewrite, shortened_visual: Tensor) -> Tensor:
-        """Original prompt column of each token of the shortened prompt; -1 for merged image tokens.
-
-        Needs the patches the projector kept (after the prefill's projector hook).
-        """
-        batch, new_len = rewrite.columns.shape
-        origin = rewrite.columns.masked_fill(rewrite.fill, -1).clone()
-        if self.kept_patches is None:
-            return origin
-        lead = self.lead  # merged tokens before the kept patches in each image run
-        kept = self.kept_patches.shape[1]
-        rank = run_rank(shortened_visual)
-        image_of_token = (shortened_visual & (rank == 0)).long().cumsum(dim=1) - 1  # run index within sample
-        images_before = torch.bincount(rewrite.sample_of_image, minlength=batch).cumsum(0)
-        images_before = torch.nn.functional.pad(images_before, (1, 0))[:-1]  # [batch] first image of each sample
-        image = (images_before[:, None] + image_of_token).clamp(min=0, max=max(len(rewrite.image_starts) - 1, 0))
-        patch_slot = rank - lead
-        is_patch = shortened_visual & (patch_slot >= 0) & (patch_slot < kept)
-        patch = self.kept_patches[image, patch_slot.clamp(0, kept - 1)]  # [batch, new_len]
-        start_column = rewrite.image_starts[image] - rewrite.sample_of_image[image] * rewrite.original_length
-        origin = torch.where(is_patch, start_column + patch, origin)
-        return torch.where(shortened_visual & ~is_patch, torch.full_like(origin, -1), origin)
 
 
 def rewrite_decode_kwargs(rewrite: PromptRewrite, attention_mask: Tensor | None, position_ids: Tensor | None
@@ -249,3 +161,27 @@ def rewrite_decode_kwargs(rewrite: PromptRewrite, attention_mask: Tensor | None,
         mask = torch.cat([prompt, attention_mask[:, length:]], dim=1)
     positions = None if position_ids is None else position_ids - rewrite.shift[:, None]
     return mask, positions
+
+
+def original_positions(rewrite: PromptRewrite, shortened_visual: Tensor, vision: VisionRecord | None) -> Tensor:
+    """Original prompt column of each token of the shortened prompt [batch, new_len]; -1 for merged image tokens.
+
+    Needs the patches the projector kept (``vision``, after the prefill's projector hook).
+    """
+    batch, new_len = rewrite.columns.shape
+    origin = rewrite.columns.masked_fill(rewrite.fill, -1).clone()
+    if vision is None or vision.kept_patches is None:
+        return origin
+    lead = vision.lead  # merged tokens before the kept patches in each image run
+    kept = vision.kept_patches.shape[1]
+    rank = run_rank(shortened_visual)
+    image_of_token = run_starts(shortened_visual).long().cumsum(dim=1) - 1  # run index within sample
+    images_before = torch.bincount(rewrite.sample_of_image, minlength=batch).cumsum(0)
+    images_before = torch.nn.functional.pad(images_before, (1, 0))[:-1]  # [batch] first image of each sample
+    image = (images_before[:, None] + image_of_token).clamp(min=0, max=max(len(rewrite.image_starts) - 1, 0))
+    patch_slot = rank - lead
+    is_patch = shortened_visual & (patch_slot >= 0) & (patch_slot < kept)
+    patch = vision.kept_patches[image, patch_slot.clamp(0, kept - 1)]  # [batch, new_len]
+    start_column = rewrite.image_starts[image] - rewrite.sample_of_image[image] * rewrite.original_length
+    origin = torch.where(is_patch, start_column + patch, origin)
+    return torch.where(shortened_visual & ~is_patch, torch.full_like(origin, -1), origin)

@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import ClassVar
 
-from prunekit.api import Schedule, Stage
+from prunekit.api import Schedule, Stage, check_fraction
 from prunekit.hookspecs import hookimpl
-
-
-@dataclass
-class StageSpec:
-    """One stage of :class:`Stages`: prune before ``layer``; keep a fraction or a count of visual tokens."""
-
-    layer: int = 0
-    keep: Optional[float] = None  # fraction of each sample's original visual tokens, in (0, 1]
-    count: Optional[int] = None  # or an absolute number of visual tokens (>= 0)
 
 
 @dataclass
@@ -31,23 +22,16 @@ class Stages(Schedule):
     """
 
     name: ClassVar[str] = "stages"
-    stages: list[StageSpec] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list, metadata={"tune": "stages"})
 
     def validate(self) -> None:
         if not self.stages:
             raise ValueError("'stages' is empty; give at least one {layer: L, keep: r}")
-        for i, spec in enumerate(self.stages):
-            if (spec.keep is None) == (spec.count is None):
-                raise ValueError(f"stages.{i} needs exactly one of 'keep' (fraction) or 'count', got {spec}")
-            if spec.keep is not None and not 0 < spec.keep <= 1:
-                raise ValueError(f"stages.{i}.keep must be in (0, 1], got {spec.keep!r}")
-            if spec.count is not None and spec.count < 0:
-                raise ValueError(f"stages.{i}.count must be >= 0, got {spec.count!r}")
-            if spec.layer < 0:
-                raise ValueError(f"stages.{i}.layer must be >= 0, got {spec.layer!r}")
+        for i, stage in enumerate(self.stages):
+            stage.check(f"stages.{i}")
 
     def resolve(self, num_layers: int) -> list[Stage]:
-        return [Stage(layer=s.layer, keep=s.keep, count=s.count) for s in self.stages]
+        return list(self.stages)
 
 
 @dataclass
@@ -63,14 +47,13 @@ class Pyramid(Schedule):
     """
 
     name: ClassVar[str] = "pyramid"
-    layers: list[int] = field(default_factory=lambda: [8, 16, 24])
-    ratio: float = 0.5
+    layers: list[int] = field(default_factory=lambda: [8, 16, 24], metadata={"tune": "layers"})
+    ratio: float = field(default=0.5, metadata={"tune": (0.05, 1.0)})
 
     def validate(self) -> None:
         if not self.layers:
             raise ValueError("'layers' is empty")
-        if not 0 < self.ratio <= 1:
-            raise ValueError(f"ratio must be in (0, 1], got {self.ratio!r}")
+        check_fraction(self.ratio, "ratio")
         if any(layer < 0 for layer in self.layers):
             raise ValueError(f"layers must be >= 0, got {self.layers}")
 

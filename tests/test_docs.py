@@ -35,6 +35,16 @@ def test_every_docs_page_with_code_has_something_to_run():
     assert python_blocks(ROOT / "docs" / "index.md") and python_blocks(ROOT / "docs" / "plugins.md")
 
 
+def test_the_committed_reference_pages_are_current():
+    """docs/reference/ is generated but committed, so a checkout can read it; regenerate when it drifts."""
+    from prunekit.docgen import pages
+
+    for name, text in pages().items():
+        path = ROOT / "docs" / "reference" / name
+        assert path.is_file() and path.read_text() == text, (
+            f"{path.relative_to(ROOT)} is stale: run `python -m prunekit.docgen docs/reference` and commit it")
+
+
 @pytest.mark.skipif(shutil.which("mkdocs") is None, reason="mkdocs is not installed (pip install -e '.[dev]')")
 def test_the_site_builds_with_warnings_as_errors(tmp_path):
     result = subprocess.run(["mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,

@@ -222,7 +222,7 @@ def test_the_scoring_pass_puts_the_projections_back_also_after_an_exception(llav
         seen.append((type(attention.q_proj).__name__, type(attention.v_proj).__name__))
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("prunekit.engine.attention_rows", failing_rows)
+    monkeypatch.setattr("prunekit.scoring.attention_rows", failing_rows)
     with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
         with prunekit.apply(llava32, "transprune-high"):
             llava32(**llava_inputs(SHAPE, batch=1, seed=2))

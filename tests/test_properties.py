@@ -264,11 +264,10 @@ def test_growing_schedules_are_rejected():
     import prunekit
 
     with pytest.raises(prunekit.RecipeError, match="more than the stage before"):
-        from prunekit.engine import _check_stages
-        from prunekit.testing import tiny_llava
+        from prunekit.recipe import check_stages
 
         recipe = prunekit.load_recipe("transprune-high", ["schedule.stages.2.keep=0.7"])
-        _check_stages(recipe, 16, tiny_llava())
+        check_stages(recipe, 16, "LlavaForConditionalGeneration")
 
 
 def test_ttv_of_a_zero_input_token_is_finite():

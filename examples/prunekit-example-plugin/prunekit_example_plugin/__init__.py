@@ -1,1 +1,1 @@
-"""An example prunekit plugin: the ``key_norm`` criterion, the ``geometric_mean`` combiner, one recipe."""
+"""An example prunekit plugin: the ``mlp_output_norm`` criterion, the ``geometric_mean`` combiner, one recipe."""

@@ -1,0 +1,187 @@
+"""Probe installers: one function per probe type, looked up in :data:`INSTALLERS`.
+
+An installer receives every ``(criterion, probe)`` pair of its type that a recipe asked for and
+installs the hooks that deliver them: to ``Criterion.observe`` as the layer runs, or into
+``ctx.captures`` (decoder) / the forward's :class:`~prunekit.record.VisionRecord` (vision tower).
+A new kind of capture is a probe dataclass and one entry here; the Pruner never looks at types.
+
+Installers run in the table's order, so on one layer the hooks fire in that order too: at a
+prune layer a ``LayerInput`` capture arrives before the scoring pass of its ``AttentionRows``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.api import Adapter
+from prunekit.errors import RecipeError
+from prunekit.hooks import HookSet
+from prunekit.probes import AttentionRows, LayerInput, ModuleIO, Probe, VisionAttention, VisionHidden, VisionKeys
+from prunekit.record import Running
+from prunekit.scoring import ScoringPassDone, Timer, capture_rows, scoring_pass
+
+Wanted = list[tuple[Any, Probe]]  # (criterion or merger, probe)
+
+
+@dataclass
+class Site:
+    """What installers need: the model's parts, where to put hooks, and the running forward's records."""
+
+    model: nn.Module
+    adapter: Adapter
+    hooks: HookSet
+    running: Running
+    timed: Timer
+    layers: Sequence[nn.Module] = ()  # decoder layers
+    stage_layers: tuple[int, ...] = ()  # prune layers (decoder)
+    vision_layers: Sequence[nn.Module] = ()  # vision-encoder layers (vision probes only)
+
+
+Installer = Callable[[Site, Wanted], None]
+
+
+def _by(wanted: Wanted, place: Callable[[Probe], Any]) -> dict[Any, Wanted]:
+    groups: dict[Any, Wanted] = defaultdict(list)
+    for criterion, probe in wanted:
+        groups[place(probe)].append((criterion, probe))
+    return groups
+
+
+def _deliver(site: Site, observers: Wanted, inputs: Tensor, output: Tensor | None) -> None:
+    prefill = site.running.prefill()
+    if prefill is None or prefill.scoring_module is not None:
+        return
+    with torch.no_grad(), site.timed("probes"):
+        for criterion, probe in observers:
+            criterion.observe(prefill.ctx, probe, inputs, output)
+
+
+def install_module_io(site: Site, wanted: Wanted) -> None:
+    """A forward hook on each attention / MLP module read: its input and output go to ``observe``."""
+    for (layer, kind), observers in _by(wanted, lambda p: (p.layer, p.module)).items():
+        parent = site.layers[layer]
+        module = site.adapter.attention(parent) if kind == "attention" else site.adapter.mlp(parent)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, observers: Wanted = observers) -> None:
+            _deliver(site, observers, site.adapter.layer_input(args, kwargs), site.adapter.module_output(output))
+
+        site.hooks.add(module.register_forward_hook(hook, with_kwargs=True))
+
+
+def install_layer_input(site: Site, wanted: Wanted) -> None:
+    """A pre-hook on each decoder layer read: the hidden states entering it go to ``observe``."""
+    for layer, observers in _by(wanted, lambda p: p.layer).items():
+        def hook(module: nn.Module, args: tuple, kwargs: dict, observers: Wanted = observers) -> None:
+            _deliver(site, observers, site.adapter.layer_input(args, kwargs), None)
+
+        site.hooks.add(site.layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
+
+
+def install_attention_rows(site: Site, wanted: Wanted) -> None:
+    """The attention tap computes rows as a layer runs; at a prune layer a pre-hook runs the scoring pass."""
+    by_layer = {layer: list(dict.fromkeys(p for _, p in group))
+                for layer, group in _by(wanted, lambda p: p.layer).items()}
+    during = {layer: probes for layer, probes in by_layer.items() if layer not in site.stage_layers}
+    attention_layer = {id(site.adapter.attention(layer)): i for i, layer in enumerate(site.layers)}
+    for layer, probes in by_layer.items():
+        if layer in site.stage_layers:
+            def before(module: nn.Module, args: tuple, kwargs: dict, probes: list = probes) -> None:
+                prefill = site.running.prefill()
+                if prefill is not None:
+                    with site.timed("attention rows"):
+                        scoring_pass(site.adapter, module, site.adapter.layer_input(args, kwargs), kwargs, prefill,
+                                     probes)
+
+            site.hooks.add(site.layers[layer].register_forward_pre_hook(before, with_kwargs=True))
+
+    def on_attention(module: nn.Module, query: Tensor, key: Tensor, kwargs: dict) -> None:
+        prefill = site.running.prefill()
+        if prefill is None:
+            return
+        if prefill.scoring_module is not None:
+            if module is prefill.scoring_module:
+                capture_rows(prefill, prefill.scoring_probes, query, key, kwargs)
+                raise ScoringPassDone
+            return
+        probes = during.get(attention_layer.get(id(module)), ())
+        if probes:
+            with site.timed("attention rows"):
+                capture_rows(prefill, probes, query, key, kwargs)
+
+    site.hooks.tap(site.adapter.language_model(site.model).config, on_attention)
+
+
+def _vision_tap(site: Site, wanted: Wanted, compute: Callable[[Any, Tensor, Tensor, dict], Tensor]) -> None:
+    """Tap the vision tower's attention: ``compute(probe, query, key, kwargs)`` at each probe's layer."""
+    n = len(site.vision_layers)
+    by_layer = {layer: list(dict.fromkeys(p for _, p in group))
+                for layer, group in _by(wanted, lambda p: p.layer % n).items()}
+    attention_layer = {id(site.adapter.vision_attention(layer)): i for i, layer in enumerate(site.vision_layers)}
+
+    def on_attention(module: nn.Module, query: Tensor, key: Tensor, kwargs: dict) -> None:
+        probes = by_layer.get(attention_layer.get(id(module)), ())
+        if probes:
+            captures = site.running.vision_record().captures
+            with torch.no_grad():
+                for probe in probes:
+                    captures[probe] = compute(probe, query, key, kwargs)
+
+    site.hooks.tap(site.adapter.vision_attention(site.vision_layers[0]).config, on_attention)
+
+
+def _cls_attention(probe: VisionAttention, query: Tensor, key: Tensor, kwargs: dict) -> Tensor:
+    """[n_images, tokens]: softmax row of token ``probe.query``, mean over heads."""
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    q = query[:, :, probe.query: probe.query + 1].float()  # [n_images, heads, 1, head_dim]
+    logits = torch.matmul(q, key.float().transpose(-1, -2)) * scaling  # [n_images, heads, 1, tokens]
+    return torch.softmax(logits, dim=-1)[:, :, 0].mean(dim=1)
+
+
+def install_vision_attention(site: Site, wanted: Wanted) -> None:
+    _vision_tap(site, wanted, _cls_attention)
+
+
+def install_vision_keys(site: Site, wanted: Wanted) -> None:
+    _vision_tap(site, wanted, lambda probe, query, key, kwargs: key.mean(dim=1))  # [n_images, tokens, head_dim]
+
+
+def install_vision_hidden(site: Site, wanted: Wanted) -> None:
+    """A forward hook on each vision-encoder layer read: its output hidden states are kept for the projector."""
+    n = len(site.vision_layers)
+    for layer, group in _by(wanted, lambda p: p.layer % n).items():
+        probes = list(dict.fromkeys(p for _, p in group))
+
+        def hook(module: nn.Module, args: tuple, output: Any, probes: list = probes) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output  # [n_images, tokens, dim]
+            captures = site.running.vision_record().captures
+            for probe in probes:
+                captures[probe] = hidden.detach()
+
+        site.hooks.add(site.vision_layers[layer].register_forward_hook(hook))
+
+
+INSTALLERS: dict[type, Installer] = {
+    ModuleIO: install_module_io,
+    LayerInput: install_layer_input,
+    AttentionRows: install_attention_rows,
+    VisionAttention: install_vision_attention,
+    VisionKeys: install_vision_keys,
+    VisionHidden: install_vision_hidden,
+}
+
+
+def install_probes(site: Site, wanted: Wanted) -> None:
+    """Install every probe of ``wanted`` through its type's installer, in the table's order."""
+    by_type = _by(wanted, type)
+    unknown = [kind.__name__ for kind in by_type if kind not in INSTALLERS]
+    if unknown:
+        raise RecipeError(f"no installer for probe type(s) {unknown}; known: {[k.__name__ for k in INSTALLERS]}")
+    for kind, install in INSTALLERS.items():
+        if kind in by_type:
+            install(site, by_type[kind])

@@ -1,0 +1,124 @@
+"""What one forward pass leaves behind: the per-forward records the hooks read and write.
+
+The Pruner and its vision stage keep no tensors on themselves: everything a forward builds lives
+in one :class:`Running` slot, which the model pre-hook fills and the model post-hook empties.
+Only a :class:`CacheRecord` outlives its forward, held weakly by KV-cache object so that decode
+steps on a pruned cache find each stage's slots; it goes with the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from prunekit.api import ForwardContext
+from prunekit.probes import AttentionRows, Probe
+
+
+@dataclass
+class PromptRewrite:
+    """How a vision stage shortened the prompt of one prefill (kept by the cache record too)."""
+
+    columns: Tensor  # [batch, new_len] long: original prompt column of each new slot (0 on fill)
+    fill: Tensor  # [batch, new_len] bool
+    shift: Tensor  # [batch] long: real tokens removed
+    original_length: int
+    image_starts: Tensor  # [n_images] long: flat (batch * original_len) index of each image's first token
+    sample_of_image: Tensor  # [n_images] long
+
+
+@dataclass
+class VisionRecord:
+    """The vision stage's share of one forward: vision-tower captures and what the projector kept."""
+
+    captures: dict[Probe, Tensor] = field(default_factory=dict)  # vision probe -> [n_images, tokens, ...]
+    kept_patches: Tensor | None = None  # [n_images, k] long: patches the projector kept, in order
+    lead: int = 0  # merged tokens put before each image's kept patches
+
+
+@dataclass
+class StageRecord:
+    """The sequence one stage left: which prefill token sits in each slot."""
+
+    layer: int
+    original_index: Tensor  # [batch, seq_s] long: prefill index of each slot, -1 on fill slots
+    visual: Tensor  # [batch, seq_s] bool
+    valid: Tensor  # [batch, seq_s] bool
+    shift: Tensor  # [batch] long: real tokens fewer than the prompt (dropped minus merged) from this stage on
+    where: str = "decoder"  # "vision": before the language model
+
+
+@dataclass
+class Prefill:
+    """One prefill: the criteria's context, the current positions and each stage's record."""
+
+    ctx: ForwardContext
+    positions: Tensor | None  # [components, batch, seq] long: RoPE positions of the current sequence (set by
+    # the language model's pre-hook; components is 1, or 3 for M-RoPE)
+    visual_original: Tensor  # [batch] long: visual tokens entering the language model
+    prompt_valid: Tensor  # [batch] long: real (non-padding) tokens of the prompt
+    prompt_length: int
+    cache: Any
+    prompt_max_position: Tensor | None = None  # [batch] long: largest RoPE position of the prompt
+    rewrite: PromptRewrite | None = None  # how a vision stage shortened the prompt
+    rewrite_visual: Tensor | None = None  # [batch, short_len] bool: visual tokens of the shortened prompt
+    rewrite_valid: Tensor | None = None  # [batch, short_len] bool
+    visual_before_vision: Tensor | None = None  # [batch] visual tokens before a vision stage
+    layer_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # layer kind -> this stage's kwargs
+    records: list[StageRecord] = field(default_factory=list)
+    scoring_module: nn.Module | None = None  # the attention module a scoring pass is running
+    scoring_probes: tuple[AttentionRows, ...] = ()
+
+
+@dataclass
+class CacheRecord:
+    """What decode steps on a pruned KV cache need: the prompt length and each stage's slots."""
+
+    prompt_length: int
+    records: list[StageRecord]
+    seen: int  # tokens the cache has seen (prompt + decoded)
+    rewrite: PromptRewrite | None = None
+
+
+@dataclass
+class Decode:
+    """One decode step on a pruned cache."""
+
+    cached: CacheRecord
+    mask_2d: Tensor  # [batch, seen + q] bool
+    positions: Tensor | None  # [components, batch, q] long (set by the language model's pre-hook)
+    cache: Any
+    layer_kwargs: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)  # (stage, kind) -> kwargs
+
+
+@dataclass
+class Running:
+    """The records of the forward now running on one pruned model (empty between forwards).
+
+    ``vision`` may start before ``forward``: ``generate`` can encode images before the model's
+    first forward call, and the vision tower runs before the model pre-hook sees the prompt.
+    """
+
+    forward: Prefill | Decode | None = None
+    vision: VisionRecord | None = None
+
+    def prefill(self) -> Prefill | None:
+        """The running prefill, or None (no forward, or a decode step)."""
+        return self.forward if isinstance(self.forward, Prefill) else None
+
+    def vision_record(self) -> VisionRecord:
+        """The vision record of this forward, started on first use."""
+        if self.vision is None:
+            self.vision = VisionRecord()
+        return self.vision
+
+    def clear(self) -> None:
+        self.forward = None
+        self.vision = None
+
+
+def max_position(positions: Tensor, valid: Tensor) -> Tensor:
+    """Largest position (over components and real tokens) of each sample: [batch]."""
+    return positions.masked_fill(~valid[None], -1).amax(dim=(0, 2))

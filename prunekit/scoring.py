@@ -1,0 +1,124 @@
+"""Scoring at a prune layer: attention rows from the layer's own q/k, and the criteria's scores.
+
+Attention rows are captured by the attention tap as a layer runs; at a prune layer the rows must
+come from that layer on its unpruned input, so :func:`scoring_pass` runs the layer's attention once
+on its normed input and stops as soon as the tap has them. During that pass the plain
+``nn.Linear`` query and value projections are swapped for stand-ins that project only the query
+rows the probes read (and no values); the originals return in a ``finally``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.api import Adapter, Combiner, Criterion, ForwardContext
+from prunekit.attention import attention_rows, attention_rows_split, query_weights
+from prunekit.compat import CACHE_NAMES
+from prunekit.errors import AdapterError
+from prunekit.layout import last_index
+from prunekit.probes import QUERY_SETS, AttentionRows
+from prunekit.record import Prefill
+
+
+Timer = Callable[[str], AbstractContextManager]  # timed("scoring"): a context that times one part of the work
+
+
+class ScoringPassDone(Exception):
+    """Raised by the attention tap once a scoring pass has what it needs."""
+
+
+def query_rows(ctx: ForwardContext, probe: AttentionRows) -> Tensor:
+    """[batch, seq] bool: the query tokens whose attention rows ``probe`` reads."""
+    layout = ctx.layout
+    if probe.queries == "instruction":
+        return layout.instruction
+    if probe.queries == "last":  # the last real token of each sample
+        index = torch.arange(layout.seq_len, device=layout.valid.device)
+        return index[None, :] == last_index(layout.valid)[:, None]
+    if probe.queries in ctx.buffers:
+        return ctx.buffers[probe.queries] & layout.valid
+    raise KeyError(f"{probe}: no query set {probe.queries!r}; use one of {QUERY_SETS} or a [batch, seq] bool "
+                   "buffer a criterion puts in ctx.buffers before that layer")
+
+
+def capture_rows(prefill: Prefill, probes: Sequence[AttentionRows], query: Tensor, key: Tensor,
+                 kwargs: dict) -> None:
+    """Store each probe's rows in ``ctx.captures`` from one layer's query [batch, heads, seq, head_dim] and key."""
+    ctx = prefill.ctx
+    layout = ctx.layout
+    if query.shape[2] != layout.seq_len or key.shape[2] != layout.seq_len:
+        raise AdapterError(
+            f"attention rows: query/key cover {query.shape[2]}/{key.shape[2]} tokens but the prefill "
+            f"sequence has {layout.seq_len}; attention rows need a prefill from an empty cache"
+        )
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    with torch.no_grad():
+        for probe in probes:
+            selected = query_rows(ctx, probe)
+            if probe.per_head or probe.per_query:
+                ctx.captures[probe] = attention_rows_split(query, key, scaling, selected, layout.valid,
+                                                           probe.per_head, probe.per_query)
+            else:
+                ctx.captures[probe] = attention_rows(query, key, scaling, query_weights(selected), layout.valid)
+
+
+class _RowsOnly(nn.Module):
+    """Stands in for a linear projection during a scoring pass: the token columns ``columns`` only, zeros elsewhere."""
+
+    def __init__(self, projection: nn.Linear, columns: Tensor) -> None:
+        super().__init__()
+        self.projection, self.columns = projection, columns
+
+    def forward(self, hidden: Tensor) -> Tensor:  # [batch, seq, in] -> [batch, seq, out]
+        out = hidden.new_zeros(*hidden.shape[:-1], self.projection.out_features)
+        if self.columns.numel():
+            out[:, self.columns] = self.projection(hidden[:, self.columns])
+        return out
+
+
+def _swap_projections(attention: nn.Module, columns: dict[str, Tensor]) -> dict[str, nn.Module]:
+    """Replace the attention's plain ``nn.Linear`` projections named in ``columns``; returns the originals."""
+    swapped = {}
+    for name, wanted in columns.items():
+        projection = getattr(attention, name, None)
+        if type(projection) is nn.Linear:  # fused, quantised or adapted projections are left to run whole
+            swapped[name] = projection
+            setattr(attention, name, _RowsOnly(projection, wanted))
+    return swapped
+
+
+def scoring_pass(adapter: Adapter, layer: nn.Module, hidden: Tensor, kwargs: dict, prefill: Prefill,
+                 probes: Sequence[AttentionRows]) -> None:
+    """Run a prune layer's attention on its unpruned input ``hidden`` [batch, seq, dim] until the tap has the rows."""
+    attention = adapter.attention(layer)
+    call_kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "use_cache", *CACHE_NAMES)}
+    # Only the probes' query rows are read and the values never: project just those (zeros elsewhere).
+    rows = torch.stack([query_rows(prefill.ctx, probe) for probe in probes]).any(dim=0).any(dim=0)  # [seq]
+    no_rows = torch.zeros(0, dtype=torch.long, device=rows.device)
+    swapped = _swap_projections(attention, {"q_proj": rows.nonzero().flatten(), "v_proj": no_rows})
+    prefill.scoring_module, prefill.scoring_probes = attention, tuple(probes)
+    try:
+        with torch.no_grad():
+            attention(hidden_states=adapter.input_norm(layer)(hidden), **call_kwargs)
+    except ScoringPassDone:
+        pass
+    else:
+        raise AdapterError(
+            f"{type(attention).__name__} did not call the transformers attention interface, so its "
+            "attention rows cannot be captured; this model needs an adapter that computes them"
+        )
+    finally:
+        prefill.scoring_module, prefill.scoring_probes = None, ()
+        for name, original in swapped.items():
+            setattr(attention, name, original)
+
+
+def score(criteria: Mapping[str, Criterion], combiner: Combiner, ctx: ForwardContext) -> Tensor:
+    """[batch, seq]: every criterion's score of the current sequence, merged by the combiner."""
+    with torch.no_grad():
+        scores = {key: criterion.score(ctx) for key, criterion in criteria.items()}
+        return combiner.combine(scores, ctx.layout.visual)

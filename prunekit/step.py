@@ -1,0 +1,105 @@
+"""What a prune layer does to a prefill's record, and the layer inputs every stage's layers get.
+
+:func:`prune` scores the current sequence, keeps the top visual tokens (and any merged summary
+tokens), and moves the record on: the layout and buffers are gathered, positions follow, and the
+stage's :class:`~prunekit.record.StageRecord` is appended. :func:`prefill_layer_kwargs` and
+:func:`decode_layer_kwargs` build a layer's mask and position embeddings for the current stage,
+once per layer kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.api import Adapter, Stage
+from prunekit.layout import last_index
+from prunekit.record import Decode, Prefill, StageRecord, max_position
+from prunekit.recipe import Recipe
+from prunekit.scoring import Timer, score
+from prunekit.sequence import Assembly, assemble, gather_tokens, select
+
+
+def prune(prefill: Prefill, recipe: Recipe, adapter: Adapter, stage: Stage, stage_index: int, hidden: Tensor,
+          timed: Timer) -> Tensor:
+    """Prune before ``stage.layer``: returns the next hidden states [batch, new_seq, dim] and updates ``prefill``."""
+    ctx = prefill.ctx
+    ctx.stage = stage_index
+    counts = torch.minimum(stage.keep_counts(prefill.visual_original), ctx.layout.visual_counts())  # [batch]
+    ctx.keep_counts = counts
+    with timed("scoring"):
+        combined = score(recipe.criteria, recipe.combiner, ctx)  # [batch, seq]
+    with torch.no_grad(), timed("selection"):
+        selection = select(combined, ctx.layout.visual, counts)
+        merged, merged_valid = None, None
+        if recipe.merger is not None:
+            merged, merged_valid = recipe.merger.merge(hidden, selection.dropped, combined, ctx)
+        plan = assemble(selection, last_index(ctx.layout.visual), merged_valid)
+        hidden = next_hidden(hidden, plan, merged)
+        prefill.positions = next_positions(prefill, plan, adapter, recipe.positions)
+        ctx.gather(plan.index, ~plan.from_current)
+        if merged is not None:  # merged slots are visual tokens from now on
+            ctx.layout.visual |= plan.merged_valid
+            ctx.layout.valid |= plan.merged_valid
+    shift = torch.zeros_like(prefill.prompt_valid)
+    if recipe.positions == "compact":  # decode tokens continue right after the compacted prompt
+        shift = prefill.prompt_max_position - max_position(prefill.positions, ctx.layout.valid)
+    layout = ctx.layout
+    prefill.records.append(StageRecord(layer=stage.layer, original_index=layout.original_index,
+                                       visual=layout.visual, valid=layout.valid, shift=shift))
+    prefill.layer_kwargs = {}
+    return hidden
+
+
+def next_hidden(hidden: Tensor, plan: Assembly, merged: Tensor | None) -> Tensor:
+    """[batch, new_seq, dim]: kept tokens gathered, merged tokens in their slots."""
+    out = gather_tokens(hidden, plan.index)
+    if merged is not None and merged.shape[1]:
+        placed = gather_tokens(merged.to(hidden.dtype), plan.merged.clamp(min=0))
+        out = torch.where((plan.merged >= 0)[..., None], placed, out)
+    return out
+
+
+def next_positions(prefill: Prefill, plan: Assembly, adapter: Adapter, policy: str) -> Tensor:
+    """[components, batch, new_seq]: RoPE positions of the next sequence, re-indexed (compact) or each token's own."""
+    layout = prefill.ctx.layout
+    valid = (plan.from_current & layout.valid.gather(1, plan.index)) | plan.merged_valid
+    components = prefill.positions.shape[0]
+    positions = prefill.positions.gather(2, plan.index[None].expand(components, -1, -1))
+    # a merged token sits at the position of the kept token before it
+    anchored = positions.gather(2, plan.anchor[None].expand(components, -1, -1))
+    positions = torch.where(plan.merged[None] >= 0, anchored, positions)
+    if policy == "compact":
+        visual = (plan.from_current & layout.visual.gather(1, plan.index)) | plan.merged_valid
+        positions = adapter.compact_positions(positions, valid, visual)
+    return positions.masked_fill(~valid[None], 0)
+
+
+def prefill_layer_kwargs(prefill: Prefill, adapter: Adapter, model: nn.Module, layer_idx: int, hidden: Tensor,
+                         timed: Timer) -> dict[str, Any]:
+    """The current stage's keyword arguments for decoder layer ``layer_idx`` (built once per layer kind)."""
+    kind = adapter.layer_kind(model, layer_idx)
+    if kind not in prefill.layer_kwargs:
+        layout = prefill.ctx.layout
+        with timed("stage inputs"):
+            prefill.layer_kwargs[kind] = adapter.stage_kwargs(
+                model, hidden, layout.valid, prefill.positions, prefill.cache, layer_idx, layout.image_index
+            )
+    return prefill.layer_kwargs[kind]
+
+
+def decode_layer_kwargs(decode: Decode, adapter: Adapter, model: nn.Module, stage: int, layer_idx: int,
+                        hidden: Tensor, timed: Timer) -> dict[str, Any]:
+    """A decode step's keyword arguments for layer ``layer_idx`` of stage ``stage``: the mask over that
+    stage's cached slots plus the decoded tokens, positions shifted by what the stage removed."""
+    key = (stage, adapter.layer_kind(model, layer_idx))
+    if key not in decode.layer_kwargs:
+        record = decode.cached.records[stage]
+        prompt = decode.cached.prompt_length
+        mask_2d = torch.cat([record.valid, decode.mask_2d[:, prompt:]], dim=1)  # [batch, seq_s + decoded + q]
+        positions = decode.positions - record.shift[None, :, None]
+        with timed("stage inputs"):
+            decode.layer_kwargs[key] = adapter.stage_kwargs(model, hidden, mask_2d, positions, decode.cache, layer_idx)
+    return decode.layer_kwargs[key]
