@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 import torch
@@ -48,7 +48,7 @@ def _check_weights(weights: Optional[dict[str, float]], criteria: Sequence[str])
 class _Normalised(Combiner):
     """Shared by combiners that weigh each criterion's score after a named normalisation."""
 
-    weights: Optional[dict[str, float]] = None
+    weights: Optional[dict[str, float]] = field(default=None, metadata={"tune": "simplex"})
     normalize: str = "sum"
 
     def validate(self, criteria: Sequence[str]) -> None:
@@ -97,7 +97,7 @@ class RankFusion(Combiner):
     """
 
     name: ClassVar[str] = "rank_fusion"
-    weights: Optional[dict[str, float]] = None
+    weights: Optional[dict[str, float]] = field(default=None, metadata={"tune": "simplex"})
     k0: float = 60.0
 
     def validate(self, criteria: Sequence[str]) -> None:

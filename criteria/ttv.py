@@ -116,8 +116,8 @@ class AccumulatedTTV(TTV):
     """
 
     name: ClassVar[str] = "accumulated_ttv"
-    first_layer: int = field(default=6, metadata={"layer": True})
-    last_layer: int = field(default=11, metadata={"layer": True})
+    first_layer: int = field(default=6, metadata={"layer": True, "tune": True})
+    last_layer: int = field(default=11, metadata={"layer": True, "tune": True})
 
     def validate(self) -> None:
         super().validate()
