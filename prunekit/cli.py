@@ -333,14 +333,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from prunekit.recipe import builtin_recipe_names
-    from prunekit.toy.evaluate import format_table, plot, run_eval, to_json
+    from prunekit.recipe import builtin_recipe_names, load_recipe
+    from prunekit.toy.evaluate import (DEFAULT_SWEEP, format_comparisons, format_table, plot, run_eval, split_names,
+                                       to_json)
     from prunekit.toy.model import load_toy
 
-    from prunekit.recipe import load_recipe
-
     check_writable(args.plot, "--plot")
-    for name in [*(args.recipes or []), *args.sweep]:
+    args.recipes, args.sweep = split_names(args.recipes), split_names(args.sweep)
+    for name in [*(args.recipes or []), *(args.sweep or [])]:
         if name != "none":
             load_recipe(name)  # an unknown or broken recipe fails before the model loads
     if args.weights is not None:
@@ -348,7 +348,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     with loading(f"the toy model from {args.weights or 'the package'!r}"):
         model, processor = load_toy(args.weights)
     recipes = args.recipes or builtin_recipe_names()
-    result = run_eval(model, processor, recipes, n=args.n, seed=args.seed, sweep=args.sweep, ratios=args.ratios,
+    sweep = args.sweep if args.sweep is not None else ([] if args.recipes else list(DEFAULT_SWEEP))
+    result = run_eval(model, processor, recipes, n=args.n, seed=args.seed, sweep=sweep, ratios=args.ratios,
                       batch_size=args.batch_size, progress=not args.json)
     if result is None:  # data-parallel: rank 0 reports
         return 0
@@ -358,8 +359,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"toy task: {args.n} questions (seed {args.seed}); FLOPs in the papers' convention on the toy model")
         print(format_table(result["rows"]))
-        print(f"keep-ratio sweep ({', '.join(f'{r:g}' for r in args.ratios)} kept at the last stage):")
-        print(format_table(result["sweep"]))
+        if result["sweep"]:
+            print(f"sweep: each criterion on {result['sweep_shape']}'s schedule, its last stage keeping "
+                  f"{', '.join(f'{r:g}' for r in args.ratios)} (equal FLOPs at each point):")
+            print(format_table(result["sweep"]))
+            print("paired comparisons at each sweep point (same questions; > and < significant at 5%):")
+            print(format_comparisons(result["comparisons"]))
         print(f"plot: {args.plot}")
     return 0
 
@@ -408,11 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     evaluate = sub.add_parser("eval", help="accuracy, retention, FLOPs and relevance recall per recipe (toy task)")
-    evaluate.add_argument("--recipes", nargs="+", help="recipes to compare (default: every built-in)")
+    evaluate.add_argument("--recipes", nargs="+", help="recipes to compare, as 'a b' or 'a,b' (default: every built-in)")
     evaluate.add_argument("-n", type=_int_at_least(1), default=500, help="questions")
     evaluate.add_argument("--seed", type=int, default=1234)
-    evaluate.add_argument("--sweep", nargs="*", default=["random", "fastv", "pdrop", "l2norm", "transprune-high"],
-                          help="recipes whose keep ratios are swept")
+    evaluate.add_argument("--sweep", nargs="*", default=None,
+                          help="recipes whose criteria are swept on one schedule at each of --ratios (default: "
+                               "random, fastv, pdrop, l2norm, transprune-high, oracle without --recipes, none with it)")
     evaluate.add_argument("--ratios", nargs="*", type=_keep_fraction, default=[0.5, 0.25, 0.125, 0.0625],
                           help="last-stage keep fractions of the sweep, each in (0, 1]")
     evaluate.add_argument("--plot", default="prunekit_eval.png", help="PNG of accuracy against FLOPs")

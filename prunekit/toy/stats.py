@@ -22,7 +22,11 @@ def _resample_index(n: int, seed: int, resamples: int = RESAMPLES) -> np.ndarray
 
 
 def _interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
-    low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
+    """Percentile interval over the finite samples (a ratio is undefined on a resample whose reference is 0)."""
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return 0.0, 0.0
+    low, high = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
 
 

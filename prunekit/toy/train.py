@@ -161,7 +161,8 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
                mininterval=10)
     for step in bar:
         questions = task.questions(batch_size)
-        batch = make_batch(processor, questions, describe=[i % describe_every == 1 for i in range(batch_size)])
+        batch = make_batch(processor, questions,
+                           describe=[describe_every > 0 and i % describe_every == 1 for i in range(batch_size)])
         loss = per_sample_loss(model, batch)
         aux = aux_loss(aux_head, captured["features"], questions)
         (loss + aux_weight * aux).backward()
@@ -205,9 +206,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path("toy-train.ckpt"),
                         help="resumable training state, written at every evaluation")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument("--describe-every", type=int, default=4,
+                        help="every n-th sample of a batch is the describe task (0: questions only)")
     args = parser.parse_args()
     accuracy_ = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.threads,
-                      vision_steps=args.vision_steps, checkpoint=args.checkpoint, resume=args.resume)
+                      vision_steps=args.vision_steps, checkpoint=args.checkpoint, resume=args.resume,
+                      describe_every=args.describe_every)
     print(f"held-out accuracy: {accuracy_:.3f}; weights in {args.out}")
 
 
