@@ -19,7 +19,8 @@ from prunekit.errors import PrunekitError
 from prunekit.flops import DecoderDims, estimate, recipe_estimate
 from prunekit.toy import stats
 from prunekit.toy.oracle import ground_truth
-from prunekit.toy.task import GRID, Question, ToyTask, prompt
+from prunekit.toy import task as default_task
+from prunekit.toy.task import Question
 
 NO_PRUNING = "none"
 DEFAULT_SWEEP = ("random", "fastv", "pdrop", "l2norm", "transprune-high", "oracle")
@@ -47,8 +48,8 @@ def split_names(names: Sequence[str] | None) -> list[str] | None:
     return [part for name in names for part in str(name).split(",") if part]
 
 
-def _batches(processor, questions: Sequence[Question], batch_size: int, rank: int = 0,
-             world: int = 1) -> dict[int, tuple[dict, list[list[int]]]]:
+def _batches(processor, questions: Sequence[Question], batch_size: int, rank: int = 0, world: int = 1,
+             prompt=default_task.prompt) -> dict[int, tuple[dict, list[list[int]]]]:
     """Per batch index: processed inputs and each question's relevant patches, for every ``world``-th batch.
 
     Made once for all recipes. Whole batches per process keep the padding, hence the answers,
@@ -74,7 +75,8 @@ def _answers(model, processor, batches: dict[int, tuple[dict, list[list[int]]]],
                 logits = model(**batch).logits[:, -1]  # [batch, vocab]
             answers = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
             if pruner is None:
-                results[index] = (answers, [set(range(GRID * GRID)) for _ in answers])
+                results[index] = (answers, [set(range(int((ids[row] == model.config.image_token_id).sum())))
+                                            for row in range(len(answers))])
                 continue
             first_visual = (ids == model.config.image_token_id).long().argmax(dim=1)  # [batch]
             last = pruner.last_report.stages[-1].kept  # [batch, n] original positions, -1 pads
@@ -136,20 +138,22 @@ def sweep_recipe(name: str, final_keep: float, num_layers: int, shape: str = SWE
 
 def run_eval(model, processor, recipes: Sequence[str], n: int = 500, seed: int = 1234,
              sweep: Sequence[str] = DEFAULT_SWEEP, ratios: Sequence[float] = DEFAULT_RATIOS,
-             batch_size: int = 50, progress: bool = True) -> dict[str, Any] | None:
+             batch_size: int = 50, progress: bool = True, task=default_task) -> dict[str, Any] | None:
     """Evaluate each recipe (and the keep-ratio sweep) on ``n`` seeded toy questions.
 
     Every figure carries a 95% bootstrap interval; at each sweep point (equal FLOPs) every pair of
     swept recipes gets a paired comparison (:mod:`prunekit.toy.stats`). Under ``torchrun`` /
     ``accelerate launch`` each process answers every ``world``-th batch and rank 0 gathers the
-    answers: it returns the result, the other ranks return None.
+    answers: it returns the result, the other ranks return None. ``task`` is the toy task's module
+    (``prunekit.toy.task``, or ``prunekit.toy.v2.task`` for the LLaVA-layout toy in training).
     """
     if n < 1:
         raise PrunekitError(f"-n must be a positive number of questions, got {n}")
     if batch_size < 1:
         raise PrunekitError(f"batch size must be a positive number of questions, got {batch_size}")
     ratios = [_check_fraction(r) for r in ratios]
-    questions = ToyTask(seed).questions(n)
+    questions = task.ToyTask(seed).questions(n)
+    n_visual = task.GRID * task.GRID
     dims = DecoderDims.from_config(model.config)
     n_text = 16  # the toy prompt's text tokens, roughly (for the whole-sequence ratio only)
     # (label, recipe source, sweep keep) for every configuration; built and validated before any forward
@@ -163,13 +167,13 @@ def run_eval(model, processor, recipes: Sequence[str], n: int = 500, seed: int =
     correct_by_label: dict[str, np.ndarray] = {}
     base_correct = None
     rank, world, started = _distributed()
-    mine = _batches(processor, questions, batch_size, rank, world)  # this process's share of whole batches
+    mine = _batches(processor, questions, batch_size, rank, world, task.prompt)  # this process's share of whole batches
     for label, recipe, ratio in tqdm(jobs, desc="prunekit eval", unit="recipe", disable=not progress or rank != 0):
         answers, kept = _gather(_answers(model, processor, mine, recipe), world)
         if recipe is None:
-            flops = estimate([], dims, GRID * GRID, n_text).visual_ratio
+            flops = estimate([], dims, n_visual, n_text).visual_ratio
         else:
-            flops = recipe_estimate(prunekit.load_recipe(recipe), dims, GRID * GRID, n_text).visual_ratio
+            flops = recipe_estimate(prunekit.load_recipe(recipe), dims, n_visual, n_text).visual_ratio
         row, correct = _row(label, questions, answers, kept, base_correct, flops, ratio, seed)
         if recipe is None:
             base_correct = correct

@@ -1,23 +1,11 @@
-"""A seeded synthetic visual question task with ground-truth relevant patches, laid out like LLaVA-1.5.
+"""A seeded synthetic visual question task with ground-truth relevant patches.
 
-Images are 96x96 (a 12x12 grid of 8-pixel patches: 144 visual tokens). A scene holds three to six
-coloured shapes (circle, square, triangle; red, green, blue, yellow), big (14-18 pixels, about 4-9
-patches) or small (6-8 pixels, 1-4 patches), on a cluttered background; distractors share the asked
-object's colour or shape. Questions ask for
-
-- ``color``: the colour of an object named by its size and shape,
-- ``shape``: the shape of an object named by its size and colour,
-- ``count``: how many objects of one colour there are,
-- ``presence``: whether an object of a colour and shape is there,
-- ``relation``: where one object is relative to another (left, right, above, below).
-
-Answers are one word, drawn uniformly per kind, so without the image a model can only guess. Every
-question knows the patches that hold its evidence (``relevant``): the asked objects' patches; for a
-presence question answered "no", the objects that share the asked colour or shape. An oracle
-criterion (`prunekit.toy.oracle`) keeps those first.
-
-The prompt is LLaVA-1.5's chat layout, image first: ``USER: <image>\\n{question} ASSISTANT:``. Image
-tokens never see the question (causal attention); the question reads the image.
+Images are 64x64: one to three coloured shapes (circle, square, triangle) on a cluttered background
+(a greyish tone with pixel noise, faint lines and dots). Questions ask for the colour, the shape, the count, the presence or the
+position (column) of a named object; answers are one word. For every question the patches (8x8)
+covered by the objects it asks about are known, so a pruning recipe's kept tokens can be scored by how
+many of the relevant ones survive. The answers are balanced so that without the image a model can
+only guess: accuracy on blank images falls to chance.
 """
 
 from __future__ import annotations
@@ -28,24 +16,21 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 96
+IMAGE_SIZE = 64
 PATCH = 8
-GRID = IMAGE_SIZE // PATCH  # 12 x 12 = 144 visual tokens
+GRID = IMAGE_SIZE // PATCH  # 8 x 8 = 64 visual tokens
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
-SIZES = ("small", "big")
+COLUMNS = ("left", "middle", "right")
 COUNTS = ("one", "two", "three")
-RELATIONS = ("left", "right", "above", "below")
-KINDS = ("color", "shape", "count", "presence", "relation")
+KINDS = ("color", "shape", "count", "presence", "position")
 ANSWERS = {
-    "color": tuple(COLORS), "shape": SHAPES, "count": COUNTS, "presence": ("yes", "no"), "relation": RELATIONS,
+    "color": tuple(COLORS), "shape": SHAPES, "count": COUNTS, "presence": ("yes", "no"), "position": COLUMNS,
 }
-N_PATCH_CLASSES = 1 + len(SIZES) * len(COLORS) * len(SHAPES)  # background, or one size-colour-shape triple
-CHANCE = sum(1 / len(ANSWERS[k]) for k in KINDS) / len(KINDS)  # accuracy of a blind uniform guess
 VOCAB = (
-    ["<pad>", "<s>", "</s>", "<unk>", "<image>", "?", "USER:", "ASSISTANT:"]
-    + "what color is the shape object how many objects are there a where describe relative to".split()
-    + list(COLORS) + list(SHAPES) + list(SIZES) + list(COUNTS) + list(RELATIONS) + ["yes", "no"]
+    ["<pad>", "<s>", "</s>", "<unk>", "<image>", "?"]
+    + "what color is the shape object how many objects are there a where describe".split()
+    + list(COLORS) + list(SHAPES) + list(COLUMNS) + list(COUNTS) + ["yes", "no"]
 )
 
 
@@ -53,16 +38,9 @@ VOCAB = (
 class Shape:
     kind: str
     color: str
-    size: str  # "small" or "big"
-    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, inclusive
-
-    @property
-    def center(self) -> tuple[float, float]:
-        x0, y0, x1, y1 = self.box
-        return (x0 + x1) / 2, (y0 + y1) / 2
-
-    def name(self) -> str:
-        return f"{self.color} {self.kind}"
+    column: int  # 0, 1, 2
+    row: int
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
 
 
 @dataclass
@@ -73,12 +51,13 @@ class Question:
     question: str
     answer: str
     kind: str
-    relevant: list[int] = field(default_factory=list)  # patch indices (row-major, 0..GRID*GRID-1)
+    relevant: list[int] = field(default_factory=list)  # patch indices (row-major, 0..63)
     shapes: list[Shape] = field(default_factory=list)
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
     x0, y0, x1, y1 = shape.box
+    fill = COLORS[shape.color]
     if shape.kind == "circle":
         draw.ellipse(shape.box, fill=fill)
     elif shape.kind == "square":
@@ -87,12 +66,11 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill) -> None:
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def shape_patches(shape: Shape) -> list[int]:
-    """The patches the shape really covers (at least one pixel of it), row-major."""
-    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
-    draw_shape(ImageDraw.Draw(canvas), shape, 1)
-    covered = np.asarray(canvas).reshape(GRID, PATCH, GRID, PATCH).any(axis=(1, 3))  # [GRID, GRID]
-    return np.flatnonzero(covered).tolist()
+def _patches(box: tuple[int, int, int, int]) -> list[int]:
+    x0, y0, x1, y1 = box
+    cols = range(max(0, x0 // PATCH), min(GRID - 1, x1 // PATCH) + 1)
+    rows = range(max(0, y0 // PATCH), min(GRID - 1, y1 // PATCH) + 1)
+    return [r * GRID + c for r in rows for c in cols]
 
 
 class ToyTask:
@@ -107,131 +85,106 @@ class ToyTask:
         noise = np.random.default_rng(rng.randrange(2**32)).integers(-12, 13, (IMAGE_SIZE, IMAGE_SIZE, 3))
         image = Image.fromarray((base + noise).clip(0, 255).astype(np.uint8), "RGB")
         draw = ImageDraw.Draw(image)
-        for _ in range(rng.randint(6, 12)):  # clutter: faint lines and dots
+        for _ in range(rng.randint(4, 8)):  # clutter: faint lines and dots
             tone = tuple(rng.randint(60, 160) for _ in range(3))
             if rng.random() < 0.5:
-                draw.line([rng.randrange(IMAGE_SIZE) for _ in range(4)], fill=tone)
+                draw.line([rng.randrange(64), rng.randrange(64), rng.randrange(64), rng.randrange(64)], fill=tone)
             else:
-                x, y = rng.randrange(IMAGE_SIZE - 2), rng.randrange(IMAGE_SIZE - 2)
+                x, y = rng.randrange(62), rng.randrange(62)
                 draw.rectangle([x, y, x + 1, y + 1], fill=tone)
-        shapes: list[Shape] = []
-        for _ in range(rng.randint(3, 6)):
-            for _attempt in range(50):  # place without overlap (2 pixels apart at least)
-                size_name = rng.choice(SIZES)
-                side = rng.randint(6, 8) if size_name == "small" else rng.randint(14, 18)
-                x0, y0 = rng.randint(1, IMAGE_SIZE - side - 2), rng.randint(1, IMAGE_SIZE - side - 2)
-                box = (x0, y0, x0 + side - 1, y0 + side - 1)
-                if all(box[0] > s.box[2] + 2 or box[2] < s.box[0] - 2 or box[1] > s.box[3] + 2 or box[3] < s.box[1] - 2
-                       for s in shapes):
-                    shapes.append(Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), size_name, box))
-                    break
+        cells = rng.sample([(c, r) for c in range(3) for r in range(3)], rng.randint(1, 3))
+        shapes = []
+        for column, row in cells:
+            size = rng.randint(14, 18)
+            cx = 11 + 21 * column + rng.randint(-2, 2)
+            cy = 11 + 21 * row + rng.randint(-2, 2)
+            box = (cx - size // 2, cy - size // 2, cx + size // 2, cy + size // 2)
+            shapes.append(Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), column, row, box))
         for shape in shapes:
-            draw_shape(draw, shape, COLORS[shape.color])
+            _draw_shape(draw, shape)
         return image, shapes
 
     def question(self, kind: str | None = None) -> Question:
         """One question of ``kind`` (random kind by default) with a uniformly drawn answer."""
-        if kind is not None and kind not in KINDS:
-            raise ValueError(f"unknown question kind {kind!r}; valid: {', '.join(KINDS)}")
         kind = kind or self.rng.choice(KINDS)
         target = self.rng.choice(ANSWERS[kind])
-        for _ in range(500):  # redraw scenes until one has the drawn answer
+        for _ in range(200):  # redraw scenes until one has the drawn answer
             image, shapes = self._scene()
             made = self._ask(kind, target, shapes)
             if made is not None:
-                text, evidence = made
-                relevant = sorted({p for s in evidence for p in shape_patches(s)})
-                return Question(image, text, target, kind, relevant, shapes)
+                text, relevant = made
+                return Question(image, text, target, kind, sorted(set(relevant)), shapes)
         raise RuntimeError(f"could not make a {kind!r} question answered {target!r}")
 
-    def _ask(self, kind: str, target: str, shapes: list[Shape]) -> tuple[str, list[Shape]] | None:
-        """The question text and the objects that hold its evidence, or None when this scene cannot ask it."""
+    def _ask(self, kind: str, target: str, shapes: list[Shape]) -> tuple[str, list[int]] | None:
         rng = self.rng
         if kind == "count":
-            color = rng.choice(list(COLORS))
-            matching = [s for s in shapes if s.color == color]
-            if len(matching) != COUNTS.index(target) + 1:
+            if COUNTS.index(target) + 1 != len(shapes):
                 return None
-            return f"how many {color} objects are there ?", matching
+            return "how many objects are there ?", [p for s in shapes for p in _patches(s.box)]
         if kind == "presence":
             color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
             matching = [s for s in shapes if s.color == color and s.kind == shape]
             if (target == "yes") != bool(matching):
                 return None
-            if matching:
-                return f"is there a {color} {shape} ?", matching
-            alike = [s for s in shapes if s.color == color or s.kind == shape]
-            return (f"is there a {color} {shape} ?", alike) if alike else None  # a near miss, not an empty scene
-        if kind == "color":  # named by size and shape; at least one distractor of the same shape or colour
-            named = [s for s in shapes if s.color == target
-                     and sum(t.size == s.size and t.kind == s.kind for t in shapes) == 1
-                     and any(t is not s and (t.kind == s.kind or t.color == s.color) for t in shapes)]
-            if not named:
+            return f"is there a {color} {shape} ?", [p for s in matching for p in _patches(s.box)]
+        if kind == "color":
+            by_kind = [s for s in shapes if [t.kind for t in shapes].count(s.kind) == 1 and s.color == target]
+            if not by_kind:
                 return None
-            s = rng.choice(named)
-            return f"what color is the {s.size} {s.kind} ?", [s]
+            s = by_kind[0]
+            return f"what color is the {s.kind} ?", _patches(s.box)
         if kind == "shape":
-            named = [s for s in shapes if s.kind == target
-                     and sum(t.size == s.size and t.color == s.color for t in shapes) == 1
-                     and any(t is not s and (t.kind == s.kind or t.color == s.color) for t in shapes)]
-            if not named:
+            unique = [s for s in shapes if [t.color for t in shapes].count(s.color) == 1 and s.kind == target]
+            if not unique:
                 return None
-            s = rng.choice(named)
-            return f"what shape is the {s.size} {s.color} object ?", [s]
-        # relation: where is A relative to B; both named uniquely by colour and shape, one axis clearly dominant
-        unique = [s for s in shapes if sum(t.color == s.color and t.kind == s.kind for t in shapes) == 1]
-        pairs = [(a, b) for a in unique for b in unique if a is not b and _relation(a, b) == target]
-        if not pairs:
+            s = unique[0]
+            return f"what shape is the {s.color} object ?", _patches(s.box)
+        # position: a uniquely described object in the target column
+        unique = [s for s in shapes if sum(t.kind == s.kind and t.color == s.color for t in shapes) == 1
+                  and COLUMNS[s.column] == target]
+        if not unique:
             return None
-        a, b = rng.choice(pairs)
-        return f"where is the {a.name()} relative to the {b.name()} ?", [a, b]
+        s = unique[0]
+        return f"where is the {s.color} {s.kind} ?", _patches(s.box)
 
     def questions(self, n: int) -> list[Question]:
         return [self.question() for _ in range(n)]
 
 
-def _relation(a: Shape, b: Shape) -> str | None:
-    """Where ``a`` lies relative to ``b`` along the clearly dominant axis (twice the other), else None."""
-    (ax, ay), (bx, by) = a.center, b.center
-    dx, dy = ax - bx, ay - by
-    if abs(dx) >= 2 * abs(dy) and abs(dx) >= 6:
-        return "left" if dx < 0 else "right"
-    if abs(dy) >= 2 * abs(dx) and abs(dy) >= 6:
-        return "above" if dy < 0 else "below"
-    return None
-
-
 def description(shapes: list[Shape]) -> str:
-    """``size color shape`` for every object, top to bottom by patch row, then left to right (training only)."""
-    ordered = sorted(shapes, key=lambda s: (int(s.center[1]) // PATCH, s.center[0]))
-    return " ".join(f"{s.size} {s.color} {s.kind}" for s in ordered)
+    """``color shape column`` for every object, left to right then top to bottom (a training task only)."""
+    ordered = sorted(shapes, key=lambda s: (s.column, s.row))
+    return " ".join(f"{s.color} {s.kind} {COLUMNS[s.column]}" for s in ordered)
 
 
-def patch_labels(shapes: list[Shape]) -> tuple[np.ndarray, np.ndarray]:
-    """Dense per-patch targets (training only: they teach the vision tower quickly).
+def patch_labels(shapes: list[Shape]) -> np.ndarray:
+    """What covers most of each 8x8 patch: 0 for background, else 1 + colour * 3 + shape. ``[64]`` int.
 
-    Returns ``labels`` (``[GRID*GRID]`` int): what covers most of each patch, 0 for background, else
-    1 + an index over (size, colour, shape); a patch a shape covers with 6 pixels or more counts as
-    that shape's. And ``centers`` (``[GRID*GRID]`` bool): the patch holding each object's centre.
+    Used only while training (a dense auxiliary target that teaches the vision tower quickly).
     """
     canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(canvas)
-    centers = np.zeros(GRID * GRID, dtype=bool)
     for shape in shapes:
-        label = 1 + (SIZES.index(shape.size) * len(COLORS) + list(COLORS).index(shape.color)) * len(SHAPES)
-        draw_shape(draw, shape, label + SHAPES.index(shape.kind))
-        x, y = shape.center
-        centers[int(y) // PATCH * GRID + int(x) // PATCH] = True
+        label = 1 + list(COLORS).index(shape.color) * len(SHAPES) + SHAPES.index(shape.kind)
+        x0, y0, x1, y1 = shape.box
+        if shape.kind == "circle":
+            draw.ellipse(shape.box, fill=label)
+        elif shape.kind == "square":
+            draw.rectangle(shape.box, fill=label)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=label)
     grid = np.asarray(canvas).reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, -1)
-    counts = np.stack([(grid == k).sum(axis=1) for k in range(N_PATCH_CLASSES)], axis=1)
-    counts[:, 0] = np.where(counts[:, 1:].max(axis=1) >= 6, 0, counts[:, 0])
-    return counts.argmax(axis=1), centers
+    counts = np.stack([(grid == k).sum(axis=1) for k in range(1 + len(COLORS) * len(SHAPES))], axis=1)
+    counts[:, 0] = np.where(counts[:, 1:].max(axis=1) >= PATCH * PATCH // 4, 0, counts[:, 0])
+    return counts.argmax(axis=1)
 
 
 def prompt(question: str) -> str:
-    """The text the model sees: LLaVA-1.5's chat layout, image first, then the question, then the answer.
+    """The text the model sees: the question, the image, the question again; then it answers.
 
-    ``<s>`` is written out (the word-level tokenizer adds no special tokens); batches are padded on
-    the left so that every prompt ends where the answer starts.
+    The question before the image lets every image token know what is asked (a small model
+    trained for minutes needs that); the question after it is the instruction the answer follows,
+    as in LLaVA's template, and what instruction-guided criteria read.
     """
-    return f"<s> USER: <image>\n{question} ASSISTANT:"
+    return f"<s> {question} <image> {question}"

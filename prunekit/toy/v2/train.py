@@ -1,0 +1,219 @@
+"""Train the toy LLaVA on the synthetic task from a seed: ``python -m prunekit.toy.train``.
+
+Runs on a CPU (2 cores; docs/toy.md gives the time and the held-out accuracy of the shipped weights). Writes
+config, weights (safetensors), tokenizer and processor to ``--out`` (default: the package's weights folder), and a
+resumable checkpoint (model, optimizer, schedule and data state) to ``--checkpoint`` at every evaluation:
+``--resume`` continues from it and reaches the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import LlavaForConditionalGeneration
+
+from prunekit.toy.v2.model import WEIGHTS_DIR, build_config, build_processor
+from prunekit.toy.v2.task import GRID, N_PATCH_CLASSES, ToyTask, description, patch_labels, prompt
+
+N_CLASSES = N_PATCH_CLASSES  # background, or one size-colour-shape triple
+PATCH_ROW = torch.arange(GRID).repeat_interleave(GRID)[None]  # [1, GRID*GRID] row of each patch
+PATCH_COLUMN = torch.arange(GRID).repeat(GRID)[None]  # [1, GRID*GRID] column of each patch
+
+
+def make_batch(processor, questions, with_answers: bool = True, describe: list[bool] | None = None) -> dict:
+    """Prompts (and, for training, answers with labels on the answer tokens only).
+
+    ``describe[i]`` turns sample i into the description task: ``describe ?`` answered with every
+    object's colour, shape and column, a dense signal that teaches the model to read the image.
+    """
+    describe = describe or [False] * len(questions)
+    prompts = [prompt("describe ?" if d else q.question) for q, d in zip(questions, describe)]
+    answers = [description(q.shapes) if d else q.answer for q, d in zip(questions, describe)]
+    texts = [p + (f" {a} </s>" if with_answers else "") for p, a in zip(prompts, answers)]
+    batch = processor(images=[q.image for q in questions], text=texts, return_tensors="pt", padding=True)
+    if with_answers:
+        labels = torch.full_like(batch["input_ids"], -100)
+        for row, answer in enumerate(answers):
+            n = len(answer.split()) + 1  # the answer words and </s> end every row (left padding)
+            labels[row, -n:] = batch["input_ids"][row, -n:]
+        batch["labels"] = labels
+    return batch
+
+
+def per_sample_loss(model, batch: dict) -> torch.Tensor:
+    """Cross-entropy averaged over each sample's answer tokens, then over samples.
+
+    A one-word answer then weighs as much as a ten-token description (a token average would let
+    the descriptions drown the questions).
+    """
+    labels = batch.pop("labels")
+    logits = model(**batch).logits[:, :-1]  # [batch, seq - 1, vocab] predicts tokens 1..
+    target = labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(),
+                                                   ignore_index=-100, reduction="none").view_as(target)
+    counted = (target != -100).float()
+    return ((token_loss * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1)).mean()
+
+
+@torch.no_grad()
+def accuracy(model, processor, questions, batch_size: int = 64, by_kind: dict | None = None) -> float:
+    """Greedy one-token answers against the truth (``by_kind`` receives the accuracy per question kind)."""
+    results = []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start:start + batch_size]
+        batch = make_batch(processor, chunk, with_answers=False)
+        logits = model(**batch).logits[:, -1]
+        words = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+        results += [(q.kind, w == q.answer) for w, q in zip(words, chunk)]
+    if by_kind is not None:
+        for kind in sorted({k for k, _ in results}):
+            oks = [ok for k, ok in results if k == kind]
+            by_kind[kind] = sum(oks) / len(oks)
+    return sum(ok for _, ok in results) / len(results)
+
+
+def aux_loss(aux_head: torch.nn.Module, features: torch.Tensor, questions) -> torch.Tensor:
+    """Dense patch targets on the projected image tokens: what covers each patch (size, colour, shape),
+    whether it holds an object's centre, and its row and column.
+
+    features: [batch, GRID*GRID, hidden]. Training only: the head is not part of the shipped model.
+    """
+    targets = [patch_labels(q.shapes) for q in questions]
+    labels = torch.as_tensor(np.stack([t[0] for t in targets]))  # [batch, GRID*GRID]
+    centers = torch.as_tensor(np.stack([t[1] for t in targets])).float()  # [batch, GRID*GRID]
+    predicted = aux_head(features)  # [batch, GRID*GRID, classes + 2 * GRID + 1]
+    batch = len(questions)
+    ce = torch.nn.functional.cross_entropy
+    rows = predicted[..., N_CLASSES:N_CLASSES + GRID].flatten(0, 1)
+    columns = predicted[..., N_CLASSES + GRID:N_CLASSES + 2 * GRID].flatten(0, 1)
+    return (ce(predicted[..., :N_CLASSES].flatten(0, 1), labels.flatten())
+            + torch.nn.functional.binary_cross_entropy_with_logits(predicted[..., -1], centers)
+            + 0.5 * ce(rows, PATCH_ROW.expand(batch, -1).flatten())
+            + 0.5 * ce(columns, PATCH_COLUMN.expand(batch, -1).flatten()))
+
+
+def pretrain_vision(model, aux_head, captured: dict, task: ToyTask, steps: int, batch_size: int, lr: float) -> None:
+    """Stage 1: the vision tower and projector alone learn the dense patch targets (cheap: no decoder)."""
+    image_processor = build_processor().image_processor
+    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
+              *aux_head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    bar = tqdm(range(steps), desc="stage 1: vision tower", unit="step", mininterval=10)
+    for _ in bar:
+        questions = task.questions(batch_size)
+        pixels = image_processor([q.image for q in questions], return_tensors="pt")["pixel_values"]
+        model.model.get_image_features(pixel_values=pixels)  # the projector hook captures its output
+        loss = aux_loss(aux_head, captured["features"], questions)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(aux=f"{loss.item():.3f}")
+
+
+def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_every: int, threads: int | None,
+          aux_weight: float = 0.5, vision_steps: int = 0, describe_every: int = 4, checkpoint: Path | None = None,
+          resume: bool = False) -> float:
+    """Train from ``seed``; with ``resume``, continue from ``checkpoint`` (written at every evaluation)."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    processor = build_processor()
+    model = LlavaForConditionalGeneration(build_config())
+    task = ToyTask(seed)
+    held_out = ToyTask(seed + 10_000).questions(500)
+    # Training only: a linear head on the projected image tokens predicts what covers each patch and where it is.
+    aux_head = torch.nn.Linear(model.config.text_config.hidden_size, N_CLASSES + 2 * GRID + 1)
+    captured: dict = {}
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: captured.update(features=out))
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(aux_head.parameters()), lr=lr, weight_decay=0.01,
+                                  betas=(0.9, 0.98))
+    warmup = max(1, steps // 50)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    first_step = 0
+    if resume and checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        aux_head.load_state_dict(state["aux_head"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        task.rng.setstate(state["task_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        first_step = state["step"]
+        tqdm.write(f"resumed from {checkpoint} at step {first_step}")
+    model.train()
+    if vision_steps and first_step == 0:
+        pretrain_vision(model, aux_head, captured, task, vision_steps, 2 * batch_size, lr)
+    start = time.time()
+    best = 0.0
+    bar = tqdm(range(first_step, steps), desc="training the toy LLaVA", unit="step", initial=first_step, total=steps,
+               mininterval=10)
+    for step in bar:
+        questions = task.questions(batch_size)
+        batch = make_batch(processor, questions,
+                           describe=[describe_every > 0 and i % describe_every == 1 for i in range(batch_size)])
+        loss = per_sample_loss(model, batch)
+        aux = aux_loss(aux_head, captured["features"], questions)
+        (loss + aux_weight * aux).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}", aux=f"{aux.item():.3f}")
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            model.eval()
+            kinds: dict[str, float] = {}
+            best = accuracy(model, processor, held_out, by_kind=kinds)
+            model.save_pretrained(out)  # the latest weights at every evaluation
+            processor.save_pretrained(out)
+            if checkpoint is not None:
+                torch.save({"model": model.state_dict(), "aux_head": aux_head.state_dict(),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "task_rng": task.rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step + 1},
+                           checkpoint)
+            model.train()
+            detail = ", ".join(f"{k} {v:.2f}" for k, v in kinds.items())
+            tqdm.write(f"step {step + 1}: held-out accuracy {best:.3f} ({detail}; {time.time() - start:.0f} s)")
+    hook.remove()
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the shipped weights: 1)")
+    parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1: vision tower on patch targets")
+    parser.add_argument("--checkpoint", type=Path, default=Path("toy-train.ckpt"),
+                        help="resumable training state, written at every evaluation")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument("--describe-every", type=int, default=4,
+                        help="every n-th sample of a batch is the describe task (0: questions only)")
+    args = parser.parse_args()
+    accuracy_ = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.threads,
+                      vision_steps=args.vision_steps, checkpoint=args.checkpoint, resume=args.resume,
+                      describe_every=args.describe_every)
+    print(f"held-out accuracy: {accuracy_:.3f}; weights in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The LLaVA-layout toy (prunekit.toy.v2): its task, and once trained, its model's bars (docs/toy.md)."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image, ImageDraw
+
+from prunekit.toy.v2 import task as v2_task
+from prunekit.toy.v2.model import WEIGHTS_DIR, build_processor, load_toy
+from prunekit.toy.v2.task import ANSWERS, CHANCE, GRID, IMAGE_SIZE, KINDS, PATCH, ToyTask, draw_shape, prompt
+from prunekit.toy.v2.train import accuracy
+
+needs_weights = pytest.mark.skipif(not (WEIGHTS_DIR / "model.safetensors").is_file(),
+                                   reason="the LLaVA-layout toy is not trained yet (docs/toy.md)")
+
+
+def test_the_task_is_seeded_balanced_and_knows_its_relevant_patches():
+    a, b = ToyTask(3).questions(40), ToyTask(3).questions(40)
+    assert [q.question for q in a] == [q.question for q in b] and [q.answer for q in a] == [q.answer for q in b]
+    task = ToyTask(5)
+    for kind in KINDS:
+        counts: dict[str, int] = {}
+        for _ in range(120):
+            q = task.question(kind)
+            assert q.answer in ANSWERS[kind] and q.kind == kind
+            counts[q.answer] = counts.get(q.answer, 0) + 1
+        assert min(counts.values()) > 120 / len(ANSWERS[kind]) / 2  # answers drawn uniformly per kind
+    with pytest.raises(ValueError, match="unknown question kind 'size'; valid: color, shape"):
+        task.question("size")
+
+
+def _pixels_of(shape) -> set[int]:
+    """The patches a shape covers, counted pixel by pixel from its own drawing (not from shape_patches)."""
+    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw_shape(ImageDraw.Draw(canvas), shape, 255)
+    pixels = canvas.load()
+    return {(y // PATCH) * GRID + x // PATCH for y in range(IMAGE_SIZE) for x in range(IMAGE_SIZE) if pixels[x, y]}
+
+
+def test_relevant_patches_are_the_patches_of_the_asked_objects():
+    task = ToyTask(11)
+    for kind in KINDS:
+        for _ in range(10):
+            q = task.question(kind)
+            named = [s for s in q.shapes if f"{s.color} {s.kind}" in q.question
+                     or f"{s.size} {s.kind}" in q.question or f"{s.size} {s.color} object" in q.question]
+            if kind == "count":
+                named = [s for s in q.shapes if s.color in q.question.split()]
+            if kind == "presence" and q.answer == "no":
+                words = q.question.split()
+                named = [s for s in q.shapes if s.color in words or s.kind in words]
+            assert q.relevant and all(0 <= p < GRID * GRID for p in q.relevant)
+            assert set(q.relevant) == set().union(*(_pixels_of(s) for s in named)), q.question
+
+
+def test_scenes_hold_small_objects_and_distractors():
+    questions = ToyTask(2).questions(300)
+    small = [s for q in questions for s in q.shapes if s.size == "small"]
+    assert small and min(len(_pixels_of(s)) for s in small) <= 2  # some objects cover one or two patches
+    color = [q for q in questions if q.kind == "color"]
+    # every colour question has a distractor sharing the asked object's shape or colour
+    assert all(sum(s.kind in q.question.split() or s.color == q.answer for s in q.shapes) >= 2 for q in color)
+
+
+def test_the_prompt_is_llava_15s_chat_layout_with_the_image_first():
+    assert prompt("how many red objects are there ?") == "<s> USER: <image>\nhow many red objects are there ? ASSISTANT:"
+    processor = build_processor()
+    q = ToyTask(0).question()
+    batch = processor(images=[q.image], text=[prompt(q.question)], return_tensors="pt")
+    ids = batch["input_ids"][0]
+    image = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert int((ids == image).sum()) == GRID * GRID == 144
+    positions = (ids == image).nonzero().flatten()
+    words = processor.tokenizer.convert_ids_to_tokens(ids[positions[-1] + 1:].tolist())
+    assert words == q.question.split() + ["ASSISTANT:"]  # the question only after the image
+    assert batch["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+@needs_weights
+def test_the_shipped_model_answers_and_needs_the_image():
+    model, processor = load_toy()
+    held_out = ToyTask(20_000).questions(300)
+    assert accuracy(model, processor, held_out) >= 0.95
+    blank = ToyTask(20_000).questions(300)
+    for q in blank:
+        q.image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (100, 100, 100))
+    assert accuracy(model, processor, blank) < CHANCE + 0.12  # chance is about 0.37 over the five kinds
+
+
+@needs_weights
+def test_blind_pruning_hurts_and_the_oracle_keeps_the_answer():
+    """On TransPrune's schedule keeping 12.5% at the last stage: random loses, the oracle keeps (issue's bar)."""
+    from prunekit.toy.evaluate import run_eval
+
+    model, processor = load_toy()
+    result = run_eval(model, processor, [], n=200, seed=77, sweep=["random", "oracle"], ratios=[0.125], progress=False,
+                      task=v2_task)
+    none = result["rows"][0].accuracy
+    points = {r.recipe: r for r in result["sweep"]}
+    assert points["random@0.125"].accuracy <= none - 0.15
+    assert points["oracle@0.125"].retention >= 0.95
+    assert points["oracle@0.125"].flops_ratio == points["random@0.125"].flops_ratio  # matched FLOPs
+    (comparison,) = result["comparisons"]
+    assert comparison.verdict == "random@0.125 < oracle@0.125"
