@@ -310,13 +310,42 @@ def tune(config: TuneConfig, task: Any, out: str | None = None, plot: str | None
 
 
 # ---- command line -----------------------------------------------------------------------------
-def _budget(text: str) -> float:
+def _budget(text: str) -> float | str:
+    """A FLOPs ratio in (0, 1], or ``base`` / ``base*F``: the base recipe's own ratio on the model (times F)."""
+    text = text.strip()
+    if text == "base" or text.startswith("base*"):
+        factor = text.partition("*")[2] or "1"
+        try:
+            value = float(factor)
+        except ValueError:
+            value = float("nan")
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text!r}: {factor!r} is not a positive factor; valid: base, base*F "
+                                             f"(F > 0) or a FLOPs ratio in (0, 1]")
+        return text
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; valid: a FLOPs ratio in (0, 1]") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; valid: a FLOPs ratio in (0, 1], base or "
+                                         f"base*F") from None
     if not (math.isfinite(value) and 0 < value <= 1):
         raise argparse.ArgumentTypeError(f"{value:g} is not a FLOPs ratio; valid: a number in (0, 1]")
+    return value
+
+
+def resolve_budget(budget: float | str, recipe: str, task: Any) -> float:
+    """``base`` / ``base*F`` as a number: the base recipe's FLOPs ratio on the task's model (times F)."""
+    if not isinstance(budget, str):
+        return check_budget(budget)
+    import prunekit
+    from prunekit.flops import recipe_estimate
+
+    factor = float(budget.partition("*")[2] or 1)
+    base = recipe_estimate(prunekit.load_recipe(recipe), task.dims, task.n_visual).visual_ratio
+    value = base * factor
+    if not 0 < value <= 1:
+        raise PrunekitError(f"budget {budget!r} is {value:g} ({recipe}'s FLOPs ratio on {task.model_name} is "
+                            f"{base:.4f}); valid: a FLOPs ratio in (0, 1]")
     return value
 
 
@@ -328,9 +357,12 @@ def add_tune_parser(subparsers: Any) -> argparse.ArgumentParser:
         "tune", help="search a recipe's schedule and parameters for a model under a FLOPs budget (Optuna)")
     tune_parser.add_argument("--recipe", default="transprune-high", help="the base recipe (name or YAML path)")
     tune_parser.add_argument("--budget", type=_budget, required=True,
-                             help="the largest prefill FLOPs ratio a candidate may have, in (0, 1] (papers' convention)")
-    tune_parser.add_argument("--model", help="toy (default with --task toy), toy:FOLDER, a model folder or a hub id")
-    tune_parser.add_argument("--task", default="toy", help="toy, jsonl:PATH or lmms:TASK (default: toy)")
+                             help="the largest prefill FLOPs ratio a candidate may have, in (0, 1] (papers' convention), "
+                                  "or base / base*F: the base recipe's own ratio on the model (times F)")
+    tune_parser.add_argument("--model", help="with a toy task: a folder of its weights (default: the package's); "
+                                             "otherwise toy, toy:FOLDER, a model folder or a hub id")
+    tune_parser.add_argument("--task", default="toy",
+                             help="toy, toy-v2 (the LLaVA-layout toy), jsonl:PATH or lmms:TASK (default: toy)")
     tune_parser.add_argument("--trials", type=_int_at_least(1), default=40,
                              help="completed trials the study holds when it ends (over-budget candidates do not count)")
     tune_parser.add_argument("--pareto", action="store_true", help="multi-objective: accuracy against FLOPs")
@@ -376,8 +408,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     require_optuna()
     for path, option in ((args.out, "--out"), (args.plot, "--plot")):
         check_writable(path, option)
-    if args.task == "toy" and args.model not in (None, "toy") and not str(args.model).startswith("toy:"):
-        args.model = f"toy:{args.model}"  # a folder of toy weights
     open_storage(args.storage, args.heartbeat)  # an unreachable storage fails before the model loads
     task = make_task(args.task, args.model, args.calibration, args.heldout, args.seed, args.heldout_seed, args.match,
                      args.include_path, args.metric, args.batch_size, args.max_new_tokens)
@@ -385,7 +415,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         task.n_visual = args.visual_tokens
     if not task.n_visual:
         raise PrunekitError(f"cannot tell how many visual tokens {task.model_name} sees per image; give --visual-tokens")
-    config = TuneConfig(recipe=args.recipe, budget=args.budget, trials=args.trials, pareto=args.pareto,
+    config = TuneConfig(recipe=args.recipe, budget=resolve_budget(args.budget, args.recipe, task), trials=args.trials, pareto=args.pareto,
                         sampler=args.sampler, storage=args.storage, study=args.study, seed=args.sampler_seed,
                         timeout=args.timeout, max_stages=args.max_stages, freeze=args.freeze,
                         heartbeat=args.heartbeat, progress=not args.json)

@@ -84,25 +84,41 @@ def count_visual(model: Any, input_ids: torch.Tensor) -> int:
     return int(torch.isin(input_ids[0], torch.tensor(ids)).sum())
 
 
+TOYS = {"toy": "prunekit.toy", "toy-v2": "prunekit.toy.v2"}  # --task name -> package with task.py and model.py
+
+
 class ToyTask(Task):
-    """The built-in toy task: calibration questions from one seed, held-out ones from another."""
+    """A built-in toy task: calibration questions from one seed, held-out ones from another.
+
+    ``toy`` is the shipped toy (``prunekit.toy``), ``toy-v2`` the LLaVA-layout one (``prunekit.toy.v2``);
+    ``model`` is a folder of its weights (default: the package's)."""
 
     def __init__(self, model: str | None, calibration: int, heldout: int, seed: int = 0, heldout_seed: int = 1,
-                 batch_size: int = 50) -> None:
+                 batch_size: int = 50, toy: str = "toy") -> None:
+        import importlib
+
+        from prunekit.cli import check_model_source, loading
         from prunekit.toy.evaluate import _batches
-        from prunekit.toy.task import GRID
-        from prunekit.toy.task import ToyTask as Questions
 
         if seed == heldout_seed:
             raise PrunekitError(f"the held-out seed {heldout_seed} is the calibration seed: held-out questions must "
                                 f"be ones the study never saw; give --heldout-seed another value")
-        self.model, self.processor, _, self.model_name = load_model(model)
-        self.label = f"toy (calibration seed {seed}, held-out seed {heldout_seed})"
-        self.questions = {"calibration": Questions(seed).questions(calibration),
-                          "heldout": Questions(heldout_seed).questions(heldout)}
-        self.batches = {split: _batches(self.processor, qs, batch_size) for split, qs in self.questions.items()}
+        self.module = importlib.import_module(f"{TOYS[toy]}.task")
+        folder = model.partition(":")[2] if model and model.startswith(f"{TOY}:") else model
+        folder = None if folder in (None, "", TOY) else folder
+        if folder is not None:
+            check_model_source(folder, "--model")
+        with loading(f"the {toy} model from {folder or 'the package'!r}"):
+            self.model, self.processor = importlib.import_module(f"{TOYS[toy]}.model").load_toy(folder)
+        self.model_name = f"{toy}:{folder}" if folder else toy
+        self.label = f"{toy} (calibration seed {seed}, held-out seed {heldout_seed})"
+        self.questions = {"calibration": self.module.ToyTask(seed).questions(calibration),
+                          "heldout": self.module.ToyTask(heldout_seed).questions(heldout)}
+        self.batches = {split: _batches(self.processor, qs, batch_size, prompt=self.module.prompt)
+                        for split, qs in self.questions.items()}
         self.sizes = {split: len(qs) for split, qs in self.questions.items()}
-        self.n_visual = GRID * GRID
+        first = next(iter(self.batches["calibration"].values()))[0]
+        self.n_visual = count_visual(self.model, first["input_ids"])
 
     def correct(self, recipe: dict | None, split: str) -> np.ndarray:
         from prunekit.toy.evaluate import _answers
@@ -224,9 +240,11 @@ class LmmsTask(Task):
         self.lm = PrunekitLMM(pretrained=model or TOY, recipe="none", batch_size=batch_size,
                               device="cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.model_name = self.lm.model, model or TOY
-        self.task_manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+        # a local task needs no index of lmms-eval's hundreds of built-in ones (minutes to build)
+        self.task_manager = TaskManager("WARNING", include_path=include_path, include_defaults=False) \
+            if include_path else TaskManager("WARNING")
         if name not in self.task_manager.all_tasks:
-            raise PrunekitError(f"lmms-eval knows no task {name!r}" + (f" (with --include-path {include_path})"
+            raise PrunekitError(f"lmms-eval knows no task {name!r}" + (f" in --include-path {include_path!r}"
                                                                        if include_path else "")
                                 + "; list them with `lmms-eval --tasks list`")
         self.label = f"lmms:{name}"
@@ -241,15 +259,17 @@ class LmmsTask(Task):
         from lmms_eval.evaluator import simple_evaluate
 
         offset, limit = self.ranges[split]
-        self.lm.pruner = None if recipe is None else prunekit.apply(self.lm.model, recipe)
+        self.lm.model = self.model  # lmms-eval's end of run (clean()) takes the model off the plugin
+        self.lm.pruner = None if recipe is None else prunekit.apply(self.model, recipe)
         try:
             logging.getLogger("lmms-eval").setLevel(logging.WARNING)
             results = simple_evaluate(model=self.lm, tasks=[self.name], limit=limit, offset=offset, log_samples=True,
                                       task_manager=self.task_manager, bootstrap_iters=0, verbosity="WARNING")
         finally:
             if self.lm.pruner is not None:
-                self.lm.pruner.remove()
+                self.lm.pruner.remove()  # safe twice: the plugin's clean() removes it too
             self.lm.pruner = None
+            self.lm.model = self.model
         samples = sorted(results["samples"][self.name], key=lambda s: s["doc_id"])
         metric = self.metric or _first_metric(results["results"][self.name])
         if not samples or metric not in samples[0]:
@@ -269,13 +289,13 @@ def _first_metric(results: dict) -> str:
 def make_task(spec: str, model: str | None, calibration: int, heldout: int, seed: int = 0, heldout_seed: int = 1,
               match: str = "exact", include_path: str | None = None, metric: str | None = None,
               batch_size: int | None = None, max_new_tokens: int = 1) -> Task:
-    """``toy``, ``jsonl:PATH`` or ``lmms:TASK``."""
+    """``toy``, ``toy-v2``, ``jsonl:PATH`` or ``lmms:TASK``."""
     kind, _, rest = spec.partition(":")
-    if spec == TOY:
-        return ToyTask(model, calibration, heldout, seed, heldout_seed, batch_size or 50)
+    if spec in TOYS:
+        return ToyTask(model, calibration, heldout, seed, heldout_seed, batch_size or 50, toy=spec)
     if kind == "jsonl" and rest:
         return JsonlTask(rest, model, calibration, heldout, match, batch_size or 16, max_new_tokens)
     if kind == "lmms" and rest:
         return LmmsTask(rest, model, calibration, heldout, include_path, metric, batch_size or 8)
-    raise PrunekitError(f"task {spec!r} is not valid; valid: toy, jsonl:PATH, lmms:TASK")
+    raise PrunekitError(f"task {spec!r} is not valid; valid: toy, toy-v2, jsonl:PATH, lmms:TASK")
 

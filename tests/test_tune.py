@@ -31,8 +31,8 @@ optuna = pytest.importorskip("optuna", reason="prunekit tune needs Optuna: pip i
 from prunekit.tune import (  # noqa: E402
     TuneConfig, flops_ratio, open_storage, recipe_of, require_optuna, run_study, tune)
 
-TOY_DIMS = DecoderDims(num_layers=16, hidden_size=96, intermediate_size=256)  # the toy LLaVA's decoder
-N_VISUAL = 144
+TOY_DIMS = DecoderDims(num_layers=16, hidden_size=96, intermediate_size=256)  # the LLaVA-layout toy's decoder
+N_VISUAL = 144  # and its visual tokens
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -153,6 +153,20 @@ def test_the_command_line_refuses_a_budget_outside_zero_one(capsys):
 
     assert main(["tune", "--budget", "1.2"]) == 2
     assert "argument --budget: 1.2 is not a FLOPs ratio; valid: a number in (0, 1]" in capsys.readouterr().err
+
+
+def test_a_budget_relative_to_the_base_recipe():
+    import argparse
+
+    from prunekit.tune import _budget, resolve_budget
+
+    assert resolve_budget(_budget("base"), "transprune-high", FakeTask()) == pytest.approx(0.6783203125)
+    assert resolve_budget(_budget("base*0.5"), "transprune-high", FakeTask()) == pytest.approx(0.6783203125 / 2)
+    for bad in ("base*x", "base*-1", "half"):
+        with pytest.raises(argparse.ArgumentTypeError, match="valid:"):
+            _budget(bad)
+    with pytest.raises(PrunekitError, match=r"budget 'base\*2' is 1.35.*valid: a FLOPs ratio in \(0, 1\]"):
+        resolve_budget("base*2", "transprune-high", FakeTask())
 
 
 def test_a_base_recipe_with_nothing_tunable_is_named():
@@ -295,8 +309,10 @@ def test_an_lmms_task_scores_through_the_plugin(toy_weights, tmp_path):
     from prunekit.tune_tasks import make_task
 
     write_toy_task(tmp_path, n=8, seed=31)
+    from prunekit.toy.task import GRID
+
     task = make_task(f"lmms:{TASK}", f"toy:{toy_weights}", 4, 4, include_path=str(tmp_path), batch_size=4)
-    assert task.n_visual == N_VISUAL
+    assert task.n_visual == GRID * GRID
     for split in ("calibration", "heldout"):
         assert task.correct(None, split).shape == (4,)
 
