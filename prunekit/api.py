@@ -11,6 +11,7 @@ A field that names a decoder layer is marked ``field(metadata={"layer": True})``
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -171,7 +172,7 @@ class Stage:
     def check(self, what: str = "stage") -> None:
         """Raise ``ValueError`` unless the layer is >= 0 and exactly one of a valid keep / count is set."""
         check_keep_count(self.keep, self.count, what)
-        if not isinstance(self.layer, int) or self.layer < 0:
+        if not isinstance(self.layer, numbers.Integral) or self.layer < 0:
             raise ValueError(f"{what}.layer must be an int >= 0, got {self.layer!r}")
 
 
@@ -317,7 +318,7 @@ class Adapter(ABC):
 
 def check_fraction(x: float, what: str) -> None:
     """Raise ``ValueError`` unless ``x`` is a finite number in (0, 1]."""
-    if not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0 < x <= 1):
+    if not (isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and 0 < x <= 1):
         raise ValueError(f"{what} must be in (0, 1], got {x!r}")
 
 
@@ -328,7 +329,7 @@ def check_keep_count(keep: float | None, count: int | None, what: str) -> None:
                          f"got keep={keep!r}, count={count!r}")
     if keep is not None:
         check_fraction(keep, f"{what}.keep")
-    elif not isinstance(count, int) or isinstance(count, bool) or count < 0:
+    elif not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 0:
         raise ValueError(f"{what}.count must be an int >= 0, got {count!r}")
 
 

@@ -20,6 +20,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from prunekit.sequence import pack
+
 _names = itertools.count()
 
 
@@ -84,10 +86,8 @@ def attention_rows_split(
     kv_heads = key.shape[1]
     compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     counts = selected.sum(dim=1)  # [batch]
-    n_q = int(counts.max().item()) if batch else 0
-    # the selected queries of each sample in order, then the rest: [batch, n_q] positions
-    order = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices[:, :n_q]
-    present = torch.arange(n_q, device=query.device)[None, :] < counts[:, None]  # [batch, n_q]
+    order, present = pack(selected)  # [batch, n_q]: each sample's queries in order, then padding
+    n_q = order.shape[1]
     q = query.gather(2, order[:, None, :, None].expand(batch, heads, n_q, head_dim)).to(compute_dtype)
     k = key.to(compute_dtype).repeat_interleave(heads // kv_heads, dim=1)  # [batch, heads, seq, head_dim]
     logits = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [batch, heads, n_q, seq]

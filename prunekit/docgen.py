@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 
 from prunekit.plugins import KINDS, PLURALS, get_registry
-from prunekit.recipe import RecipeSchema, VisionSchema
+from prunekit.schema import RecipeSchema, VisionSchema
 
 
 def _type_name(tp: object) -> str:
@@ -44,7 +44,7 @@ def _fields_table(cls: type) -> list[str]:
 
 def recipe_reference() -> str:
     lines = ["# Recipe schema", "",
-             "Generated from `prunekit.recipe.RecipeSchema`: the keys a recipe may have. Criterion, combiner,",
+             "Generated from `prunekit.schema.RecipeSchema`: the keys a recipe may have. Criterion, combiner,",
              "merger and schedule parameters are listed per plugin in [plugins.md](plugins.md).", "",
              "## Top level", ""]
     lines += _fields_table(RecipeSchema)

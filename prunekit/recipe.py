@@ -27,7 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Union, get_args
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -37,51 +37,12 @@ from prunekit.api import Combiner, Criterion, Merger, Schedule, Stage, check_kee
 from prunekit.errors import PluginError, RecipeError, valid_list
 from prunekit.plugins import get_registry
 from prunekit.probes import Probe
-
-Positions = Literal["compact", "original"]
-
-
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
+from prunekit.schema import RECIPE_KEYS, RecipeSchema
 
 
-@dataclass
-class VisionSchema:
-    """A stage before the language model: prune (and merge) each image's features before the projector."""
-
-    criteria: dict[str, Any] = field(default_factory=dict, metadata=_doc(
-        "criterion key -> {type, parameters}; vision criteria read vision-tower probes"))
-    combiner: Optional[dict[str, Any]] = field(default=None, metadata=_doc("as the top-level combiner"))
-    keep: Optional[float] = field(default=None, metadata=_doc("fraction of each image's visual tokens, in (0, 1]"))
-    count: Optional[int] = field(default=None, metadata=_doc("or a number of tokens kept per image"))
-    merge: Optional[dict[str, Any]] = field(default=None, metadata=_doc(
-        "{type: <merger>, ...}: summary tokens made from the dropped ones"))
-
-
-@dataclass
-class RecipeSchema:
-    """The top level of a recipe; criterion, combiner and schedule parameters are checked by their plugins."""
-
-    name: str = field(default="custom", metadata=_doc("shown in reports and errors"))
-    description: str = field(default="", metadata=_doc("one line, shown by `prunekit recipes`"))
-    criteria: dict[str, Any] = field(default_factory=dict, metadata=_doc(
-        "criterion key -> {type: <registered criterion>, <its parameters>}; type defaults to the key"))
-    combiner: Optional[dict[str, Any]] = field(default=None, metadata=_doc(
-        "{type: <registered combiner>, ...}; needed with two or more criteria"))
-    schedule: dict[str, Any] = field(default_factory=dict, metadata=_doc(
-        "{type: stages | pyramid | <registered schedule>, ...}: which decoder layers prune and how much stays"))
-    merge: Optional[dict[str, Any]] = field(default=None, metadata=_doc(
-        "{type: <registered merger>, ...}: summary tokens made from what each decoder stage drops"))
-    vision: Optional[VisionSchema] = field(default=None, metadata=_doc("a stage before the language model"))
-    adapter: Optional[str] = field(default=None, metadata=_doc(
-        "an adapter name; by default the first registered adapter that matches the model"))
-    positions: Positions = field(default="compact", metadata=_doc(
-        "compact: re-index after each prune; original: each token keeps its position"))
-    reference_depth: Optional[int] = field(default=None, metadata=_doc(
-        "the decoder depth the layer numbers were written for; other depths are mapped onto it"))
-
-
-RECIPE_KEYS = [f.name for f in dataclasses.fields(RecipeSchema)]
+def _parts(criteria: dict[str, Criterion], merger: Merger | None) -> list[tuple[str, Any]]:
+    """The criteria by key, then the merger as ``"merge"``."""
+    return list(criteria.items()) + ([("merge", merger)] if merger is not None else [])
 
 
 @dataclass(frozen=True)
@@ -94,8 +55,8 @@ class VisionRecipe:
     merger: Merger | None
 
     def parts(self) -> list[tuple[str, Any]]:
-        """(recipe key, plugin) of everything that may ask for probes: criteria, then the merger."""
-        return list(self.criteria.items()) + ([("merge", self.merger)] if self.merger is not None else [])
+        """(recipe key, plugin) of everything that may ask for vision probes."""
+        return _parts(self.criteria, self.merger)
 
 
 @dataclass(frozen=True)
@@ -118,8 +79,8 @@ class Recipe:
         return OmegaConf.to_yaml(self.config)
 
     def parts(self) -> list[tuple[str, Any]]:
-        """(recipe key, plugin) of everything that may ask for decoder probes: criteria, then the merger."""
-        return list(self.criteria.items()) + ([("merge", self.merger)] if self.merger is not None else [])
+        """(recipe key, plugin) of everything that may ask for decoder probes."""
+        return _parts(self.criteria, self.merger)
 
 
 RecipeSource = Union[str, Path, Mapping, DictConfig, Recipe]

@@ -23,7 +23,6 @@ from prunekit.layout import last_index
 from prunekit.probes import QUERY_SETS, AttentionRows
 from prunekit.record import Prefill
 
-
 Timer = Callable[[str], AbstractContextManager]  # timed("scoring"): a context that times one part of the work
 
 

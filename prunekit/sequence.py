@@ -46,22 +46,31 @@ def top_visual(scores: Tensor, visual: Tensor, counts: Tensor) -> Tensor:
     return keep & visual
 
 
+def pack(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """The true positions of each row first, in order, rows padded on the right to one width.
+
+    keep: [batch, seq] bool. Returns index [batch, width] long (a valid position everywhere; past a
+    row's own count it means nothing) and present [batch, width] bool, width the most trues of a row.
+    """
+    batch, seq = keep.shape
+    counts = keep.sum(dim=1)  # [batch]
+    width = int(counts.max().item()) if batch else 0
+    positions = torch.arange(seq, device=keep.device).expand(batch, seq)
+    # kept positions first, in ascending order (the others pushed past the end, then folded back)
+    index = torch.where(keep, positions, positions + seq).sort(dim=1).values[:, :width] % max(seq, 1)
+    present = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
+    return index, present
+
+
 def keep_in_order(keep: Tensor) -> tuple[Tensor, Tensor]:
     """The kept positions of each row in order, rows left-filled to one length.
 
     keep: [batch, seq] bool. Returns index [batch, new_seq] long and fill [batch, new_seq] bool.
     """
-    batch, seq = keep.shape
-    n_keep = keep.sum(dim=1)  # [batch]
-    new_seq = int(n_keep.max().item()) if batch else 0
-    positions = torch.arange(seq, device=keep.device).expand(batch, seq)
-    # Kept positions first, in ascending order (dropped ones pushed past the end).
-    kept_sorted = torch.where(keep, positions, positions + seq).sort(dim=1).values[:, :new_seq]  # [batch, new_seq]
-    pad = new_seq - n_keep  # [batch] fill slots at the left of each row
-    slot = torch.arange(new_seq, device=keep.device)[None, :]
-    fill = slot < pad[:, None]
-    index = kept_sorted.gather(1, (slot - pad[:, None]).clamp(min=0))
-    return index, fill
+    packed, present = pack(keep)  # [batch, new_seq]
+    pad = (~present).sum(dim=1, keepdim=True)  # [batch, 1] fill slots at the left of each row
+    slot = torch.arange(packed.shape[1], device=keep.device)[None, :]
+    return packed.gather(1, (slot - pad).clamp(min=0)), slot < pad
 
 
 def select(scores: Tensor, visual: Tensor, counts: Tensor) -> Selection:

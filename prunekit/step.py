@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from prunekit.api import Adapter, Stage
 from prunekit.layout import last_index
-from prunekit.record import Decode, Prefill, StageRecord, max_position
 from prunekit.recipe import Recipe
+from prunekit.record import Decode, Prefill, StageRecord, max_position
 from prunekit.scoring import Timer, score
 from prunekit.sequence import Assembly, assemble, gather_tokens, select
 

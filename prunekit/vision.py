@@ -30,9 +30,9 @@ from prunekit.capture import Site, install_probes
 from prunekit.errors import LayoutError, RecipeError
 from prunekit.hooks import HookSet
 from prunekit.layout import TokenLayout, run_starts
-from prunekit.record import PromptRewrite, Running, VisionRecord
 from prunekit.recipe import VisionRecipe, collect_probes
-from prunekit.scoring import score
+from prunekit.record import PromptRewrite, Running, VisionRecord
+from prunekit.scoring import Timer, score
 from prunekit.sequence import gather_tokens, keep_in_order, select
 
 
@@ -74,7 +74,7 @@ class VisionPruner:
         self._hooks = HookSet()
 
     # -- hooks ----------------------------------------------------------------------------
-    def install(self, timed: Any) -> None:
+    def install(self, timed: Timer) -> None:
         site = Site(self.model, self.adapter, self._hooks, self.running, timed, vision_layers=self.layers)
         install_probes(site, self.wanted)
         self._hooks.add(self.projector.register_forward_pre_hook(self._projector_hook))

@@ -8,9 +8,9 @@ from typing import ClassVar, get_args
 
 import pytest
 import torch
+from conftest import SHAPE
 
 import prunekit
-from conftest import SHAPE
 from prunekit.testing import forward_context, llava_inputs, token_layout
 
 
@@ -175,6 +175,7 @@ def test_token_layout_and_forward_context_build_what_a_criterion_sees():
 
 def test_the_generic_adapter_resolves_to_a_concrete_adapter():
     from prunekit.adapters import DecoderAdapter, GenericAdapter, MRopeAdapter
+
     from prunekit.plugins import find_adapter
     from prunekit.testing import tiny_family_model
 
