@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,10 +26,11 @@ from typing import Any
 
 from prunekit.errors import PrunekitError
 from prunekit.tune_space import Space, check_budget
+from prunekit.tune_storage import HEARTBEAT, open_storage, shown_url  # noqa: F401 (re-exported)
 
 INSTALL_HINT = "pip install 'prunekit[tune]'"
 DEFAULT_STORAGE = "sqlite:///prunekit-tune.db"
-HEARTBEAT = 10  # seconds between a running trial's heartbeats; a trial silent for 3x this is failed and retried
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which worker sampled a trial (in its user attributes)
 CLAIM_WAIT = 60.0  # seconds a trial waits for earlier trials to say whether they fit the budget
 
 
@@ -41,65 +44,6 @@ def require_optuna():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
-
-
-# ---- storage ----------------------------------------------------------------------------------
-def shown_url(url: str) -> str:
-    """A storage URL with its password hidden."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy URL (journal:PATH) or no SQLAlchemy
-        return url
-
-
-def open_storage(url: str, heartbeat: int = HEARTBEAT) -> Any:
-    """An Optuna storage for ``url``: an SQLAlchemy URL (``sqlite:///file.db``, ``postgresql://...``,
-    ``mysql://...``) or ``journal:PATH`` (a journal file). Unreachable or malformed: a PrunekitError."""
-    optuna = require_optuna()
-    valid = "valid: sqlite:///PATH, postgresql://USER@HOST/DB, mysql://..., journal:PATH"
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        path = url.partition(":")[2]
-        try:
-            return optuna.storages.JournalStorage(JournalFileBackend(path))
-        except OSError as exc:
-            raise PrunekitError(f"storage {url!r} cannot be opened: {exc.strerror or exc}; {valid}") from None
-    import inspect
-
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    if not scheme:
-        raise PrunekitError(f"storage {url!r} is not a storage URL; {valid}")
-    given = url
-    if scheme == "postgresql" and _imports("psycopg") and not _imports("psycopg2"):
-        url = "postgresql+psycopg" + url[len(scheme):]  # SQLAlchemy's default driver is psycopg2
-    engine: dict[str, Any] = {}
-    if scheme.startswith("sqlite"):
-        engine = {"connect_args": {"timeout": 60}}  # workers sharing one file wait for its lock
-    elif scheme.startswith("postgresql"):
-        engine = {"connect_args": {"connect_timeout": 10}}
-    options: dict[str, Any] = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat}
-    params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
-    if "heartbeat_stale_trial_callback" in params:  # Optuna >= 4.9
-        options["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
-    else:
-        options["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=3)
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, **options)
-    except ModuleNotFoundError as exc:
-        raise PrunekitError(f"storage {shown_url(given)!r} needs the database driver {exc.name!r}, which is not "
-                            f"installed (PostgreSQL: pip install psycopg)") from None
-    except Exception as exc:  # SQLAlchemy: bad URL, refused connection, unknown database, unwritable file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise PrunekitError(f"storage {shown_url(given)!r} cannot be reached: {first}; {valid}") from None
-
-
-def _imports(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
 
 
 # ---- the study --------------------------------------------------------------------------------
@@ -143,6 +87,9 @@ def make_study(config: TuneConfig, space: Space, task: Any, name: str) -> Any:
         study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        deadline = time.monotonic() + 30
+        while not all(k in study.user_attrs for k in identity) and time.monotonic() < deadline:
+            time.sleep(0.1)  # another worker made the study a moment ago and is labelling it
         made = {k: study.user_attrs.get(k) for k in identity}
         if made != identity or len(study.directions) != len(directions):
             differ = [f"{k}: {made[k]!r} there, {identity[k]!r} here" for k in identity if made[k] != identity[k]]
@@ -178,7 +125,7 @@ class Objective:
         except (PrunekitError, ValueError) as exc:
             return self._prune(trial, f"the model cannot run it: {exc}")
         # one attribute per fact: each is a write to the storage
-        trial.set_user_attr("candidate", {"recipe": config, "flops_ratio": ratio})
+        trial.set_user_attr("candidate", {"recipe": config, "flops_ratio": ratio, "worker": WORKER})
         if ratio > self.space.budget + 1e-12:
             return self._prune(trial, f"FLOPs ratio {ratio:.4f} > budget {self.space.budget:g}")
         trial.set_user_attr("feasible", True)

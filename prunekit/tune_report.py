@@ -31,7 +31,7 @@ def heldout_check(space: Any, task: Any, best: Any, seed: int = 0) -> dict[str, 
     jobs: list[tuple[str, dict | None, str]] = [("tuned", recipe_of(best), "")]
     jobs.append((base, space.config, "the base recipe as published"))
     scaled = space.scaled_base()
-    if scaled is not None:
+    if scaled is not None and _tokens(space, scaled) != _tokens(space, space.config):  # else: the base row again
         jobs.append((scaled["name"], scaled, f"{base}'s stages, keeps scaled to the budget"))
     jobs.append(("none", None, "no pruning"))
     rows, correct = [], {}
@@ -50,6 +50,17 @@ def heldout_check(space: Any, task: Any, best: Any, seed: int = 0) -> dict[str, 
     comparisons = [stats.compare("tuned", correct["tuned"], label, correct[label], seed)
                    for label in correct if label not in ("tuned", "none")]
     return {"questions": task.sizes["heldout"], "rows": rows, "comparisons": comparisons}
+
+
+def _tokens(space: Any, config: dict) -> list[int] | None:
+    """Visual tokens per decoder layer under a recipe (None where it does not load)."""
+    import prunekit
+    from prunekit.flops import recipe_estimate
+
+    try:
+        return recipe_estimate(prunekit.load_recipe(config), space.dims, space.n_visual).visual_tokens
+    except ValueError:
+        return None
 
 
 def schedule_text(config: Mapping[str, Any]) -> str:

@@ -335,19 +335,20 @@ def test_two_workers_complete_one_study_with_no_trial_lost_or_duplicated(toy_wei
     for name in ("a", "b"):
         folder = tmp_path / name
         folder.mkdir()
-        workers.append(_worker(_command(toy_weights, folder, "--json", storage=url, trials=6), folder, name))
+        workers.append(_worker(_command(toy_weights, folder, "--json", storage=url, trials=8), folder, name))
     for worker, name in zip(workers, ("a", "b")):
         assert worker.wait(timeout=600) == 0, (tmp_path / name / f"{name}.err").read_text()[-2000:]
     trials = _study_trials(url, "s")
     state = optuna.trial.TrialState
     complete = [t for t in trials if t.state == state.COMPLETE]
-    assert len(complete) == 6  # exactly the study's trials: none lost, none scored twice
+    assert len(complete) == 8  # exactly the study's trials: none lost, none scored twice
+    assert {t.user_attrs["candidate"]["worker"].split(":")[1] for t in complete} == {str(w.pid) for w in workers}
     assert sorted(t.number for t in trials) == list(range(len(trials)))
     assert not [t for t in trials if t.state in (state.RUNNING, state.WAITING)]
     scored = [t for t in complete if "copy_of" not in t.user_attrs["scored"]]
     assert len({json.dumps(recipe_of(t), sort_keys=True) for t in scored}) == len(scored)  # none scored twice
     reports = [json.loads((tmp_path / n / f"{n}.out").read_text()) for n in ("a", "b")]
-    assert {r["study"] for r in reports} == {"s"} and all(r["trials"]["complete"] == 6 for r in reports)
+    assert {r["study"] for r in reports} == {"s"} and all(r["trials"]["complete"] == 8 for r in reports)
 
 
 @pytest.mark.slow
@@ -381,8 +382,8 @@ def test_a_killed_study_resumes(toy_weights, tmp_path):
     stale = [t for t in trials if t.state == state.FAIL]
     assert stale  # the trial the kill interrupted, failed by its missing heartbeat ...
     retried = [t for t in trials if t.system_attrs.get("failed_trial") in {s.number for s in stale}]
-    assert retried and all(r.params == s.params for r in retried for s in stale  # ... and retried as it was
-                           if r.system_attrs["failed_trial"] == s.number)
+    assert retried and all(r.params[k] == v for r in retried for s in stale  # ... and retried with the values
+                           if r.system_attrs["failed_trial"] == s.number for k, v in s.params.items())  # it had
 
 
 def _free_port() -> int:
