@@ -222,15 +222,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from prunekit.flops import DecoderDims, recipe_estimate
-    from prunekit.recipe import builtin_recipe_names, load_recipe
+    from prunekit.recipe import load_recipe, recipe_files
 
     dims = DecoderDims(*LLAVA15_7B_DIMS)
     rows = []
-    for name in builtin_recipe_names():
+    for name, path in sorted(recipe_files().items()):
         recipe = load_recipe(name)
         flops = recipe_estimate(recipe, dims, 576, 0)
         rows.append({"name": name, "description": recipe.description, "tflops": round(flops.visual_tflops, 3),
-                     "flops_ratio": round(flops.visual_ratio, 3)})
+                     "flops_ratio": round(flops.visual_ratio, 3), "file": str(path)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -285,14 +285,18 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                 rows.append({"kind": kind, "name": name, "distribution": entry.distribution, "plugin": entry.plugin,
                              "description": entry.description})
     problems = registry.all_problems()
+    folders = [str(folder) for folder in registry.recipe_dirs()]  # where recipe names are looked up, in order
     if args.json:
-        print(json.dumps({"plugins": rows, "problems": problems}, indent=2))
+        print(json.dumps({"plugins": rows, "recipe_dirs": folders, "problems": problems}, indent=2))
         return 0
     width = max(len(r["name"]) for r in rows)
     for kind in KINDS:
         print(f"{PLURALS[kind]}:")
         for r in (r for r in rows if r["kind"] == kind):
             print(f"  {r['name'].ljust(width)}  [{r['distribution']}:{r['plugin']}]  {r['description']}")
+    print("recipe folders (the first holding a name wins):")
+    for folder in folders:
+        print(f"  {folder}")
     if problems:
         print("problems:")
         for problem in problems:

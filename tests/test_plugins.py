@@ -91,3 +91,17 @@ def test_a_malformed_contribution_is_reported_and_skipped():
     registry.register(BrokenPlugin(), name="broken")
     assert "iga" in registry.names("criterion")
     assert any("broken" in p and "not a class" in p for p in registry.all_problems())
+
+
+def test_plugins_lists_the_recipe_folders_and_recipes_name_their_file(capsys):
+    import json
+
+    from prunekit.cli import main
+
+    assert main(["plugins", "--json"]) == 0
+    folders = json.loads(capsys.readouterr().out)["recipe_dirs"]
+    assert any(f.endswith("recipes") and "toy" in f for f in folders)  # the toy's oracle recipe folder
+    assert main(["recipes", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["oracle"]["file"].endswith("oracle.yaml") and "toy" in rows["oracle"]["file"]
+    assert rows["fastv"]["file"].endswith("fastv.yaml")
