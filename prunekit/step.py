@@ -30,15 +30,18 @@ def prune(prefill: Prefill, recipe: Recipe, adapter: Adapter, stage: Stage, stag
     counts = torch.minimum(stage.keep_counts(prefill.visual_original), ctx.layout.visual_counts())  # [batch]
     ctx.keep_counts = counts
     with timed("scoring"):
-        combined = score(recipe.criteria, recipe.combiner, ctx)  # [batch, seq]
-    with torch.no_grad(), timed("selection"):
-        selection = select(combined, ctx.layout.visual, counts)
+        combined = score(recipe.criteria, recipe.combiner, ctx)  # [batch, seq], detached: scoring stays out of the graph
+    with timed("selection"):
+        with torch.no_grad():
+            selection = select(combined, ctx.layout.visual, counts)
         merged, merged_valid = None, None
-        if recipe.merger is not None:
+        if recipe.merger is not None:  # merged tokens are built from the hidden states, in the graph
             merged, merged_valid = recipe.merger.merge(hidden, selection.dropped, combined, ctx)
-        plan = assemble(selection, last_index(ctx.layout.visual), merged_valid)
-        hidden = next_hidden(hidden, plan, merged)
-        prefill.positions = next_positions(prefill, plan, adapter, recipe.positions)
+        with torch.no_grad():
+            plan = assemble(selection, last_index(ctx.layout.visual), merged_valid)
+        hidden = next_hidden(hidden, plan, merged)  # a gather: gradients reach the kept tokens as in the bare model
+        with torch.no_grad():
+            prefill.positions = next_positions(prefill, plan, adapter, recipe.positions)
         ctx.gather(plan.index, ~plan.from_current)
         if merged is not None:  # merged slots are visual tokens from now on
             ctx.layout.visual |= plan.merged_valid

@@ -107,9 +107,8 @@ class VisionPruner:
             selection = select(combined, ones, counts)  # index [n_images, kept], in patch order
         out = gather_tokens(features, selection.index)
         lead = 0
-        if self.vision.merger is not None:
-            with torch.no_grad():
-                extra, valid = self.vision.merger.merge(features, selection.dropped, combined, ctx)
+        if self.vision.merger is not None:  # merged tokens are built from the features, in the graph
+            extra, valid = self.vision.merger.merge(features, selection.dropped, combined, ctx)
             if extra.shape[1] != merged or not bool(valid.all()):
                 raise RecipeError(f"vision.merge: {type(self.vision.merger).__name__} made {extra.shape[1]} tokens "
                                   f"per image, its count() promised {merged}")
