@@ -24,7 +24,7 @@ from prunekit.errors import RecipeError
 from prunekit.hooks import HookSet
 from prunekit.probes import AttentionRows, LayerInput, ModuleIO, Probe, VisionAttention, VisionHidden, VisionKeys
 from prunekit.record import Running
-from prunekit.scoring import ScoringPassDone, Timer, capture_rows, scoring_pass
+from prunekit.scoring import ScoringPassDone, Timer, capture_rows, rows_only_hooks, scoring_pass
 
 Wanted = list[tuple[Any, Probe]]  # (criterion or merger, probe)
 
@@ -99,6 +99,8 @@ def install_attention_rows(site: Site, wanted: Wanted) -> None:
                                      probes)
 
             site.hooks.add(site.layers[layer].register_forward_pre_hook(before, with_kwargs=True))
+            for handle in rows_only_hooks(site.adapter.attention(site.layers[layer]), site.running.prefill):
+                site.hooks.add(handle)
 
     def on_attention(module: nn.Module, query: Tensor, key: Tensor, kwargs: dict) -> None:
         prefill = site.running.prefill()

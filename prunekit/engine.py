@@ -22,6 +22,7 @@ emptied by the post-hook, except the per-cache record, which lives only as long 
 from __future__ import annotations
 
 import inspect
+import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -37,7 +38,14 @@ from prunekit.compat import cache_in, cache_of
 from prunekit.errors import AdapterError, LayoutError, PrunerStateError
 from prunekit.hooks import HookSet
 from prunekit.plugins import find_adapter
-from prunekit.recipe import Recipe, RecipeSource, check_stages, collect_probes, load_recipe, scale_to_depth
+from prunekit.recipe import (
+    Recipe,
+    RecipeSource,
+    check_stages,
+    collect_probes,
+    load_recipe,
+    scale_to_depth,
+)
 from prunekit.record import CacheRecord, Decode, Prefill, Running, max_position
 from prunekit.report import PruneReport, StageReport, build_report
 from prunekit.step import decode_layer_kwargs, prefill_layer_kwargs, prune
@@ -90,7 +98,8 @@ class Pruner:
         self.recipe = scale_to_depth(recipe, self.num_layers)
         self.stages: list[Stage] = check_stages(self.recipe, self.num_layers, type(model).__name__)
         self.stage_layers = tuple(s.layer for s in self.stages)
-        self.last_report: PruneReport | None = None
+        self._reports = threading.local()  # each thread's last report
+        self._latest: PruneReport | None = None  # the last report of any thread
         self._running = Running()
         self._hooks = HookSet()
         self._caches: weakref.WeakKeyDictionary[Any, CacheRecord] = weakref.WeakKeyDictionary()
@@ -106,6 +115,17 @@ class Pruner:
         # stage index of every layer (-1 before the first prune)
         self._stage_of_layer = [max((s for s, L in enumerate(self.stage_layers) if L <= i), default=-1)
                                 for i in range(self.num_layers)]
+
+    @property
+    def last_report(self) -> PruneReport | None:
+        """The report of the calling thread's last prefill (of any thread's, if this thread ran none)."""
+        report = getattr(self._reports, "report", None)
+        return report if report is not None else self._latest
+
+    @last_report.setter
+    def last_report(self, report: PruneReport | None) -> None:
+        self._reports.report = report
+        self._latest = report
 
     def _timed(self, part: str) -> AbstractContextManager:
         return self.clock(part) if self.clock is not None else _NO_CLOCK
@@ -208,6 +228,9 @@ class Pruner:
             )
         visual_before = layout.visual_counts()
         changed, rewrite = None, None
+        labels = self._take_labels(call, input_ids)
+        if labels:
+            changed = ((), call)
         if self._vision is not None:
             pad_id = getattr(self.adapter.language_model(self.model).config, "pad_token_id", None) or 0
             input_ids, mask, positions, rewrite = self._vision.rewrite_prompt(
@@ -221,11 +244,45 @@ class Pruner:
             visual_original=layout.visual_counts(), prompt_valid=layout.valid.sum(dim=1),
             prompt_length=input_ids.shape[1], cache=cache, rewrite=rewrite, visual_before_vision=visual_before,
             rewrite_visual=layout.visual if rewrite is not None else None,
-            rewrite_valid=layout.valid if rewrite is not None else None,
+            rewrite_valid=layout.valid if rewrite is not None else None, labels=labels,
+            loss_kwargs={k: v for k, v in call.items() if k not in self._signature.parameters} if labels else {},
         )
         return changed
 
-    def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _take_labels(self, call: dict[str, Any], input_ids: Tensor) -> dict[str, Tensor]:
+        """Take ``labels`` (and ``shift_labels``) out of a prefill call: the loss is computed on the kept rows."""
+        if call.get("labels") is None:
+            return {}
+        labels = {name: call.pop(name) for name in ("labels", "shift_labels") if call.get(name) is not None}
+        for name, value in labels.items():
+            if not isinstance(value, Tensor) or tuple(value.shape) != tuple(input_ids.shape):
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise LayoutError(
+                    f"{name} has shape {shape}, input_ids {tuple(input_ids.shape)}: under pruning prunekit drops "
+                    f"the {name} of dropped tokens with them and needs one per input_ids column"
+                )
+        if call.get("return_dict") is False or not callable(getattr(self.model, "loss_function", None)):
+            raise AdapterError(
+                f"labels under pruning: prunekit computes the loss of {type(self.model).__name__} on the kept rows "
+                "through model.loss_function and returns it in a ModelOutput; call without return_dict=False "
+                "(or compute the loss yourself from the logits and pruner.last_report.output_positions)"
+            )
+        return labels
+
+    def _with_loss(self, forward: Prefill, output: Any) -> Any:
+        """The model's output with the loss of the kept rows: labels gathered as the input rows were kept."""
+        positions = self.last_report.output_positions  # [batch, seq_out]
+        logits = getattr(output, "logits", None)
+        if logits is None:
+            raise AdapterError(f"labels under pruning: {type(self.model).__name__} returned no logits")
+        gathered = {name: value.to(positions.device).gather(1, positions.clamp(min=0)).masked_fill(positions < 0, -100)
+                    [:, positions.shape[1] - logits.shape[1]:] for name, value in forward.labels.items()}
+        config = getattr(self.model.config, "text_config", None) or self.model.config
+        loss = self.model.loss_function(logits=logits, vocab_size=config.vocab_size, **forward.loss_kwargs,
+                                        **gathered)
+        return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
+
+    def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         forward, vision = self._running.forward, self._running.vision
         self._running.clear()
         if isinstance(forward, Decode):
@@ -238,6 +295,7 @@ class Pruner:
         if cache is not None:
             self._caches[cache] = CacheRecord(forward.prompt_length, forward.records, seen=forward.prompt_length,
                                               rewrite=forward.rewrite)
+        return self._with_loss(forward, output) if forward.labels else None
 
     def _before_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Read the RoPE positions the decoder stack will use (for M-RoPE models they are computed inside)."""

@@ -8,6 +8,7 @@ steps on a pruned cache find each stage's slots; it goes with the cache.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +69,12 @@ class Prefill:
     visual_before_vision: Tensor | None = None  # [batch] visual tokens before a vision stage
     layer_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # layer kind -> this stage's kwargs
     records: list[StageRecord] = field(default_factory=list)
+    labels: dict[str, Tensor] = field(default_factory=dict)  # labels / shift_labels [batch, prompt_length], taken
+    # from the call: the post-hook computes the loss on the rows that are kept
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)  # the call's other keyword arguments (for the loss)
     scoring_module: nn.Module | None = None  # the attention module a scoring pass is running
+    scoring_rows: dict[int, Tensor] = field(default_factory=dict)  # id(projection) -> the token columns [n] long
+    # it projects during the scoring pass (the others are zeros)
     scoring_probes: tuple[AttentionRows, ...] = ()
 
 
@@ -94,11 +100,13 @@ class Decode:
 
 
 @dataclass
-class Running:
+class Running(threading.local):
     """The records of the forward now running on one pruned model (empty between forwards).
 
     ``vision`` may start before ``forward``: ``generate`` can encode images before the model's
     first forward call, and the vision tower runs before the model pre-hook sees the prompt.
+    The records are the calling thread's own (a ``threading.local``): threads that call one
+    pruned model at once each see their own forward, in every hook and in the attention tap.
     """
 
     forward: Prefill | Decode | None = None

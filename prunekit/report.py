@@ -38,6 +38,10 @@ class PruneReport:
     tokens_per_layer: list[int]  # sequence length (the batch tensor's) of every decoder layer
     real_tokens_per_layer: Tensor  # [batch, num_layers] long: non-padding tokens per sample and layer
     visual_tokens_per_layer: Tensor  # [batch, num_layers] long: visual tokens per sample and layer
+    # [batch, seq_out] long: original position (column of the input_ids the model was called with) of each
+    # row of the output (logits, last hidden states); -1 on fill slots and merged tokens. With
+    # ``logits_to_keep`` the logits are the last columns of this map.
+    output_positions: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.stages)
@@ -87,4 +91,4 @@ def build_report(prefill: Prefill, vision: VisionRecord | None, stage_of_layer: 
     visual = torch.stack([prefill.visual_original if s < 0 else stages[s + offset].kept_counts
                           + stages[s + offset].merged_counts for s in stage_of_layer], dim=1)  # [batch, num_layers]
     before = prefill.visual_before_vision if prefill.visual_before_vision is not None else prefill.visual_original
-    return PruneReport(stages, before, tokens_per_layer, real, visual)
+    return PruneReport(stages, before, tokens_per_layer, real, visual, records[-1].original_index)

@@ -2,9 +2,9 @@
 
 Attention rows are captured by the attention tap as a layer runs; at a prune layer the rows must
 come from that layer on its unpruned input, so :func:`scoring_pass` runs the layer's attention once
-on its normed input and stops as soon as the tap has them. During that pass the plain
-``nn.Linear`` query and value projections are swapped for stand-ins that project only the query
-rows the probes read (and no values); the originals return in a ``finally``.
+on its normed input and stops as soon as the tap has them. During that pass hooks on the plain
+``nn.Linear`` query and value projections make them project only the query rows the probes read
+(and no values), for the calling thread's pass only (:func:`rows_only_hooks`).
 """
 
 from __future__ import annotations
@@ -65,29 +65,42 @@ def capture_rows(prefill: Prefill, probes: Sequence[AttentionRows], query: Tenso
                 ctx.captures[probe] = attention_rows(query, key, scaling, query_weights(selected), layout.valid)
 
 
-class _RowsOnly(nn.Module):
-    """Stands in for a linear projection during a scoring pass: the token columns ``columns`` only, zeros elsewhere."""
-
-    def __init__(self, projection: nn.Linear, columns: Tensor) -> None:
-        super().__init__()
-        self.projection, self.columns = projection, columns
-
-    def forward(self, hidden: Tensor) -> Tensor:  # [batch, seq, in] -> [batch, seq, out]
-        out = hidden.new_zeros(*hidden.shape[:-1], self.projection.out_features)
-        if self.columns.numel():
-            out[:, self.columns] = self.projection(hidden[:, self.columns])
-        return out
+ROWS_ONLY = ("q_proj", "v_proj")  # projections a scoring pass computes for the probes' query rows only (values: none)
 
 
-def _swap_projections(attention: nn.Module, columns: dict[str, Tensor]) -> dict[str, nn.Module]:
-    """Replace the attention's plain ``nn.Linear`` projections named in ``columns``; returns the originals."""
-    swapped = {}
-    for name, wanted in columns.items():
+def rows_only_hooks(attention: nn.Module, running: Callable[[], Prefill | None]) -> list:
+    """Hooks on the attention's plain ``nn.Linear`` query and value projections: during the calling thread's
+    scoring pass they project only the token columns in ``prefill.scoring_rows`` (zeros elsewhere); any
+    other call runs whole. Hooks, not swapped modules: the model's structure never changes and threads
+    running the same layer at once are not affected. Returns the handles."""
+    handles = []
+    for name in ROWS_ONLY:
         projection = getattr(attention, name, None)
-        if type(projection) is nn.Linear:  # fused, quantised or adapted projections are left to run whole
-            swapped[name] = projection
-            setattr(attention, name, _RowsOnly(projection, wanted))
-    return swapped
+        if type(projection) is not nn.Linear:  # fused, quantised or adapted projections are left to run whole
+            continue
+
+        def before(module: nn.Module, args: tuple):
+            prefill = running()
+            columns = None if prefill is None else prefill.scoring_rows.get(id(module))
+            if columns is None:
+                return None
+            hidden = args[0]  # [batch, seq, in]
+            prefill.scoring_rows[id(module)] = (columns, hidden.shape[1])
+            return (hidden[:, columns], *args[1:])
+
+        def after(module: nn.Module, args: tuple, output: Tensor):
+            prefill = running()
+            entry = None if prefill is None else prefill.scoring_rows.get(id(module))
+            if not isinstance(entry, tuple):
+                return None
+            columns, seq = entry
+            prefill.scoring_rows[id(module)] = columns
+            out = output.new_zeros(output.shape[0], seq, output.shape[-1])  # [batch, seq, out]
+            out[:, columns] = output
+            return out
+
+        handles += [projection.register_forward_pre_hook(before), projection.register_forward_hook(after)]
+    return handles
 
 
 def scoring_pass(adapter: Adapter, layer: nn.Module, hidden: Tensor, kwargs: dict, prefill: Prefill,
@@ -98,7 +111,9 @@ def scoring_pass(adapter: Adapter, layer: nn.Module, hidden: Tensor, kwargs: dic
     # Only the probes' query rows are read and the values never: project just those (zeros elsewhere).
     rows = torch.stack([query_rows(prefill.ctx, probe) for probe in probes]).any(dim=0).any(dim=0)  # [seq]
     no_rows = torch.zeros(0, dtype=torch.long, device=rows.device)
-    swapped = _swap_projections(attention, {"q_proj": rows.nonzero().flatten(), "v_proj": no_rows})
+    wanted = {"q_proj": rows.nonzero().flatten(), "v_proj": no_rows}
+    prefill.scoring_rows = {id(getattr(attention, name)): columns for name, columns in wanted.items()
+                            if getattr(attention, name, None) is not None}
     prefill.scoring_module, prefill.scoring_probes = attention, tuple(probes)
     try:
         with torch.no_grad():
@@ -111,9 +126,7 @@ def scoring_pass(adapter: Adapter, layer: nn.Module, hidden: Tensor, kwargs: dic
             "attention rows cannot be captured; this model needs an adapter that computes them"
         )
     finally:
-        prefill.scoring_module, prefill.scoring_probes = None, ()
-        for name, original in swapped.items():
-            setattr(attention, name, original)
+        prefill.scoring_module, prefill.scoring_probes, prefill.scoring_rows = None, (), {}
 
 
 def score(criteria: Mapping[str, Criterion], combiner: Combiner, ctx: ForwardContext) -> Tensor:

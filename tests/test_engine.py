@@ -213,18 +213,20 @@ def test_report_counts_tokens_per_layer(llava32):
 
 
 def test_the_scoring_pass_puts_the_projections_back_also_after_an_exception(llava32, monkeypatch):
-    """IGA's scoring pass projects only the query rows it reads; the model's own modules return afterwards."""
+    """IGA's scoring pass projects only the query rows it reads; no hook stays on the model's modules afterwards."""
     attention = llava32.model.language_model.layers[7].self_attn
     originals = (attention.q_proj, attention.k_proj, attention.v_proj)
     seen = []
 
     def failing_rows(query, key, scaling, weights, valid):
-        seen.append((type(attention.q_proj).__name__, type(attention.v_proj).__name__))
+        seen.append((attention.q_proj is originals[0], attention.v_proj is originals[2],
+                     bool(attention.q_proj._forward_pre_hooks), bool(attention.v_proj._forward_hooks)))
         raise RuntimeError("boom")
 
     monkeypatch.setattr("prunekit.scoring.attention_rows", failing_rows)
     with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
         with prunekit.apply(llava32, "transprune-high"):
             llava32(**llava_inputs(SHAPE, batch=1, seed=2))
-    assert seen == [("_RowsOnly", "_RowsOnly")]  # swapped while the pass ran
+    assert seen == [(True, True, True, True)]  # hooked (never swapped: other threads use them) while the pass ran
     assert (attention.q_proj, attention.k_proj, attention.v_proj) == originals
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in originals)

@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHAPE
 
 import prunekit
-from conftest import SHAPE
+from prunekit.errors import PrunekitError
 from prunekit.testing import llava_inputs, tiny_llava
 
 KEEP_ALL = {
@@ -88,3 +91,118 @@ def test_a_pruned_training_step_changes_every_part_of_the_model(recipe, override
                  "lm_head"):
         changed = [n for n, p in model.named_parameters() if part in n and not torch.equal(p, before[n])]
         assert changed, f"no parameter of {part} changed"
+
+
+# ---- labels (issue point 1, second half) ----
+
+def _labels(inputs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(3, SHAPE.vocab_size - 1, inputs["input_ids"].shape, generator=g)
+    labels[inputs["input_ids"] == SHAPE.image_token_id] = -100
+    return labels.masked_fill(inputs["attention_mask"] == 0, -100)
+
+
+@pytest.mark.parametrize("recipe", sorted(KEEP_ALL))
+def test_keep_all_loss_and_its_gradients_equal_the_bare_model(llava64, recipe):
+    inputs = llava_inputs(SHAPE, batch=3, seed=9, dtype=torch.float64)
+    labels = _labels(inputs)
+    bare_loss, bare = _gradients(llava64, inputs, labels=labels)
+    loss, pruned = _gradients(llava64, inputs, recipe, KEEP_ALL[recipe], labels=labels)
+    torch.testing.assert_close(loss, bare_loss, rtol=0, atol=1e-12)
+    _assert_same_gradients(bare, pruned)
+
+
+def _expected_loss(logits, labels, positions):
+    gathered = labels.gather(1, positions.clamp(min=0)).masked_fill(positions < 0, -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), gathered[:, 1:].flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("recipe, overrides", [("fastv", None), ("transprune-high", None), VISION])
+def test_labels_of_dropped_positions_are_dropped_with_them(llava64, recipe, overrides):
+    inputs = llava_inputs(SHAPE, batch=3, seed=10, dtype=torch.float64)
+    labels = _labels(inputs, seed=1)
+    with prunekit.apply(llava64, recipe, overrides) as pruner, torch.no_grad():
+        out = llava64(**inputs, labels=labels)
+        report = pruner.last_report
+    positions = report.output_positions  # [batch, seq_out]
+    assert positions.shape == out.logits.shape[:2]
+    assert positions.shape[1] < inputs["input_ids"].shape[1]
+    torch.testing.assert_close(out.loss, _expected_loss(out.logits, labels, positions), rtol=0, atol=1e-12)
+    ids = inputs["input_ids"]
+    for row in range(ids.shape[0]):
+        real = positions[row][positions[row] >= 0]
+        assert torch.equal(real, real.sort().values)  # in order
+        text = (ids[row] != SHAPE.image_token_id) & (inputs["attention_mask"][row] == 1)
+        assert set(text.nonzero().flatten().tolist()) <= set(real.tolist())  # every text token kept
+        visual = real[ids[row, real] == SHAPE.image_token_id]
+        kept = report.stages[-1].kept[row]
+        if report.stages[-1].where == "decoder":
+            assert torch.equal(visual, kept[kept >= 0])
+
+
+def test_output_positions_without_pruning_are_the_columns(llava64):
+    inputs = llava_inputs(SHAPE, batch=2, seed=12, dtype=torch.float64)
+    with prunekit.apply(llava64, "fastv", KEEP_ALL["fastv"]) as pruner, torch.no_grad():
+        llava64(**inputs)
+    width = inputs["input_ids"].shape[1]
+    assert torch.equal(pruner.last_report.output_positions, torch.arange(width).expand(2, width))
+
+
+def test_labels_that_do_not_fit_the_prompt_are_a_clear_error(llava64):
+    inputs = llava_inputs(SHAPE, batch=1, seed=13, dtype=torch.float64)
+    with prunekit.apply(llava64, "fastv"), torch.no_grad():
+        with pytest.raises(PrunekitError, match=r"labels has shape \(1, 5\)"):
+            llava64(**inputs, labels=torch.zeros(1, 5, dtype=torch.long))
+
+
+# ---- threads (issue point 2) ----
+
+def _call(model, inputs, pruner):
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        report = pruner.last_report
+        ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    return logits, [s.kept for s in report.stages], ids
+
+
+@pytest.mark.parametrize("recipe", ["transprune-high", "fastv", VISION])
+def test_threads_calling_one_pruned_model_each_get_the_lone_answer(llava32, recipe):
+    recipe, overrides = recipe if isinstance(recipe, tuple) else (recipe, None)
+    n_threads, calls = 8, 20
+    prompts = [llava_inputs(SHAPE, batch=1 + t % 2, seed=100 + t) for t in range(n_threads)]
+    with prunekit.apply(llava32, recipe, overrides) as pruner:
+        alone = [_call(llava32, p, pruner) for p in prompts]
+        failures: list[str] = []
+        start = threading.Barrier(n_threads)
+
+        def worker(t: int) -> None:
+            start.wait()
+            for i in range(calls):
+                try:
+                    logits, kept, ids = _call(llava32, prompts[t], pruner)
+                except Exception as error:  # noqa: BLE001 - every failure is reported
+                    failures.append(f"thread {t} call {i}: {type(error).__name__}: {error}")
+                    continue
+                want_logits, want_kept, want_ids = alone[t]
+                if not (torch.equal(logits, want_logits) and torch.equal(ids, want_ids)
+                        and all(torch.equal(a, b) for a, b in zip(kept, want_kept))):
+                    failures.append(f"thread {t} call {i}: a different answer")
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not failures, f"{len(failures)} of {n_threads * calls} calls went wrong: {failures[:3]}"
+
+
+def test_last_report_seen_from_another_thread_is_the_last_one(llava32):
+    inputs = llava_inputs(SHAPE, batch=1, seed=21)
+    with prunekit.apply(llava32, "fastv") as pruner:
+        thread = threading.Thread(target=lambda: llava32(**inputs))
+        with torch.no_grad():
+            thread.start()
+            thread.join()
+        assert pruner.last_report is not None
+        assert pruner.last_report.stages[0].kept.shape == (1, SHAPE.visual_tokens // 2)
+

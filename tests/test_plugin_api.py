@@ -220,7 +220,7 @@ def _tensors_in(obj, seen=None, depth=0) -> list[str]:
         return []
     found = []
     for key, value in items:
-        if key in ("model", "last_report", "_caches", "recipe", "adapter", "projector", "layers"):
+        if key in ("model", "last_report", "_reports", "_latest", "_caches", "recipe", "adapter", "projector", "layers"):
             continue
         found += [f"{key}.{path}" for path in _tensors_in(value, seen, depth + 1)]
     return found
