@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -104,6 +105,7 @@ class Pruner:
         self._hooks = HookSet()
         self._caches: weakref.WeakKeyDictionary[Any, CacheRecord] = weakref.WeakKeyDictionary()
         self._installed = False
+        self._warned_no_cache = False
         self._removed = False
         self._signature = inspect.signature(model.forward)
         self._var_keyword = next((p.name for p in self._signature.parameters.values()
@@ -226,6 +228,8 @@ class Pruner:
                 f"the prompt has no visual tokens (looked for {self.adapter.describe_visual(self.model)} in input_ids "
                 f"of shape {tuple(input_ids.shape)}); recipe {self.recipe.name!r} needs an image or video in the prompt"
             )
+        if call.get("use_cache") is False:
+            self._warn_no_cache()
         visual_before = layout.visual_counts()
         changed, rewrite = None, None
         labels = self._take_labels(call, input_ids)
@@ -248,6 +252,19 @@ class Pruner:
             loss_kwargs={k: v for k, v in call.items() if k not in self._signature.parameters} if labels else {},
         )
         return changed
+
+    def _warn_no_cache(self) -> None:
+        """Once per pruner: without a cache every forward is a prefill, pruned afresh (docs/concepts.md)."""
+        if self._warned_no_cache:
+            return
+        self._warned_no_cache = True
+        warnings.warn(
+            "prunekit: use_cache=False: every forward is pruned afresh as a prefill; in generate() each step "
+            "re-scores the visual tokens with the tokens generated so far counted as instruction, so greedy "
+            "output can differ from the cached run (which scores the prompt once). See 'Without a KV cache' "
+            "in docs/concepts.md",
+            UserWarning, stacklevel=3,
+        )
 
     def _take_labels(self, call: dict[str, Any], input_ids: Tensor) -> dict[str, Tensor]:
         """Take ``labels`` (and ``shift_labels``) out of a prefill call: the loss is computed on the kept rows."""

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import threading
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +208,21 @@ def test_last_report_seen_from_another_thread_is_the_last_one(llava32):
         assert pruner.last_report is not None
         assert pruner.last_report.stages[0].kept.shape == (1, SHAPE.visual_tokens // 2)
 
+
+
+# ---- use_cache=False (issue point 6) ----
+
+def test_use_cache_false_warns_once_and_is_documented(llava32):
+    inputs = llava_inputs(SHAPE, batch=1, seed=30)
+    with prunekit.apply(llava32, "fastv"), torch.no_grad():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            llava32.generate(**inputs, max_new_tokens=3, do_sample=False)  # cached: no warning
+            assert not [w for w in caught if "use_cache=False" in str(w.message)]
+            llava32.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+            llava32.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+    ours = [w for w in caught if "use_cache=False" in str(w.message)]
+    assert len(ours) == 1 and "pruned afresh" in str(ours[0].message)
+    assert "docs/concepts.md" in str(ours[0].message)
+    concepts = (Path(__file__).resolve().parents[1] / "docs" / "concepts.md").read_text()
+    assert "## Without a KV cache (`use_cache=False`)" in concepts
