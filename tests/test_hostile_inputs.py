@@ -300,7 +300,7 @@ def test_a_prunekit_error_raised_below_any_command_becomes_the_error_line(capsys
     def broken():
         raise PluginError("boom: a plugin broke")
 
-    monkeypatch.setattr(prunekit.recipe, "builtin_recipe_names", broken)
+    monkeypatch.setattr(prunekit.recipe, "recipe_files", broken)
     for as_json in (False, True):
         code, out, err = _cli(capsys, "recipes", *(["--json"] * as_json))
         _assert_cli_error(code, out, err, "boom: a plugin broke", as_json=as_json)
