@@ -20,11 +20,11 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"  # package data: config, safeten
 NUM_LAYERS = 16  # deep enough for TransPrune's layers 7, 9, 12
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab: list[str] = VOCAB) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the task's vocabulary (``<image>`` splits out without spaces)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                         pad_token="<pad>", additional_special_tokens=["<image>"])

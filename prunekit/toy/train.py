@@ -23,15 +23,16 @@ from prunekit.toy.task import COLORS, SHAPES, ToyTask, description, patch_labels
 PATCH_COLUMN = torch.tensor([(0 if c < 3 else 1 if c < 5 else 2) for _ in range(8) for c in range(8)])[None]
 
 
-def make_batch(processor, questions, with_answers: bool = True, describe: list[bool] | None = None) -> dict:
+def make_batch(processor, questions, with_answers: bool = True, describe: list[bool] | None = None,
+               task_prompt=prompt, task_description=description) -> dict:
     """Prompts (and, for training, answers with labels on the answer tokens only).
 
     ``describe[i]`` turns sample i into the description task: ``describe ?`` answered with every
     object's colour, shape and column, a dense signal that teaches the model to read the image.
     """
     describe = describe or [False] * len(questions)
-    prompts = [prompt("describe ?" if d else q.question) for q, d in zip(questions, describe)]
-    answers = [description(q.shapes) if d else q.answer for q, d in zip(questions, describe)]
+    prompts = [task_prompt("describe ?" if d else q.question) for q, d in zip(questions, describe)]
+    answers = [task_description(q.shapes) if d else q.answer for q, d in zip(questions, describe)]
     texts = [p + (f" {a} </s>" if with_answers else "") for p, a in zip(prompts, answers)]
     batch = processor(images=[q.image for q in questions], text=texts, return_tensors="pt", padding=True)
     if with_answers:
@@ -59,12 +60,13 @@ def per_sample_loss(model, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model, processor, questions, batch_size: int = 64, by_kind: dict | None = None) -> float:
+def accuracy(model, processor, questions, batch_size: int = 64, by_kind: dict | None = None,
+             make=make_batch) -> float:
     """Greedy one-token answers against the truth (``by_kind`` receives the accuracy per question kind)."""
     results = []
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
-        batch = make_batch(processor, chunk, with_answers=False)
+        batch = make(processor, chunk, with_answers=False)
         logits = model(**batch).logits[:, -1]
         words = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
         results += [(q.kind, w == q.answer) for w, q in zip(words, chunk)]

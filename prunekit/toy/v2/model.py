@@ -11,31 +11,20 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    PreTrainedTokenizerFast,
 )
 
+from prunekit.toy import model as toy_v1_model
 from prunekit.toy.v2.task import GRID, IMAGE_SIZE, PATCH, VOCAB
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # package data: config, safetensors, tokenizer, processor
 NUM_LAYERS = 16  # deep enough for TransPrune's layers 7, 9, 12
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the task's vocabulary (``<image>`` splits out without spaces)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                        pad_token="<pad>", additional_special_tokens=["<image>"])
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
 def build_processor() -> LlavaProcessor:
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
                                          crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=PATCH,
+    tokenizer = toy_v1_model.build_tokenizer(VOCAB)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
                           vision_feature_select_strategy="default", image_token="<image>",
                           num_additional_image_tokens=1)
 

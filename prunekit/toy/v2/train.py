@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration
 
+from prunekit.toy import train as toy_v1_train
+from prunekit.toy.train import per_sample_loss
 from prunekit.toy.v2.model import WEIGHTS_DIR, build_config, build_processor
 from prunekit.toy.v2.task import GRID, N_PATCH_CLASSES, ToyTask, description, patch_labels, prompt
 
@@ -26,56 +29,9 @@ PATCH_ROW = torch.arange(GRID).repeat_interleave(GRID)[None]  # [1, GRID*GRID] r
 PATCH_COLUMN = torch.arange(GRID).repeat(GRID)[None]  # [1, GRID*GRID] column of each patch
 
 
-def make_batch(processor, questions, with_answers: bool = True, describe: list[bool] | None = None) -> dict:
-    """Prompts (and, for training, answers with labels on the answer tokens only).
-
-    ``describe[i]`` turns sample i into the description task: ``describe ?`` answered with every
-    object's colour, shape and column, a dense signal that teaches the model to read the image.
-    """
-    describe = describe or [False] * len(questions)
-    prompts = [prompt("describe ?" if d else q.question) for q, d in zip(questions, describe)]
-    answers = [description(q.shapes) if d else q.answer for q, d in zip(questions, describe)]
-    texts = [p + (f" {a} </s>" if with_answers else "") for p, a in zip(prompts, answers)]
-    batch = processor(images=[q.image for q in questions], text=texts, return_tensors="pt", padding=True)
-    if with_answers:
-        labels = torch.full_like(batch["input_ids"], -100)
-        for row, answer in enumerate(answers):
-            n = len(answer.split()) + 1  # the answer words and </s> end every row (left padding)
-            labels[row, -n:] = batch["input_ids"][row, -n:]
-        batch["labels"] = labels
-    return batch
-
-
-def per_sample_loss(model, batch: dict) -> torch.Tensor:
-    """Cross-entropy averaged over each sample's answer tokens, then over samples.
-
-    A one-word answer then weighs as much as a ten-token description (a token average would let
-    the descriptions drown the questions).
-    """
-    labels = batch.pop("labels")
-    logits = model(**batch).logits[:, :-1]  # [batch, seq - 1, vocab] predicts tokens 1..
-    target = labels[:, 1:]
-    token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(),
-                                                   ignore_index=-100, reduction="none").view_as(target)
-    counted = (target != -100).float()
-    return ((token_loss * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1)).mean()
-
-
-@torch.no_grad()
-def accuracy(model, processor, questions, batch_size: int = 64, by_kind: dict | None = None) -> float:
-    """Greedy one-token answers against the truth (``by_kind`` receives the accuracy per question kind)."""
-    results = []
-    for start in range(0, len(questions), batch_size):
-        chunk = questions[start:start + batch_size]
-        batch = make_batch(processor, chunk, with_answers=False)
-        logits = model(**batch).logits[:, -1]
-        words = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
-        results += [(q.kind, w == q.answer) for w, q in zip(words, chunk)]
-    if by_kind is not None:
-        for kind in sorted({k for k, _ in results}):
-            oks = [ok for k, ok in results if k == kind]
-            by_kind[kind] = sum(oks) / len(oks)
-    return sum(ok for _, ok in results) / len(results)
+# The batches, the per-sample loss and the held-out accuracy are the first toy's, on this task's prompt.
+make_batch = partial(toy_v1_train.make_batch, task_prompt=prompt, task_description=description)
+accuracy = partial(toy_v1_train.accuracy, make=make_batch)
 
 
 def aux_loss(aux_head: torch.nn.Module, features: torch.Tensor, questions) -> torch.Tensor:
