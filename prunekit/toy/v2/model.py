@@ -41,21 +41,5 @@ def build_config() -> LlavaConfig:
 
 
 def load_toy(path: str | Path | None = None, dtype=None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """The trained toy model and its processor (from the package, offline)."""
-    import torch
-
-    from prunekit.errors import PrunekitError
-
-    folder = Path(path) if path is not None else WEIGHTS_DIR
-    if not (folder / "model.safetensors").is_file():
-        raise PrunekitError(f"no trained toy model in {folder}; train it with `python -m prunekit.toy.train`")
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a 3.6 M-parameter load needs none, and ``--json`` output stays clean
-    try:
-        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype or torch.float32)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return model.eval(), LlavaProcessor.from_pretrained(folder)
+    """The trained LLaVA-layout toy and its processor (``prunekit/toy/v2/weights`` by default, offline)."""
+    return toy_v1_model.load_toy(WEIGHTS_DIR if path is None else path, dtype)
