@@ -42,4 +42,10 @@ def build_config() -> LlavaConfig:
 
 def load_toy(path: str | Path | None = None, dtype=None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """The trained LLaVA-layout toy and its processor (``prunekit/toy/v2/weights`` by default, offline)."""
-    return toy_v1_model.load_toy(WEIGHTS_DIR if path is None else path, dtype)
+    folder = WEIGHTS_DIR if path is None else Path(path)
+    if not (folder / "model.safetensors").is_file():
+        from prunekit.errors import PrunekitError
+
+        raise PrunekitError(f"no trained toy model in {folder}; train it with "
+                            f"`python -m prunekit.toy.v2.train --out {folder}`")
+    return toy_v1_model.load_toy(folder, dtype)
