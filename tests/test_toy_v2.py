@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 from prunekit.toy.v2 import task as v2_task
 from prunekit.toy.v2.model import WEIGHTS_DIR, build_processor, load_toy
 from prunekit.toy.v2.task import ANSWERS, CHANCE, GRID, IMAGE_SIZE, KINDS, PATCH, ToyTask, draw_shape, prompt
-from prunekit.toy.v2.train import accuracy
+from prunekit.toy.v2.train import accuracy, conversation_batch
 
 needs_weights = pytest.mark.skipif(not (WEIGHTS_DIR / "model.safetensors").is_file(),
                                    reason="the LLaVA-layout toy is not trained yet (docs/toy.md)")
@@ -28,6 +28,37 @@ def test_the_task_is_seeded_balanced_and_knows_its_relevant_patches():
     with pytest.raises(ValueError, match="unknown question kind 'size'; valid: color, shape"):
         task.question("size")
 
+
+
+def test_training_conversations_ask_new_questions_on_one_scene_and_label_every_answer():
+    task = ToyTask(7)
+    questions = task.questions(4)
+    follow_ups = [task.follow_ups(q, 4) for q in questions]
+    follow_ups[2] = []
+    assert all(len(turns) >= 2 for i, turns in enumerate(follow_ups) if i != 2)
+    for question, turns in zip(questions, follow_ups):
+        texts = [question.question] + [t for t, _ in turns]
+        assert len(set(texts)) == len(texts)  # each question asked once
+        for text, answer in turns:  # count and presence answers recounted from the scene
+            words = text.split()
+            if text.startswith("how many"):
+                n = sum(s.color == words[2] for s in question.shapes)
+                assert answer == v2_task.COUNTS[n - 1]
+            elif text.startswith("is there"):
+                found = any(s.color == words[3] and s.kind == words[4] for s in question.shapes)
+                assert answer == ("yes" if found else "no")
+    processor = build_processor()
+    batch = conversation_batch(processor, questions, follow_ups, [False, True, False, False])
+    assert batch["input_ids"].shape == batch["labels"].shape
+    for row, (question, turns) in enumerate(zip(questions, follow_ups)):
+        labelled = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        words = processor.tokenizer.convert_ids_to_tokens(labelled)
+        if row == 1:  # the describe task: the description and its end
+            assert words == v2_task.description(question.shapes).split() + ["</s>"]
+        else:
+            assert words == [w for a in [question.answer] + [a for _, a in turns] for w in (a, "</s>")]
+        text = " ".join(processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][row].tolist()))
+        assert text.count("USER:") == (1 if row == 1 else 1 + len(turns))
 
 def _pixels_of(shape) -> set[int]:
     """The patches a shape covers, counted pixel by pixel from its own drawing (not from shape_patches)."""

@@ -32,8 +32,8 @@ def build_processor() -> LlavaProcessor:
 def build_config() -> LlavaConfig:
     vision = CLIPVisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
                               image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=96)
-    text = LlamaConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=NUM_LAYERS, num_attention_heads=6,
-                       num_key_value_heads=6, head_dim=16, vocab_size=len(VOCAB), max_position_embeddings=512,
+    text = LlamaConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
+                       num_key_value_heads=4, head_dim=24, vocab_size=len(VOCAB), max_position_embeddings=512,
                        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=VOCAB.index("<image>"),
                        image_seq_length=GRID * GRID, vision_feature_layer=-2,

@@ -189,6 +189,22 @@ class ToyTask:
     def questions(self, n: int) -> list[Question]:
         return [self.question() for _ in range(n)]
 
+    def follow_ups(self, question: Question, n: int) -> list[tuple[str, str]]:
+        """Up to ``n`` more (question, answer) pairs on ``question``'s scene, each asked once: the later turns
+        of a training conversation (answers are not uniform here, the first question's is)."""
+        turns: list[tuple[str, str]] = []
+        asked = {question.question}
+        for _ in range(8 * n):
+            if len(turns) == n:
+                break
+            kind = self.rng.choice(KINDS)
+            target = self.rng.choice(ANSWERS[kind])
+            made = self._ask(kind, target, question.shapes)
+            if made is not None and made[0] not in asked:
+                asked.add(made[0])
+                turns.append((made[0], target))
+        return turns
+
 
 def _relation(a: Shape, b: Shape) -> str | None:
     """Where ``a`` lies relative to ``b`` along the clearly dominant axis (twice the other), else None."""

@@ -29,9 +29,35 @@ PATCH_ROW = torch.arange(GRID).repeat_interleave(GRID)[None]  # [1, GRID*GRID] r
 PATCH_COLUMN = torch.arange(GRID).repeat(GRID)[None]  # [1, GRID*GRID] column of each patch
 
 
-# The batches, the per-sample loss and the held-out accuracy are the first toy's, on this task's prompt.
+# Evaluation batches, the per-sample loss and the held-out accuracy are the first toy's, on this task's prompt.
 make_batch = partial(toy_v1_train.make_batch, task_prompt=prompt, task_description=description)
 accuracy = partial(toy_v1_train.accuracy, make=make_batch)
+
+
+def conversation_batch(processor, questions, follow_ups: list[list[tuple[str, str]]], describe: list[bool]) -> dict:
+    """Training batches: LLaVA-1.5 multi-turn conversations on one image, labels on every answer.
+
+    Sample i is ``<s> USER: <image>\n{q} ASSISTANT: {a} </s> USER: {q2} ASSISTANT: {a2} </s> ...`` with the
+    turns of ``follow_ups[i]``, or the describe task when ``describe[i]``. The first turn is exactly the
+    evaluation prompt; later turns give one image several answers' worth of signal for little compute (an
+    answer costs ~15 tokens, the image 144).
+    """
+    texts = []
+    for question, turns, describing in zip(questions, follow_ups, describe):
+        if describing:
+            texts.append(f"{prompt('describe ?')} {description(question.shapes)} </s>")
+            continue
+        text = f"{prompt(question.question)} {question.answer} </s>"
+        texts.append(text + "".join(f" USER: {q} ASSISTANT: {a} </s>" for q, a in turns))
+    batch = processor(images=[q.image for q in questions], text=texts, return_tensors="pt", padding=True)
+    ids = batch["input_ids"]  # [batch, seq], left-padded
+    tokenizer = processor.tokenizer
+    opens = (ids == tokenizer.convert_tokens_to_ids("ASSISTANT:")).long()
+    closes = (ids == tokenizer.eos_token_id).long()
+    # A token is an answer token when more ASSISTANT: than </s> come before it: the answer words and their </s>.
+    in_answer = (opens.cumsum(1) - opens) > (closes.cumsum(1) - closes)  # [batch, seq]
+    batch["labels"] = torch.where(in_answer, ids, torch.full_like(ids, -100))
+    return batch
 
 
 def aux_loss(aux_head: torch.nn.Module, features: torch.Tensor, questions) -> torch.Tensor:
@@ -74,7 +100,7 @@ def pretrain_vision(model, aux_head, captured: dict, task: ToyTask, steps: int, 
 
 def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_every: int, threads: int | None,
           aux_weight: float = 0.5, vision_steps: int = 0, describe_every: int = 4, checkpoint: Path | None = None,
-          resume: bool = False) -> float:
+          resume: bool = False, turns: int = 5) -> float:
     """Train from ``seed``; with ``resume``, continue from ``checkpoint`` (written at every evaluation)."""
     if threads:
         torch.set_num_threads(threads)
@@ -117,8 +143,9 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
                mininterval=10)
     for step in bar:
         questions = task.questions(batch_size)
-        batch = make_batch(processor, questions,
-                           describe=[describe_every > 0 and i % describe_every == 1 for i in range(batch_size)])
+        describe = [describe_every > 0 and i % describe_every == 1 for i in range(batch_size)]
+        follow_ups = [[] if d else task.follow_ups(q, turns - 1) for q, d in zip(questions, describe)]
+        batch = conversation_batch(processor, questions, follow_ups, describe)
         loss = per_sample_loss(model, batch)
         aux = aux_loss(aux_head, captured["features"], questions)
         (loss + aux_weight * aux).backward()
@@ -162,12 +189,13 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path("toy-train.ckpt"),
                         help="resumable training state, written at every evaluation")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument("--turns", type=int, default=5, help="questions per training conversation (one image)")
     parser.add_argument("--describe-every", type=int, default=4,
                         help="every n-th sample of a batch is the describe task (0: questions only)")
     args = parser.parse_args()
     accuracy_ = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.threads,
                       vision_steps=args.vision_steps, checkpoint=args.checkpoint, resume=args.resume,
-                      describe_every=args.describe_every)
+                      describe_every=args.describe_every, turns=args.turns)
     print(f"held-out accuracy: {accuracy_:.3f}; weights in {args.out}")
 
 
