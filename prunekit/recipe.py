@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Union, get_args
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from prunekit.api import Combiner, Criterion, Merger, Schedule, Stage, check_keep_count
@@ -127,16 +127,61 @@ def _explain(exc: OmegaConfBaseException, where: str, valid: Sequence[str] | Non
     return RecipeError(f"{where}{at}: {message}{hint}")
 
 
+def _yaml_value(item: str, raw: str, where: str) -> Any:
+    """The value of an override, parsed as YAML (``[1, 2]``, ``0.5``, ``null``, ``{a: 1}``)."""
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise RecipeError(f"{where}, override {item!r}: the value {raw!r} is not valid YAML ({problem}); write "
+                          f"a scalar (0.5, text), a list ([7, 9]) or a mapping ({{alpha: 0.5}})") from None
+
+
+def _drop_criterion(cfg: DictConfig, key: str, item: str, where: str) -> bool:
+    """``criteria.X=null`` (or ``vision.criteria.X=null``) removes criterion X; True when ``key`` is one."""
+    parts = key.split(".")
+    block = parts[:-1]
+    if block not in (["criteria"], ["vision", "criteria"]):
+        return False
+    criteria = OmegaConf.select(cfg, ".".join(block))
+    name = parts[-1]
+    if criteria is None or name not in criteria:
+        present = list(criteria or [])
+        raise RecipeError(f"{where}, override {item!r}: '{key}=null' removes a criterion, but the recipe has no "
+                          f"criterion {name!r} there; its criteria: {valid_list(present)}")
+    del criteria[name]
+    return True
+
+
+def _check_kind(cfg: DictConfig, key: str, value: Any, item: str, where: str) -> None:
+    """A mapping key takes a mapping (or null), a list key a list: never a silent container mix."""
+    current = OmegaConf.select(cfg, key, default=None)
+    if isinstance(current, DictConfig) and not isinstance(value, (Mapping, type(None))):
+        raise RecipeError(f"{where}, override {item!r}: {key!r} is a mapping ({valid_list(current) or 'empty'}), "
+                          f"got {type(value).__name__} {value!r}; set one of its keys ({key}.<name>=...) or give "
+                          f"a mapping ({key}={{...}})")
+    if isinstance(current, ListConfig) and isinstance(value, Mapping):
+        raise RecipeError(f"{where}, override {item!r}: {key!r} is a list, got a mapping {value!r}")
+
+
 def _apply_overrides(cfg: DictConfig, overrides: Sequence[str], where: str) -> None:
+    if isinstance(overrides, (str, bytes)):
+        raise RecipeError(f"overrides must be a list of 'dotted.key=value' strings, got one string {overrides!r}; "
+                          f"pass [{overrides!r}]")
     for item in overrides:
-        if "=" not in item:
+        if not isinstance(item, str) or "=" not in item:
             raise RecipeError(f"override {item!r} must look like 'dotted.key=value'")
         key, raw = item.split("=", 1)
         key = key.strip()
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml_value(item, raw, where)
         top = key.split(".")[0]
         if top not in RECIPE_KEYS:
             raise RecipeError(f"override {item!r}: unknown recipe key {top!r}; valid keys: {valid_list(RECIPE_KEYS)}")
+        if value is None and _drop_criterion(cfg, key, item, where):
+            continue
+        _check_kind(cfg, key, value, item, where)
         try:
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as exc:
@@ -172,6 +217,27 @@ def _build_plugin(kind: str, spec: Any, default_type: str | None, where: str) ->
     return obj
 
 
+_MAPPING_KEYS = {"": ("criteria", "combiner", "schedule", "merge", "vision"), "vision": ("criteria", "combiner", "merge")}
+
+
+def _check_mappings(raw: Any, where: str) -> None:
+    """The recipe itself, its plugin blocks and its vision block are mappings (or null): a clear error otherwise."""
+    if not isinstance(raw, DictConfig):
+        raise RecipeError(f"{where}: a recipe is a mapping of {valid_list(RECIPE_KEYS)}, got {type(raw).__name__}")
+    for block, keys in _MAPPING_KEYS.items():
+        node = raw if not block else raw.get(block)
+        if not isinstance(node, DictConfig):
+            continue
+        for key in keys:
+            value = node.get(key)
+            if value is not None and not isinstance(value, DictConfig):
+                dotted = f"{block}.{key}" if block else key
+                shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+                raise RecipeError(f"{where}: {dotted!r} must be a mapping, got {type(shown).__name__} {shown!r} "
+                                  f"(criteria: {{key: {{type: <criterion>, ...}}}}; combiner, schedule, merge: "
+                                  f"{{type: <name>, ...}})")
+
+
 def load_recipe(source: RecipeSource, overrides: Sequence[str] | None = None) -> Recipe:
     """Load, validate and build a recipe from a built-in name, a YAML path, a dict or a :class:`Recipe`."""
     if isinstance(source, Recipe):
@@ -179,11 +245,12 @@ def load_recipe(source: RecipeSource, overrides: Sequence[str] | None = None) ->
             return source
         source = source.config
     raw, where = _read_source(source)
+    _check_mappings(raw, where)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(RecipeSchema), raw)
     except OmegaConfBaseException as exc:
         raise _explain(exc, where, RECIPE_KEYS) from exc
-    _apply_overrides(cfg, list(overrides or []), where)
+    _apply_overrides(cfg, overrides if overrides is not None else [], where)
 
     if cfg.reference_depth is not None and cfg.reference_depth < 1:
         raise RecipeError(f"{where}: reference_depth must be a positive layer count, got {cfg.reference_depth}")
@@ -289,7 +356,14 @@ def resolve_stages(recipe: Recipe, num_layers: int) -> list[Stage]:
         if stage.layer >= depth:
             raise RecipeError(f"{where}: stage {i} prunes before layer {stage.layer}, past reference_depth "
                               f"{depth} (valid layers 0..{depth - 1}; {_depth_note(recipe, num_layers)})")
-    return [dataclasses.replace(stage, layer=int(math.ceil(stage.layer * ratio))) for stage in stages]
+    scaled = [dataclasses.replace(stage, layer=int(math.ceil(stage.layer * ratio))) for stage in stages]
+    layers = [stage.layer for stage in scaled]
+    if len(set(layers)) < len(layers) and len({stage.layer for stage in stages}) == len(stages):
+        raise RecipeError(
+            f"{where}: reference_depth {depth} maps the stage layers {[stage.layer for stage in stages]} onto "
+            f"{layers} of the model's {num_layers} decoder layers, so two stages land on one layer; give the "
+            f"depth the layers were written for (the recipe's reference_depth, or none to use them as written)")
+    return scaled
 
 
 def check_stages(recipe: Recipe, num_layers: int, model_name: str = "the model") -> list[Stage]:
