@@ -76,7 +76,10 @@ class Registry:
             dist = ep.dist.name if ep.dist is not None else None
             try:
                 plugin = ep.load()
-            except Exception as exc:  # a broken plugin must not take the others down
+            except Exception as exc:  # a broken third-party plugin must not take the others down
+                if dist == BUILTIN_DISTRIBUTION:  # a broken installation: say so at once, never "(none)" later
+                    raise PluginError(f"prunekit's built-in plugin {ep.name!r} failed to import ({ep.value}): "
+                                      f"{exc!r}; {_version_hint()}") from exc
                 self.problems.append(f"plugin {ep.name!r} ({dist}): import of {ep.value!r} failed: {exc!r}")
                 continue
             self.register(plugin, name=ep.name, distribution=dist)
@@ -146,6 +149,11 @@ class Registry:
         self.entries("criterion")
         return self.problems + self._build_problems
 
+    def _problem_note(self) -> str:
+        """What failed to load, for lookup errors (a missing name may be a plugin that did not import)."""
+        problems = self.all_problems()
+        return f" (plugins that failed to load: {'; '.join(problems)})" if problems else ""
+
     def names(self, kind: str) -> list[str]:
         return sorted(self.entries(kind))
 
@@ -153,7 +161,8 @@ class Registry:
         """The item registered as ``name``; a clear error if it is missing or claimed twice."""
         claims = self.entries(kind).get(name)
         if not claims:
-            raise PluginError(f"unknown {kind} {name!r}; registered {PLURALS[kind]}: {valid_list(self.names(kind))}")
+            raise PluginError(f"unknown {kind} {name!r}; registered {PLURALS[kind]}: {valid_list(self.names(kind))}"
+                              f"{self._problem_note()}")
         if len(claims) > 1:
             who = ", ".join(f"plugin {e.plugin!r} (distribution {e.distribution})" for e in claims)
             raise PluginError(f"{kind} {name!r} is registered twice, by {who}; uninstall or rename one")
@@ -183,6 +192,7 @@ class Registry:
         raise AdapterError(
             f"no adapter matches {type(model).__name__} (config.model_type={model_type!r}); registered adapters: "
             f"{valid_list(a.name for a in adapters)} ({'; '.join(reasons)}); `prunekit doctor` explains each"
+            f"{self._problem_note()}"
         )
 
     def recipe_dirs(self) -> list[Path]:
@@ -196,6 +206,15 @@ class Registry:
 
 
 _REGISTRY: Registry | None = None
+BUILTIN_DISTRIBUTION = "prunekit"
+
+
+def _version_hint() -> str:
+    """prunekit's declared transformers requirement against the installed version."""
+    needed = next((r for r in importlib.metadata.requires(BUILTIN_DISTRIBUTION) or [] if r.startswith("transformers")),
+                  "transformers")
+    return (f"prunekit needs {needed.split(';')[0]} (installed: transformers "
+            f"{importlib.metadata.version('transformers')}); reinstall prunekit or change transformers")
 
 
 def get_registry() -> Registry:

@@ -10,6 +10,7 @@ import torch
 
 import prunekit
 from conftest import SHAPE
+from prunekit.errors import PluginError
 from prunekit.plugins import Registry
 from prunekit.testing import llava_inputs
 
@@ -105,3 +106,40 @@ def test_plugins_lists_the_recipe_folders_and_recipes_name_their_file(capsys):
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["oracle"]["file"].endswith("oracle.yaml") and "toy" in rows["oracle"]["file"]
     assert rows["fastv"]["file"].endswith("fastv.yaml")
+
+
+class _BrokenEntryPoint:
+    """An entry point whose import fails, from the named distribution."""
+
+    def __init__(self, name: str, distribution: str) -> None:
+        self.name, self.value, self.dist = name, f"{distribution}_missing.module", type("D", (), {"name": distribution})
+
+    def load(self):
+        raise ImportError(f"cannot import name 'blockwise_overlay' (from {self.value})")
+
+
+def test_a_built_in_plugin_that_fails_to_import_is_an_error_at_once_with_the_version_hint(monkeypatch):
+    import importlib.metadata
+
+    from prunekit.plugins import Registry
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [_BrokenEntryPoint("builtin_adapters",
+                                                                                             "prunekit")])
+    with pytest.raises(PluginError, match=r"prunekit's built-in plugin 'builtin_adapters' failed to import .*"
+                                          r"blockwise_overlay.*prunekit needs transformers.*>=5\.19\.0.*installed"):
+        Registry()
+
+
+def test_a_third_party_plugin_that_fails_to_import_is_named_in_lookup_errors(monkeypatch):
+    import importlib.metadata
+
+    from prunekit.plugins import Registry
+
+    real = importlib.metadata.entry_points(group="prunekit")
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: [*real, _BrokenEntryPoint("their_criteria", "someones-criteria")])
+    registry = Registry()
+    assert registry.get("criterion", "ttv").name == "ttv"  # the others still load
+    with pytest.raises(PluginError, match=r"unknown criterion 'theirs'; .*plugins that failed to load: plugin "
+                                          r"'their_criteria' \(someones-criteria\): import of .* failed"):
+        registry.get("criterion", "theirs")
