@@ -112,10 +112,11 @@ def run_model(model_id: str, image_path: str, prompt_text: str, recipe: str, ove
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from prunekit.errors import PrunekitError
+    from prunekit.loading import load_pretrained
 
     try:
         processor = AutoProcessor.from_pretrained(model_id)
-        model = AutoModelForImageTextToText.from_pretrained(model_id).eval()
+        model = load_pretrained(AutoModelForImageTextToText, model_id).eval()
     except (OSError, ValueError, KeyError) as exc:  # no weights, a broken file, an unknown architecture, ...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PrunekitError(f"cannot load the model {model_id!r}: {first}") from exc

@@ -56,6 +56,7 @@ def load_toy(path: str | Path | None = None, dtype=None) -> tuple[LlavaForCondit
     import torch
 
     from prunekit.errors import PrunekitError
+    from prunekit.loading import load_pretrained
 
     folder = Path(path) if path is not None else WEIGHTS_DIR
     if not (folder / "model.safetensors").is_file():
@@ -65,7 +66,7 @@ def load_toy(path: str | Path | None = None, dtype=None) -> tuple[LlavaForCondit
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a 3.6 M-parameter load needs none, and ``--json`` output stays clean
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype or torch.float32)
+        model = load_pretrained(LlavaForConditionalGeneration, folder, dtype=dtype or torch.float32)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
