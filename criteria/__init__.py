@@ -7,6 +7,7 @@ from prunekit.hookspecs import hookimpl
 
 from .attention import IGA, Attention, FastVAttention, PDropAttention
 from .diversity import DivPrune, L2Norm, Redundancy
+from .pooling import GridPool, Uniform
 from .random import RandomScore
 from .sparsevlm import SparseVLMRaters, SparseVLMRecycling
 from .ttv import TTV, AccumulatedTTV
@@ -14,9 +15,9 @@ from .visionzip import VisionZipContextual, VisionZipDominant
 
 BUILTIN_CRITERIA: list[type[Criterion]] = [
     TTV, AccumulatedTTV, IGA, Attention, FastVAttention, PDropAttention, SparseVLMRaters, DivPrune, Redundancy,
-    L2Norm, RandomScore, VisionZipDominant,
+    L2Norm, RandomScore, VisionZipDominant, Uniform,
 ]
-BUILTIN_MERGERS: list[type[Merger]] = [SparseVLMRecycling, VisionZipContextual]
+BUILTIN_MERGERS: list[type[Merger]] = [SparseVLMRecycling, VisionZipContextual, GridPool]
 
 
 @hookimpl

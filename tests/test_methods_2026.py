@@ -1,0 +1,86 @@
+"""Methods researchers compare against (pooling, VisPruner, FasterVLM, CDPruner), each recomputed another way."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import prunekit
+from conftest import SHAPE576
+from prunekit.flops import DecoderDims, recipe_estimate
+from prunekit.testing import llava_inputs
+
+NEW_RECIPES = ["pooling-144", "pooling-64"]
+
+
+def _inputs(batch=1, seed=0):
+    return llava_inputs(SHAPE576, batch=batch, seed=seed, dtype=torch.float64)
+
+
+def _embeddings(model, inputs):
+    """The decoder's input embeddings [batch, seq, dim] with the projected image features in place (no hooks)."""
+    ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(ids).clone()
+    feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    embeds[ids == SHAPE576.image_token_id] = torch.cat(list(feats)).to(embeds.dtype)
+    return embeds
+
+
+def _visual(inputs, row=0):
+    return inputs["input_ids"][row] == SHAPE576.image_token_id
+
+
+@pytest.mark.parametrize("name", NEW_RECIPES)
+def test_new_recipe_runs_through_generate_with_the_flops_models_counts(llava576, name):
+    inputs = _inputs(batch=2, seed=11)
+    with prunekit.apply(llava576, name) as pruner, torch.no_grad():
+        out = llava576.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
+    assert name in prunekit.builtin_recipe_names()
+    predicted = recipe_estimate(prunekit.load_recipe(name), DecoderDims.from_config(llava576.config), 576).visual_tokens
+    for row in range(2):
+        assert pruner.last_report.visual_tokens_per_layer[row].tolist() == predicted
+
+
+# -- pooling ----------------------------------------------------------------------------------------------
+def _pool_loop(tokens, side, size):
+    """Average pooling written as loops over adaptive windows: [side*side, dim] -> [size*size, dim]."""
+    out = []
+    for i in range(size):
+        r0, r1 = (i * side) // size, math.ceil((i + 1) * side / size)
+        for j in range(size):
+            c0, c1 = (j * side) // size, math.ceil((j + 1) * side / size)
+            cells = [tokens[r * side + c] for r in range(r0, r1) for c in range(c0, c1)]
+            out.append(sum(cells) / len(cells))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name,size", [("pooling-144", 12), ("pooling-64", 8)])
+def test_pooling_equals_the_bare_model_on_a_hand_pooled_prompt(llava576, name, size):
+    """Pooled prefill logits equal the bare model run on embeddings with the image replaced by its pooled grid."""
+    inputs = _inputs(seed=12)
+    visual = _visual(inputs)
+    with torch.no_grad():
+        embeds = _embeddings(llava576, inputs)[0]
+        pooled = _pool_loop(embeds[visual], 24, size)
+        first = int(visual.nonzero()[0])
+        short = torch.cat([embeds[:first], pooled, embeds[first + 576:]])[None]
+        expected = llava576(inputs_embeds=short, attention_mask=torch.ones(short.shape[:2], dtype=torch.long)).logits
+        with prunekit.apply(llava576, name) as pruner:
+            logits = llava576(**inputs).logits
+    assert logits.shape[1] == short.shape[1]  # the logits follow the shortened sequence
+    torch.testing.assert_close(logits[0, -1], expected[0, -1], rtol=1e-9, atol=1e-9)
+    assert pruner.last_report[0].merged_counts.tolist() == [size * size]
+
+
+def test_pooling_rejects_a_grid_that_is_not_square(llava64, single_inputs64):
+    """36 tokens pool (6x6); a 7x7 target is larger than the grid and is named in the error."""
+    recipe = prunekit.load_recipe("pooling-64", ["merge.size=7"])
+    with pytest.raises(ValueError, match="size 7 is larger than the 6x6"), prunekit.apply(llava64, recipe):
+        llava64(**single_inputs64)
+    from prunekit.criteria.pooling import grid_side
+
+    with pytest.raises(ValueError, match="square patch grid, got 35"):
+        grid_side(35)
