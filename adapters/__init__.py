@@ -205,6 +205,102 @@ class MRopeAdapter(DecoderAdapter):
         return kwargs
 
 
+def _running_layout(model: nn.Module) -> TokenLayout | None:
+    """The token layout of the prefill now running on ``model`` (None outside a pruned prefill).
+
+    Read from the model's active Pruner (its per-forward, per-thread record): the layout the
+    engine gathers at every prune, so ``original_index`` names the prefill token in each slot.
+    """
+    from prunekit.engine import _ACTIVE  # the engine imports the adapter registry: import on use
+
+    pruner = _ACTIVE.get(model)
+    prefill = pruner._running.prefill() if pruner is not None else None
+    return prefill.ctx.layout if prefill is not None and prefill.records else None
+
+
+class _KeptDeepstack:
+    """One prefill's deepstack inputs (``visual_pos_masks`` and ``deepstack_visual_embeds``) as views that
+    follow the kept tokens: after a prune the decoder stack adds each kept visual token's own features.
+
+    The decoder stack reads them as ``visual_pos_masks.to(device)`` and ``deepstack_visual_embeds[i]``
+    after its layer ``i``; before the first prune both are the model's own tensors, unchanged.
+    """
+
+    def __init__(self, model: nn.Module, mask: Tensor, embeds: Sequence[Tensor]) -> None:
+        self.model = model
+        self.mask = mask.to(torch.bool)  # [batch, seq] over the prefill
+        # [batch, seq]: row of each visual token in every deepstack feature tensor (row-major, as the model fills them)
+        self.rank = self.mask.reshape(-1).long().cumsum(0).reshape(self.mask.shape) - 1
+        self.features = list(embeds)  # each [n_visual, hidden]
+        self._slots: tuple[Tensor, Tensor, Tensor] | None = None  # (original_index, mask, rows) of the last layout
+
+    def current(self) -> tuple[Tensor, Tensor | None]:
+        """The visual mask of the current sequence ``[batch, seq_now]`` and the feature rows it selects
+        (``[n_kept_visual]`` long; None before the first prune)."""
+        layout = _running_layout(self.model)
+        if layout is None:
+            return self.mask, None
+        index = layout.original_index  # [batch, seq_now]; -1 on fill and merged slots
+        if self._slots is None or self._slots[0] is not index:
+            safe = index.clamp(min=0).to(self.mask.device)
+            mask = self.mask.gather(1, safe) & (index >= 0).to(self.mask.device)  # [batch, seq_now]
+            self._slots = (index, mask, self.rank.gather(1, safe)[mask])
+        return self._slots[1], self._slots[2]
+
+    def mask_view(self) -> _DeepstackMask:
+        return _DeepstackMask(self)
+
+    def embeds_view(self) -> _DeepstackEmbeds:
+        return _DeepstackEmbeds(self)
+
+
+class _DeepstackMask:
+    """``visual_pos_masks`` for the current sequence (the decoder stack calls ``.to(device)`` on it)."""
+
+    def __init__(self, owner: _KeptDeepstack) -> None:
+        self._owner = owner
+
+    def to(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._owner.current()[0].to(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        raise AdapterError(f"the deepstack mask view supports .to() only; the decoder stack asked for {name!r} "
+                           "(this transformers version applies deepstack features differently: adapter 'qwen3_vl' "
+                           "needs an update)")
+
+
+class _DeepstackEmbeds(Sequence):
+    """``deepstack_visual_embeds``: item ``i`` holds the features of the current sequence's visual tokens."""
+
+    def __init__(self, owner: _KeptDeepstack) -> None:
+        self._owner = owner
+
+    def __len__(self) -> int:
+        return len(self._owner.features)
+
+    def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
+        features = self._owner.features[i]  # [n_visual, hidden]
+        rows = self._owner.current()[1]
+        return features if rows is None else features.index_select(0, rows.to(features.device))
+
+
+class DeepstackAdapter(MRopeAdapter):
+    """Qwen3-VL / Qwen3-VL-MoE: M-RoPE, and deepstack: the decoder stack adds features from several
+    vision layers to the visual tokens after its first layers (``visual_pos_masks``,
+    ``deepstack_visual_embeds``). Under pruning they follow the kept tokens: after a prune each kept
+    visual token gets its own features, dropped ones none, merged summary tokens none (images and
+    videos alike; decode steps carry no deepstack inputs).
+    """
+
+    def rope_positions(self, model: nn.Module, lm_kwargs: dict, hidden: Tensor, cache: Any) -> Tensor:
+        embeds, mask = lm_kwargs.get("deepstack_visual_embeds"), lm_kwargs.get("visual_pos_masks")
+        if embeds is not None and mask is not None:  # a prefill with images or videos: the stack's own kwargs
+            kept = _KeptDeepstack(model, mask, embeds)
+            lm_kwargs["visual_pos_masks"] = kept.mask_view()
+            lm_kwargs["deepstack_visual_embeds"] = kept.embeds_view()
+        return super().rope_positions(model, lm_kwargs, hidden, cache)
+
+
 class Gemma3Adapter(DecoderAdapter):
     """Gemma 3: during the prefill the tokens of one image attend to each other bidirectionally; local
     (sliding-window) and global layers have their own masks and their own rotary embeddings."""
@@ -331,6 +427,13 @@ class GenericAdapter(DecoderAdapter):
         return (MRopeAdapter if mrope else DecoderAdapter)(spec)
 
 
+QWEN3_VL = DeepstackAdapter(FamilySpec(
+    name="qwen3_vl",
+    model_types=("qwen3_vl", "qwen3_vl_moe"),
+    classes=("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"),
+    visual_token_ids=("image_token_id", "video_token_id"),
+    projector=None, vision_layers=None,
+))
 GEMMA3 = Gemma3Adapter(FamilySpec(
     name="gemma3",
     model_types=("gemma3",),
@@ -341,7 +444,8 @@ GEMMA3 = Gemma3Adapter(FamilySpec(
 GENERIC = GenericAdapter()
 
 # Named rows first; the generic adapter is the fallback (the registry tries adapters in this order).
-BUILTIN_ADAPTERS: list[Adapter] = [LLAVA, LLAVA_NEXT, VIDEO_LLAVA, LLAVA_ONEVISION, QWEN2_VL, GEMMA3, GENERIC]
+BUILTIN_ADAPTERS: list[Adapter] = [LLAVA, LLAVA_NEXT, VIDEO_LLAVA, LLAVA_ONEVISION, QWEN2_VL, QWEN3_VL, GEMMA3,
+                                   GENERIC]
 
 
 @hookimpl

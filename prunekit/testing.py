@@ -207,8 +207,8 @@ IMAGE_ID, VIDEO_ID, START_ID, END_ID = 255, 254, 253, 252
 
 
 def family_config(family: str, num_layers: int = 16):
-    """A tiny config of a real architecture: ``llava_next``, ``video_llava``, ``llava_onevision``,
-    ``qwen2_vl``, ``qwen2_5_vl`` or ``gemma3``."""
+    """A tiny config of a real architecture, one of :data:`FAMILIES` (``qwen3_vl`` and ``qwen3_vl_moe`` with
+    three deepstack layers)."""
     import transformers as tf
 
     text = dict(_TEXT, num_hidden_layers=num_layers)
@@ -242,6 +242,19 @@ def family_config(family: str, num_layers: int = 16):
                                                       fullatt_block_indexes=[1], window_size=16),
                                    text_config=dict(text, rope_parameters=rope), image_token_id=IMAGE_ID,
                                    video_token_id=VIDEO_ID, vision_start_token_id=START_ID, vision_end_token_id=END_ID)
+    if family in ("qwen3_vl", "qwen3_vl_moe"):  # M-RoPE (interleaved) and three deepstack layers, as released
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0, "mrope_interleaved": True}
+        qwen3_text = {k: v for k, v in text.items() if k not in ("bos_token_id", "eos_token_id")}
+        qwen3_text.update(head_dim=16, rope_parameters=rope)
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, spatial_merge_size=2,
+                      temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=36,
+                      deepstack_visual_indexes=[0, 1, 2])
+        ids = dict(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=START_ID,
+                   vision_end_token_id=END_ID)
+        if family == "qwen3_vl":
+            return tf.Qwen3VLConfig(text_config=qwen3_text, vision_config=vision, **ids)
+        moe = dict(qwen3_text, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+        return tf.Qwen3VLMoeConfig(text_config=moe, vision_config=vision, **ids)
     if family == "gemma3":
         gemma_text = tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300,
@@ -251,7 +264,9 @@ def family_config(family: str, num_layers: int = 16):
     raise ValueError(f"unknown family {family!r}")
 
 
-FAMILIES = ("llava_next", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "llava_next_video")
+FAMILIES = ("llava_next", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "llava_next_video",
+            "qwen3_vl", "qwen3_vl_moe")
+_MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 def tiny_family_model(family: str, num_layers: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -267,8 +282,10 @@ def tiny_family_model(family: str, num_layers: int = 16, seed: int = 0, dtype: t
     try:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
+            # MoE experts run one by one (the grouped kernels take no float64), as a reference would
             loaded = AutoModelForImageTextToText.from_pretrained(tmp, dtype=dtype,
-                                                                 attn_implementation=attn_implementation)
+                                                                 attn_implementation=attn_implementation,
+                                                                 experts_implementation="eager")
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -324,7 +341,7 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
                 image_id = model.config.image_token_id
             total = sum(int(f.numel() // f.shape[-1]) for f in feats)  # frames of a video come as rows
             counts = [total // len(sizes)] * len(sizes)
-        elif family in ("qwen2_vl", "qwen2_5_vl"):
+        elif family in _MROPE:
             grids = torch.tensor([[2 if video else 1, h // 4, w // 4] for h, w in sizes])
             patches = int(grids.prod(dim=1).sum())
             pixel = torch.randn(patches, 3 * 2 * 4 * 4, generator=g).to(dtype)
@@ -343,12 +360,15 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
     bos = 2 if family == "gemma3" else 1
     for count in counts:
         image = [image_id] * count
-        if family in ("qwen2_vl", "qwen2_5_vl"):
+        if family in ("qwen3_vl", "qwen3_vl_moe") and video:  # one run per frame, a text (timestamp) token between
+            frame = count // 2
+            image = [START_ID, *([image_id] * frame), END_ID, 3, START_ID, *([image_id] * frame), END_ID]
+        elif family in _MROPE:
             image = [START_ID, *image, END_ID]
         rows.append([bos, *words(2, 5), *image, *words(3, 8)])
     input_ids, attention_mask = _left_pad(rows)
     out = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in _MROPE:
         out["mm_token_type_ids"] = (input_ids == image_id).long() * (2 if video else 1)
     if family == "gemma3":
         out["token_type_ids"] = (input_ids == image_id).long()

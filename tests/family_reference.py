@@ -2,10 +2,11 @@
 by hand on one sample, dropping the given tokens at the given layers.
 
 What it writes out again: the gathering of the kept tokens, the positions under both policies
-(1-D re-indexing, or M-RoPE gap closing over each image's grid), and every attention mask (causal,
-sliding window, Gemma 3's bidirectional image blocks) as an explicit additive 4-D tensor. What it
-shares with the model: the layers themselves, the rotary embedding and the embeddings the decoder
-receives (captured from an unhooked forward).
+(1-D re-indexing, or M-RoPE gap closing over each image's grid), every attention mask (causal,
+sliding window, Gemma 3's bidirectional image blocks) as an explicit additive 4-D tensor, and
+Qwen3-VL's deepstack additions (after layer ``i``, each kept visual token gets its own row of the
+``i``-th deepstack feature tensor). What it shares with the model: the layers themselves, the
+rotary embedding and the inputs the decoder receives (captured from an unhooked forward).
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ class _Captured(Exception):
     pass
 
 
-def decoder_inputs(model, inputs: dict) -> tuple[Tensor, Tensor]:
-    """Embeddings ``[seq, dim]`` and RoPE positions ``[components, seq]`` the decoder stack receives."""
+def decoder_inputs(model, inputs: dict) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Embeddings ``[seq, dim]``, RoPE positions ``[components, seq]`` and deepstack features the decoder
+    stack receives: one ``[seq, dim]`` tensor per deepstack layer, zero off the visual tokens (empty list
+    for families without deepstack)."""
     lm = model.model.language_model
     seen = {}
 
     def grab(module, args, kwargs):
         seen["embeds"] = kwargs["inputs_embeds"]
         seen["positions"] = kwargs.get("position_ids")
+        seen["deepstack"] = (kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds"))
         raise _Captured
 
     handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
@@ -45,7 +49,13 @@ def decoder_inputs(model, inputs: dict) -> tuple[Tensor, Tensor]:
         positions = positions[-3:, 0]  # M-RoPE [3, seq]
     else:
         positions = positions.reshape(-1, seq)[:1]
-    return embeds, positions
+    mask, features = seen.get("deepstack", (None, None))
+    deepstack = []
+    for feature in features or []:  # rows in the order of the mask's visual tokens
+        full = torch.zeros_like(embeds)
+        full[mask[0]] = feature.to(embeds.dtype)
+        deepstack.append(full)
+    return embeds, positions, deepstack
 
 
 def compact_1d(n: int) -> Tensor:
@@ -95,6 +105,7 @@ def run_family_reference(model, family: str, inputs: dict, visual_id: list[int],
                          kept: list[Tensor], policy: str, decoded: Tensor | None = None) -> Tensor:
     """Logits ``[seq_final, vocab]`` of one unpadded sample (+ ``decoded`` tokens) with ``kept[s]`` (original
     positions of the visual tokens to keep) from layer ``stages[s]`` on."""
+    prompt_length = inputs["input_ids"].shape[1]
     if decoded is not None and decoded.numel():
         inputs = dict(inputs)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], decoded[None]], dim=1)
@@ -102,9 +113,10 @@ def run_family_reference(model, family: str, inputs: dict, visual_id: list[int],
         for key in ("mm_token_type_ids", "token_type_ids"):
             if key in inputs:
                 inputs[key] = torch.cat([inputs[key], torch.zeros_like(decoded)[None]], dim=1)
-    embeds, positions = decoder_inputs(model, inputs)
+    embeds, positions, deepstack = decoder_inputs(model, inputs)
     ids = inputs["input_ids"][0]
     visual = torch.isin(ids, torch.tensor(visual_id))
+    visual[prompt_length:] = False  # a decoded token is text, whatever its id
     lm = model.model.language_model
     config = lm.config
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * len(lm.layers)
@@ -139,5 +151,8 @@ def run_family_reference(model, family: str, inputs: dict, visual_id: list[int],
             position_ids = pos
         with torch.no_grad():
             h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=position_ids)
+        if i < len(deepstack):  # the kept visual tokens get their own deepstack features
+            h = h.clone()
+            h[0, vis_now] = h[0, vis_now] + deepstack[i][index[vis_now]]
     with torch.no_grad():
         return model.lm_head(lm.norm(h))[0]

@@ -16,6 +16,8 @@ SIZES = {  # per sample: images of different sizes give different visual token c
     "llava_next_video": [(40, 30), (24, 24)],
     "qwen2_vl": [(32, 48), (24, 24)],
     "qwen2_5_vl": [(32, 48), (24, 24)],
+    "qwen3_vl": [(32, 48), (24, 24)],
+    "qwen3_vl_moe": [(32, 48), (24, 24)],
 }
 KEEP_ALL = {"name": "keep-all", "criteria": {"iga": {}},
             "schedule": {"type": "stages", "stages": [{"layer": 3, "keep": 1.0}, {"layer": 6, "keep": 1.0}]}}
@@ -69,7 +71,8 @@ def test_an_adapter_is_found_and_keep_everything_is_identical(family):
         with prunekit.apply(model, KEEP_ALL, [f"positions={positions}"]) as pruner, torch.no_grad():
             logits = model(**inputs).logits
             ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        assert pruner.adapter.name == {"qwen2_5_vl": "qwen2_vl", "llava_next_video": "generic"}.get(name, name)
+        assert pruner.adapter.name == {"qwen2_5_vl": "qwen2_vl", "llava_next_video": "generic",
+                                       "qwen3_vl_moe": "qwen3_vl"}.get(name, name)
         mask = inputs["attention_mask"].bool()
         torch.testing.assert_close(logits[mask], bare[mask], rtol=0, atol=1e-10)
         assert torch.equal(ids, bare_ids)
@@ -129,7 +132,7 @@ def test_each_sample_of_a_padded_batch_gets_its_lone_answer(family, recipe):
 
 def test_video_inputs_are_pruned_where_the_family_takes_videos(family):
     name, model = family
-    if name not in ("video_llava", "qwen2_vl", "qwen2_5_vl"):
+    if name not in ("video_llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         pytest.skip(f"{name}: images only in these tests")
     inputs = _inputs(name, model, batch=1, seed=8, video=True)
     video_id = model.config.video_token_id
