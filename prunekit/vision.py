@@ -60,6 +60,32 @@ def run_lengths(visual: Tensor) -> Tensor:
     return torch.where(visual, run_rank(visual) + reversed_rank + 1, torch.zeros_like(reversed_rank))
 
 
+def image_rank(visual: Tensor, per_image: int | None) -> tuple[Tensor, Tensor]:
+    """Index of each visual token within its image, and each image's length: two ``[batch, seq]`` long tensors.
+
+    An image is a contiguous visual run, except that a run of several whole ``per_image``-token images
+    placed side by side (``<image><image>``, nothing between) is split into them.
+    """
+    rank, length = run_rank(visual), run_lengths(visual)
+    if not per_image:
+        return rank, length
+    several = visual & (length > per_image) & (length % per_image == 0)  # [batch, seq]
+    return torch.where(several, rank % per_image, rank), torch.where(several, torch.full_like(length, per_image),
+                                                                       length)
+
+
+def tokens_per_image(model: nn.Module) -> int | None:
+    """Placeholder tokens one image takes in a LLaVA-style prompt (the vision tower's patch grid, plus the CLS
+    token under the "full" feature strategy), or None when the config does not say."""
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None)
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if not isinstance(size, int) or not isinstance(patch, int) or patch <= 0:
+        return None
+    full = getattr(config, "vision_feature_select_strategy", "default") == "full"
+    return (size // patch) ** 2 + int(full)
+
+
 class VisionPruner:
     """Installs the hooks of a recipe's ``vision`` stage: its probes, the projector pre-hook."""
 
@@ -71,6 +97,7 @@ class VisionPruner:
         self.layers = list(adapter.vision_layers(model))
         self.projector = adapter.projector(model)
         self.wanted = collect_probes(vision.parts(), (0,), len(self.layers), "vision", "vision")
+        self.per_image = tokens_per_image(model)  # splits adjacent images (<image><image>) in the prompt
         self._hooks = HookSet()
 
     # -- hooks ----------------------------------------------------------------------------
@@ -123,12 +150,11 @@ class VisionPruner:
         """Shorten every image run of ``P`` placeholders to ``t``; returns ids, mask, positions and the rewrite."""
         batch, seq = input_ids.shape
         mask = torch.ones_like(visual) if attention_mask is None else attention_mask.to(torch.bool)
-        rank = run_rank(visual)
-        run_length = run_lengths(visual)  # [batch, seq]: length of the run each visual token is in
+        rank, image_length = image_rank(visual, self.per_image)  # [batch, seq] each: within one image
         allowed = torch.zeros_like(rank)
-        for length in run_length[visual].unique().tolist():
+        for length in image_length[visual].unique().tolist():
             kept, merged = vision_stage_tokens(self.vision, int(length))
-            allowed = torch.where(run_length == length, kept + merged, allowed)
+            allowed = torch.where(image_length == length, kept + merged, allowed)
         keep = ~visual | (rank < allowed)
         index, fill = keep_in_order(keep)
         new_ids = input_ids.gather(1, index).masked_fill(fill, pad_id)
@@ -138,7 +164,7 @@ class VisionPruner:
             positions = position_ids.expand(batch, seq)
             first = positions.gather(1, new_mask.long().argmax(dim=1, keepdim=True))  # [batch, 1]
             new_positions = (first + new_mask.long().cumsum(dim=1) - 1).masked_fill(~new_mask, 0)
-        flat_starts = run_starts(visual).flatten().nonzero().flatten()
+        flat_starts = (visual & (rank == 0)).flatten().nonzero().flatten()  # first token of each image
         rewrite = PromptRewrite(
             columns=index, fill=fill, shift=mask.sum(dim=1) - new_mask.sum(dim=1), original_length=seq,
             image_starts=flat_starts, sample_of_image=flat_starts // seq,
@@ -173,8 +199,12 @@ def original_positions(rewrite: PromptRewrite, shortened_visual: Tensor, vision:
         return origin
     lead = vision.lead  # merged tokens before the kept patches in each image run
     kept = vision.kept_patches.shape[1]
-    rank = run_rank(shortened_visual)
-    image_of_token = run_starts(shortened_visual).long().cumsum(dim=1) - 1  # run index within sample
+    n_images, n_runs = len(rewrite.image_starts), int(run_starts(shortened_visual).sum())
+    per_image = None  # adjacent images: every image of a LLaVA prompt has the same shortened length
+    if n_images > n_runs and int(shortened_visual.sum()) % n_images == 0:
+        per_image = int(shortened_visual.sum()) // n_images
+    rank, _ = image_rank(shortened_visual, per_image)  # [batch, new_len] within each image
+    image_of_token = (shortened_visual & (rank == 0)).long().cumsum(dim=1) - 1  # image index within sample
     images_before = torch.bincount(rewrite.sample_of_image, minlength=batch).cumsum(0)
     images_before = torch.nn.functional.pad(images_before, (1, 0))[:-1]  # [batch] first image of each sample
     image = (images_before[:, None] + image_of_token).clamp(min=0, max=max(len(rewrite.image_starts) - 1, 0))

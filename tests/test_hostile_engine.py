@@ -226,3 +226,40 @@ def test_use_cache_false_warns_once_and_is_documented(llava32):
     assert "docs/concepts.md" in str(ours[0].message)
     concepts = (Path(__file__).resolve().parents[1] / "docs" / "concepts.md").read_text()
     assert "## Without a KV cache (`use_cache=False`)" in concepts
+
+
+# ---- adjacent images (issue point 4) ----
+
+def _two_images(separated: bool) -> dict:
+    """One sample with two images, ``<image><image>`` or ``<image> 9 <image>``: the same pixels either way."""
+    inputs = llava_inputs(SHAPE, prefix=[[5, 6]], question=[[7, 8, 9]], images=2, seed=4)
+    if not separated:
+        return inputs
+    ids = inputs["input_ids"][0].tolist()
+    cut = ids.index(SHAPE.image_token_id) + SHAPE.visual_tokens
+    ids = ids[:cut] + [9] + ids[cut:]
+    return {**inputs, "input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+
+
+@pytest.mark.parametrize("count", [10, 20])
+def test_adjacent_images_are_two_images_to_the_vision_stage(llava64, count):
+    """Each image of ``<image><image>`` keeps the patches it keeps when a token separates the two."""
+    recipe, overrides = "visionzip-64", [f"vision.count={count}"]
+    reports = {}
+    for separated in (False, True):
+        inputs = _two_images(separated)
+        with prunekit.apply(llava64, recipe, overrides) as pruner:
+            out = llava64.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+        report = pruner.last_report
+        first = inputs["input_ids"][0].tolist().index(SHAPE.image_token_id)
+        second = first + SHAPE.visual_tokens + int(separated)
+        kept = report.stages[0].kept[0].tolist()
+        per_image = [sorted(p - first for p in kept if p < second), sorted(p - second for p in kept if p >= second)]
+        reports[separated] = (per_image, report.stages[0].merged_counts.tolist())
+        assert [len(p) for p in per_image] == [count, count]
+        assert all(0 <= p < SHAPE.visual_tokens for image in per_image for p in image)
+        origin = [p for p in report.output_positions[0].tolist() if p >= 0]  # output rows -> prompt columns
+        assert origin == sorted(origin) and set(kept) <= set(origin)
+    assert reports[False][0] == reports[True][0]  # the same patches of each image
+    assert reports[False][1] == reports[True][1]  # merged tokens: the same per image, two images' worth
