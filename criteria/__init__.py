@@ -12,10 +12,11 @@ from .random import RandomScore
 from .sparsevlm import SparseVLMRaters, SparseVLMRecycling
 from .ttv import TTV, AccumulatedTTV
 from .visionzip import VisionZipContextual, VisionZipDominant
+from .vispruner import ClsAttention, VisPruner
 
 BUILTIN_CRITERIA: list[type[Criterion]] = [
     TTV, AccumulatedTTV, IGA, Attention, FastVAttention, PDropAttention, SparseVLMRaters, DivPrune, Redundancy,
-    L2Norm, RandomScore, VisionZipDominant, Uniform,
+    L2Norm, RandomScore, VisionZipDominant, Uniform, ClsAttention, VisPruner,
 ]
 BUILTIN_MERGERS: list[type[Merger]] = [SparseVLMRecycling, VisionZipContextual, GridPool]
 

@@ -12,7 +12,7 @@ from conftest import SHAPE576
 from prunekit.flops import DecoderDims, recipe_estimate
 from prunekit.testing import llava_inputs
 
-NEW_RECIPES = ["pooling-144", "pooling-64"]
+NEW_RECIPES = ["pooling-144", "pooling-64", "fastervlm-64", "fastervlm-128", "vispruner-64", "vispruner-128"]
 
 
 def _inputs(batch=1, seed=0):
@@ -84,3 +84,60 @@ def test_pooling_rejects_a_grid_that_is_not_square(llava64, single_inputs64):
 
     with pytest.raises(ValueError, match="square patch grid, got 35"):
         grid_side(35)
+
+
+# -- FasterVLM and VisPruner (before the projector) -------------------------------------------------------
+def _tower_reference(eager, inputs):
+    """Eager vision tower: the CLS row of layer -2's attention (mean over heads) and layer -2's patch states."""
+    with torch.no_grad():
+        out = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
+    attention = out.attentions[-2][0].mean(0)[0, 1:]  # [576]
+    return attention, out.hidden_states[-2][0][1:]  # [576], [576, dim]
+
+
+def _vispruner_loop(attention, features, keep, ratio, step=8):
+    """The official selection with Python lists: important by attention, then rounds of a/b matching."""
+    n = len(attention)
+    order = sorted(range(n), key=lambda i: (-float(attention[i]), i))
+    important_n = int(keep * ratio)
+    diverse_n = keep - important_n
+    important, residual = order[:important_n], order[important_n:]
+    unit = features / features.norm(dim=-1, keepdim=True)
+    while diverse_n > 0:
+        r = min(step, len(residual) - diverse_n)
+        if r <= 0:
+            break
+        a, b = residual[0::2], residual[1::2]
+        best = (unit[a] @ unit[b].T).max(dim=1).values.tolist()  # each a's most similar b
+        ranked = sorted(range(len(a)), key=lambda k: (-best[k], k))
+        residual = [a[k] for k in ranked[r:]] + b
+    return important, residual[:diverse_n]
+
+
+@pytest.mark.parametrize("keep", [64, 128])
+def test_fastervlm_keeps_the_top_cls_attention_patches(llava576, llava576_eager, keep):
+    inputs = _inputs(seed=13)
+    with prunekit.apply(llava576, f"fastervlm-{keep}"), torch.no_grad():
+        features = llava576.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+    attention, hidden = _tower_reference(llava576_eager, inputs)
+    kept = sorted(sorted(range(576), key=lambda i: -float(attention[i]))[:keep])
+    with torch.no_grad():
+        expected = llava576.model.multi_modal_projector(hidden[kept][None])[0]
+    torch.testing.assert_close(features, expected, rtol=1e-6, atol=1e-6)  # eager vs sdpa tower
+
+
+@pytest.mark.parametrize("keep", [64, 128])
+def test_vispruner_matches_the_official_selection(llava576, llava576_eager, keep):
+    inputs = _inputs(seed=14)
+    with prunekit.apply(llava576, f"vispruner-{keep}") as pruner, torch.no_grad():
+        llava576(**inputs)
+        features = llava576.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+    attention, hidden = _tower_reference(llava576_eager, inputs)
+    important, diverse = _vispruner_loop(attention, hidden, keep, 0.5)
+    assert len(important) == keep // 2 and len(diverse) == keep - keep // 2
+    kept = sorted(important + diverse)
+    first = int(_visual(inputs).nonzero()[0])
+    assert pruner.last_report[0].kept[0].tolist() == [first + i for i in kept]
+    with torch.no_grad():
+        expected = llava576.model.multi_modal_projector(hidden[kept][None])[0]
+    torch.testing.assert_close(features, expected, rtol=1e-6, atol=1e-6)  # eager vs sdpa tower
