@@ -6,6 +6,7 @@ from prunekit.api import Criterion, Merger
 from prunekit.hookspecs import hookimpl
 
 from .attention import IGA, Attention, FastVAttention, PDropAttention
+from .cdpruner import CDPruner
 from .diversity import DivPrune, L2Norm, Redundancy
 from .pooling import GridPool, Uniform
 from .random import RandomScore
@@ -17,6 +18,7 @@ from .vispruner import ClsAttention, VisPruner
 BUILTIN_CRITERIA: list[type[Criterion]] = [
     TTV, AccumulatedTTV, IGA, Attention, FastVAttention, PDropAttention, SparseVLMRaters, DivPrune, Redundancy,
     L2Norm, RandomScore, VisionZipDominant, Uniform, ClsAttention, VisPruner,
+    CDPruner,
 ]
 BUILTIN_MERGERS: list[type[Merger]] = [SparseVLMRecycling, VisionZipContextual, GridPool]
 

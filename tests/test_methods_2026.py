@@ -12,7 +12,8 @@ from conftest import SHAPE576
 from prunekit.flops import DecoderDims, recipe_estimate
 from prunekit.testing import llava_inputs
 
-NEW_RECIPES = ["pooling-144", "pooling-64", "fastervlm-64", "fastervlm-128", "vispruner-64", "vispruner-128"]
+NEW_RECIPES = ["pooling-144", "pooling-64", "fastervlm-64", "fastervlm-128", "vispruner-64", "vispruner-128",
+               "cdpruner-64", "cdpruner-128"]
 
 
 def _inputs(batch=1, seed=0):
@@ -141,3 +142,48 @@ def test_vispruner_matches_the_official_selection(llava576, llava576_eager, keep
     with torch.no_grad():
         expected = llava576.model.multi_modal_projector(hidden[kept][None])[0]
     torch.testing.assert_close(features, expected, rtol=1e-6, atol=1e-6)  # eager vs sdpa tower
+
+
+# -- CDPruner -------------------------------------------------------------------------------------------
+def _relevance_loop(visual, text):
+    """Mean over text tokens of -cos, min-max normalised with the official +1e-6: one value per visual token."""
+    raw = []
+    for v in visual:
+        cosines = [float(v @ t) / float(v.norm() * t.norm()) for t in text]
+        raw.append(-sum(cosines) / len(cosines))
+    low, high = min(raw), max(raw)
+    return [(r - low + 1e-6) / (high - low) for r in raw]
+
+
+def _dpp_by_determinants(kernel, picks):
+    """Greedy MAP by its definition: each step adds the token that maximises det(L[S + j]) (first on ties)."""
+    n = kernel.shape[0]
+    chosen = []
+    for _ in range(picks):
+        rest = [j for j in range(n) if j not in chosen]
+        sets = torch.tensor([chosen + [j] for j in rest])  # [candidates, |S| + 1]
+        dets = torch.linalg.det(kernel[sets[:, :, None], sets[:, None, :]])
+        chosen.append(rest[int(dets.argmax())])
+    return chosen
+
+
+@pytest.mark.parametrize("theta", [1.0, 0.5])
+def test_cdpruner_keeps_the_greedy_conditional_dpp_subset(llava576, theta):
+    inputs = _inputs(seed=15)
+    recipe = prunekit.load_recipe("cdpruner-64", ["schedule.stages=[{layer: 0, count: 16}]",
+                                                  f"criteria.cdpruner.theta={theta}"])
+    with prunekit.apply(llava576, recipe) as pruner, torch.no_grad():
+        llava576(**inputs)
+    visual = _visual(inputs)
+    positions = visual.nonzero().flatten()
+    with torch.no_grad():
+        embeds = _embeddings(llava576, inputs)[0]
+    instruction = embeds[int(positions[-1]) + 1:]  # the prompt after the image
+    features = embeds[visual]
+    relevance = torch.tensor(_relevance_loop(features, instruction), dtype=torch.float64)
+    if theta < 1:
+        relevance = torch.exp(theta / (2 * (1 - theta)) * relevance)
+    unit = features / features.norm(dim=-1, keepdim=True)
+    kernel = relevance[:, None] * (unit @ unit.T) * relevance[None, :]
+    expected = sorted(positions[_dpp_by_determinants(kernel, 16)].tolist())
+    assert pruner.last_report[0].kept[0].tolist() == expected
