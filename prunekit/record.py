@@ -37,7 +37,7 @@ class VisionRecord:
     captures: dict[Probe, Tensor] = field(default_factory=dict)  # vision probe -> [n_images, tokens, ...]
     kept_patches: Tensor | None = None  # [n_images, k] long: patches the projector kept, in order
     lead: int = 0  # merged tokens put before each image's kept patches
-    features: Tensor | None = None  # [n_images, t, dim]: what the projector gave, when the stage shortened images
+    features: Tensor | None = None  # [n_images, t, hidden]: the projector output (the shortened images)
 
 
 @dataclass

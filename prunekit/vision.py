@@ -20,6 +20,7 @@ pruner's ``Running`` record.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -105,6 +106,9 @@ class VisionPruner:
         site = Site(self.model, self.adapter, self._hooks, self.running, timed, vision_layers=self.layers)
         install_probes(site, self.wanted)
         self._hooks.add(self.projector.register_forward_pre_hook(self._projector_hook))
+        self._hooks.add(self.projector.register_forward_hook(self._projected_hook))
+        self._hooks.add(self.model.register_forward_pre_hook(self._expanded_images_hook, with_kwargs=True,
+                                                             prepend=True))
 
     def remove(self) -> None:
         self._hooks.remove()
@@ -143,6 +147,40 @@ class VisionPruner:
             out = torch.cat([extra[:, :lead].to(out.dtype), out, extra[:, lead:].to(out.dtype)], dim=1)
         record.kept_patches, record.lead = selection.index, lead
         return (out, *args[1:])
+
+    def _projected_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        """Keep the projected (shortened) images of this forward: ``[n_images, t, hidden]``."""
+        self.running.vision_record().features = output
+
+    def _expanded_images_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        """``generate(num_beams>1 or num_return_sequences>1)`` encodes the images once, then repeats each
+        sample's images for its copies by counting placeholders against feature rows; the shortened rows no
+        longer match the prompt's placeholders, so the repeat goes wrong. Before the prefill this hook gives
+        the model each copy's shortened images (and the record their kept patches) again."""
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        record = self.running.vision
+        input_ids = kwargs.get("input_ids")
+        if encoded is None or record is None or record.features is None or input_ids is None:
+            return None
+        visual = self.adapter.token_layout(self.model, input_ids, kwargs.get("attention_mask")).visual
+        rank, _ = image_rank(visual, self.per_image)
+        images_per_row = (visual & (rank == 0)).sum(dim=1).tolist()  # [rows]
+        n_encoded, rows = record.features.shape[0], len(images_per_row)
+        copies, leftover = divmod(sum(images_per_row), n_encoded)
+        if leftover or rows % copies:
+            raise LayoutError(f"the prompt holds {sum(images_per_row)} images in {rows} rows, but {n_encoded} were "
+                              "encoded; generate's repeat of pre-encoded images cannot be followed")
+        index: list[int] = []  # which encoded image each image of the expanded prompt is
+        first = 0
+        for sample in range(rows // copies):  # rows are repeat-interleaved copies of each sample
+            count = images_per_row[sample * copies]
+            index += list(range(first, first + count)) * copies
+            first += count
+        chosen = torch.tensor(index, device=record.features.device)
+        record.features, record.kept_patches = record.features[chosen], record.kept_patches[chosen]
+        repeated = copy.copy(encoded)
+        repeated.pooler_output = list(record.features)  # per image of the prompt: [t, dim]
+        return args, {**kwargs, "mm_encoder_outputs": {**kwargs["mm_encoder_outputs"], "image": repeated}}
 
     # -- the prompt -------------------------------------------------------------------------
     def rewrite_prompt(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,

@@ -263,3 +263,28 @@ def test_adjacent_images_are_two_images_to_the_vision_stage(llava64, count):
         assert origin == sorted(origin) and set(kept) <= set(origin)
     assert reports[False][0] == reports[True][0]  # the same patches of each image
     assert reports[False][1] == reports[True][1]  # merged tokens: the same per image, two images' worth
+
+
+# ---- vision stages under beam search and several returned sequences (issue point 5) ----
+
+@pytest.mark.parametrize("generate_kwargs", [{"num_beams": 3}, {"num_beams": 2, "num_return_sequences": 2},
+                                             {"do_sample": True, "num_return_sequences": 2}],
+                         ids=["beams", "beams-and-returns", "sampled-returns"])
+def test_each_copy_of_a_sample_sees_its_own_shortened_images(llava64, generate_kwargs):
+    """generate repeats each sample's pre-encoded images for its beams or returned sequences: every copy's
+    first-step logits equal that sample's pruned prefill, computed alone in one plain forward."""
+    recipe, overrides = VISION
+    inputs = llava_inputs(SHAPE, seed=11, batch=2)
+    with prunekit.apply(llava64, recipe, overrides) as pruner:
+        with torch.no_grad():
+            alone = llava64(**inputs).logits[:, -1]  # [2, vocab]
+        kept_alone = pruner.last_report.stages[0].kept
+        torch.manual_seed(0)
+        out = llava64.generate(**inputs, max_new_tokens=3, output_logits=True, return_dict_in_generate=True,
+                               **generate_kwargs)
+        kept_copies = pruner.last_report.stages[0].kept
+    copies = out.logits[0].shape[0] // 2
+    assert copies > 1 and out.sequences.shape[0] == 2 * generate_kwargs.get("num_return_sequences", 1)
+    torch.testing.assert_close(out.logits[0].to(alone.dtype), alone.repeat_interleave(copies, dim=0), rtol=1e-4,
+                               atol=1e-4)
+    assert torch.equal(kept_copies, kept_alone.repeat_interleave(copies, dim=0))
