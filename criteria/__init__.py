@@ -11,6 +11,7 @@ from .diversity import DivPrune, L2Norm, Redundancy
 from .pooling import GridPool, Uniform
 from .random import RandomScore
 from .sparsevlm import SparseVLMRaters, SparseVLMRecycling
+from .tome import ToMeMerge
 from .ttv import TTV, AccumulatedTTV
 from .visionzip import VisionZipContextual, VisionZipDominant
 from .vispruner import ClsAttention, VisPruner
@@ -20,7 +21,7 @@ BUILTIN_CRITERIA: list[type[Criterion]] = [
     L2Norm, RandomScore, VisionZipDominant, Uniform, ClsAttention, VisPruner,
     CDPruner,
 ]
-BUILTIN_MERGERS: list[type[Merger]] = [SparseVLMRecycling, VisionZipContextual, GridPool]
+BUILTIN_MERGERS: list[type[Merger]] = [SparseVLMRecycling, VisionZipContextual, GridPool, ToMeMerge]
 
 
 @hookimpl

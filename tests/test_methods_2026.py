@@ -13,7 +13,7 @@ from prunekit.flops import DecoderDims, recipe_estimate
 from prunekit.testing import llava_inputs
 
 NEW_RECIPES = ["pooling-144", "pooling-64", "fastervlm-64", "fastervlm-128", "vispruner-64", "vispruner-128",
-               "cdpruner-64", "cdpruner-128"]
+               "cdpruner-64", "cdpruner-128", "tome-144", "tome-64"]
 
 
 def _inputs(batch=1, seed=0):
@@ -187,3 +187,46 @@ def test_cdpruner_keeps_the_greedy_conditional_dpp_subset(llava576, theta):
     kernel = relevance[:, None] * (unit @ unit.T) * relevance[None, :]
     expected = sorted(positions[_dpp_by_determinants(kernel, 16)].tolist())
     assert pruner.last_report[0].kept[0].tolist() == expected
+
+
+# -- ToMe-style merging ---------------------------------------------------------------------------------
+def _tome_loop(tokens, target):
+    """Bipartite soft matching rounds with Python lists of (sum of members, size, representative index)."""
+    items = [(t.clone(), 1.0, i) for i, t in enumerate(tokens)]
+    while len(items) > target:
+        n = len(items)
+        r = min(n - target, n // 2)
+        a, b = items[0::2], items[1::2]
+        means = [s / z for s, z, _ in items]
+        units = [m / m.norm() for m in means]
+        b_units = torch.stack(units[1::2])
+        best = []
+        for k in range(len(a)):
+            sims = (b_units @ units[2 * k]).tolist()  # this a against every b
+            best.append((max(sims), sims.index(max(sims))))
+        order = sorted(range(len(a)), key=lambda k: (-best[k][0], k))
+        merged_a = set(order[:r])
+        b = [list(x) for x in b]
+        for k in order[:r]:
+            j = best[k][1]
+            b[j][0] = b[j][0] + a[k][0]
+            b[j][1] = b[j][1] + a[k][1]
+        survivors = [a[k] for k in range(len(a)) if k not in merged_a] + [tuple(x) for x in b]
+        items = sorted(survivors, key=lambda item: item[2])
+    return torch.stack([s / z for s, z, _ in items])
+
+
+@pytest.mark.parametrize("name,target", [("tome-144", 144), ("tome-64", 64)])
+def test_tome_equals_the_bare_model_on_a_hand_merged_prompt(llava576, name, target):
+    inputs = _inputs(seed=16)
+    visual = _visual(inputs)
+    with torch.no_grad():
+        embeds = _embeddings(llava576, inputs)[0]
+        merged = _tome_loop(embeds[visual] * 1.0, target)  # sums start as the tokens themselves
+        first = int(visual.nonzero()[0])
+        short = torch.cat([embeds[:first], merged, embeds[first + 576:]])[None]
+        expected = llava576(inputs_embeds=short, attention_mask=torch.ones(short.shape[:2], dtype=torch.long)).logits
+        with prunekit.apply(llava576, name) as pruner:
+            logits = llava576(**inputs).logits
+    assert pruner.last_report[0].merged_counts.tolist() == [target]
+    torch.testing.assert_close(logits[0, -1], expected[0, -1], rtol=1e-9, atol=1e-9)
