@@ -121,6 +121,13 @@ def scoring_pass(adapter: Adapter, layer: nn.Module, hidden: Tensor, kwargs: dic
     except ScoringPassDone:
         pass
     else:
+        implementation = getattr(getattr(attention, "config", None), "_attn_implementation", None)
+        if isinstance(implementation, str) and not implementation.startswith("prunekit"):
+            raise AdapterError(
+                f"the model's attention implementation is {implementation!r}, not prunekit's tap: it was changed "
+                "(set_attn_implementation) while prunekit.apply was active; set it before apply, or remove the "
+                "pruner and apply again"
+            )
         raise AdapterError(
             f"{type(attention).__name__} did not call the transformers attention interface, so its "
             "attention rows cannot be captured; this model needs an adapter that computes them"

@@ -288,3 +288,16 @@ def test_each_copy_of_a_sample_sees_its_own_shortened_images(llava64, generate_k
     torch.testing.assert_close(out.logits[0].to(alone.dtype), alone.repeat_interleave(copies, dim=0), rtol=1e-4,
                                atol=1e-4)
     assert torch.equal(kept_copies, kept_alone.repeat_interleave(copies, dim=0))
+
+
+def test_changing_the_attention_implementation_while_pruning_is_named(llava32):
+    inputs = llava_inputs(SHAPE, seed=2)
+    with prunekit.apply(llava32, "transprune-high", ["reference_depth=16"]):
+        llava32.set_attn_implementation("eager")
+        try:
+            with pytest.raises(PrunekitError, match=r"attention implementation is 'eager', not prunekit's tap: it was "
+                                                    r"changed \(set_attn_implementation\) while prunekit.apply"):
+                llava32(**inputs)
+        finally:
+            llava32.set_attn_implementation("sdpa")
+    assert llava32.config._attn_implementation == "sdpa"
