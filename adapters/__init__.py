@@ -17,6 +17,7 @@ from transformers.masking_utils import (
     _preprocess_mask_arguments,
     blockwise_overlay,
     create_causal_mask,
+    create_chunked_causal_mask,
     create_sliding_window_causal_mask,
     maybe_pad_block_sequence_ids,
     sliding_window_overlay,
@@ -129,8 +130,7 @@ class DecoderAdapter(Adapter):
         decoder = self.language_model(model)
         rotary = _get(decoder, self.spec.rotary, "rotary embedding")
         text_positions = positions[0]  # [batch, seq]
-        make_mask = (create_sliding_window_causal_mask
-                     if self.layer_kind(model, layer_idx) == "sliding_attention" else create_causal_mask)
+        make_mask = mask_maker(self.layer_kind(model, layer_idx), layer_idx, type(model).__name__)
         mask = make_mask(
             config=decoder.config,
             inputs_embeds=hidden,
@@ -144,6 +144,23 @@ class DecoderAdapter(Adapter):
             "position_ids": text_positions,
             "position_embeddings": rotary(hidden, text_positions),
         }
+
+
+_MASK_MAKERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask,
+                "chunked_attention": create_chunked_causal_mask}
+
+
+def mask_maker(kind: str, layer_idx: int, model_name: str) -> Any:
+    """The transformers mask function for a layer kind; an ``AdapterError`` for kinds prunekit cannot feed
+    (linear-attention / recurrent layers keep a state that a pruned token would still have entered)."""
+    maker = _MASK_MAKERS.get(kind)
+    if maker is None:
+        raise AdapterError(
+            f"{model_name} decoder layer {layer_idx} is a {kind!r} layer; prunekit feeds a shorter sequence to "
+            f"attention layers only ({', '.join(_MASK_MAKERS)}), and every layer from the first prune on "
+            f"gets one: this model needs an adapter that knows {kind!r} layers"
+        )
+    return maker
 
 
 def compact_mrope(positions: Tensor, valid: Tensor, visual: Tensor) -> Tensor:

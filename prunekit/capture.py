@@ -69,7 +69,11 @@ def install_module_io(site: Site, wanted: Wanted) -> None:
         module = site.adapter.attention(parent) if kind == "attention" else site.adapter.mlp(parent)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, observers: Wanted = observers) -> None:
-            _deliver(site, observers, site.adapter.layer_input(args, kwargs), site.adapter.module_output(output))
+            inputs = site.adapter.layer_input(args, kwargs)  # [batch, seq, hidden]
+            out = site.adapter.module_output(output)
+            if out.shape != inputs.shape and out.numel() == inputs.numel():  # an MoE block may return its
+                out = out.reshape(inputs.shape)  # tokens flattened, [batch * seq, hidden] (Llama 4)
+            _deliver(site, observers, inputs, out)
 
         site.hooks.add(module.register_forward_hook(hook, with_kwargs=True))
 

@@ -8,6 +8,13 @@ Per decoder layer running on ``n`` tokens with hidden size ``d`` and MLP width `
 papers' convention counts the visual tokens only (``n`` = visual tokens of the layer); the
 whole-sequence figure counts every token the layer runs on. On LLaVA-1.5-7B (d=4096, m=11008,
 32 layers, 576 visual tokens) the unpruned prefill is 3.82 TFLOPs in the papers' convention.
+
+A mixture-of-experts layer counts the experts a token actually runs, in the same units::
+
+    MLP(n) = 3 n d (k m_e + m_s) + n d E
+
+with ``k`` experts per token of width ``m_e``, shared experts of total width ``m_s`` and a router
+over ``E`` experts; dense layers of an MoE model keep ``3 n d m`` with their own width.
 """
 
 from __future__ import annotations
@@ -22,21 +29,76 @@ from prunekit.api import Stage
 
 
 @dataclass(frozen=True)
+class MoeDims:
+    """The mixture-of-experts layers of a decoder: what one token runs in each of them."""
+
+    experts_per_token: int  # k: routed experts each token runs
+    expert_size: int  # m_e: width of one routed expert's FFN
+    num_experts: int  # E: the router's outputs
+    shared_size: int  # m_s: total width of the shared experts every token runs (0: none)
+    layers: tuple[int, ...]  # the MoE layers; the others are dense with DecoderDims.intermediate_size
+
+    def mlp_width(self) -> float:
+        """The dense MLP width that costs as much per token: ``k m_e + m_s + E / 3`` (the router is one matrix)."""
+        return self.experts_per_token * self.expert_size + self.shared_size + self.num_experts / 3
+
+
+@dataclass(frozen=True)
 class DecoderDims:
-    """The sizes the FLOPs formula needs."""
+    """The sizes the FLOPs formula needs (``moe`` for mixture-of-experts decoders)."""
 
     num_layers: int
     hidden_size: int
-    intermediate_size: int
+    intermediate_size: int  # the dense layers' MLP width
+    moe: MoeDims | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> DecoderDims:
         text = getattr(config, "text_config", None) or config
-        return cls(int(text.num_hidden_layers), int(text.hidden_size), int(text.intermediate_size))
+        layers = int(text.num_hidden_layers)
+        moe = moe_dims(text, layers)
+        dense = getattr(text, "intermediate_size_mlp", None) if moe is not None else None  # Llama 4
+        return cls(layers, int(text.hidden_size), int(dense or text.intermediate_size), moe)
+
+    def mlp_width(self, layer: int) -> float:
+        """The MLP width layer ``layer`` costs (active experts, shared experts and router for an MoE layer)."""
+        if self.moe is not None and layer in self.moe.layers:
+            return self.moe.mlp_width()
+        return self.intermediate_size
 
 
-def layer_flops(n: float, dims: DecoderDims) -> float:
-    d, m = dims.hidden_size, dims.intermediate_size
+def moe_dims(text: Any, num_layers: int) -> MoeDims | None:
+    """The MoE sizes of a decoder config (None for a dense decoder).
+
+    Reads the names transformers' MoE configs use: experts per token ``num_experts_per_tok``; experts
+    ``num_experts`` / ``num_local_experts`` / ``n_routed_experts``; expert width ``moe_intermediate_size``
+    (else ``intermediate_size``); shared experts ``shared_expert_intermediate_size`` or
+    ``n_shared_experts`` x the expert width (Llama 4: one of ``intermediate_size``); MoE layers from
+    ``moe_layers``, ``mlp_only_layers`` + ``decoder_sparse_step`` or ``first_k_dense_replace``.
+    """
+    k = getattr(text, "num_experts_per_tok", None)
+    experts = next((getattr(text, key) for key in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if getattr(text, key, None)), None)
+    if not k or not experts:
+        return None
+    expert = int(getattr(text, "moe_intermediate_size", None) or text.intermediate_size)
+    shared = int(getattr(text, "shared_expert_intermediate_size", None) or 0)
+    shared = shared or int(getattr(text, "n_shared_experts", None) or 0) * expert
+    if getattr(text, "moe_layers", None) is not None:  # Llama 4: every MoE layer has one shared expert
+        layers = tuple(int(i) for i in text.moe_layers)
+        shared = shared or (int(text.intermediate_size) if getattr(text, "model_type", "") == "llama4_text" else 0)
+    elif getattr(text, "first_k_dense_replace", None) is not None:
+        layers = tuple(range(int(text.first_k_dense_replace), num_layers))
+    else:
+        step = int(getattr(text, "decoder_sparse_step", None) or 1)
+        dense = set(getattr(text, "mlp_only_layers", None) or ())
+        layers = tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+    return MoeDims(int(k), expert, int(experts), shared, layers)
+
+
+def layer_flops(n: float, dims: DecoderDims, layer: int = 0) -> float:
+    """FLOPs of decoder layer ``layer`` running on ``n`` tokens."""
+    d, m = dims.hidden_size, dims.mlp_width(layer)
     return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
 
 
@@ -44,7 +106,7 @@ def prefill_flops(tokens_per_layer: Sequence[float], dims: DecoderDims) -> float
     """FLOPs of a prefill whose layers run on ``tokens_per_layer`` tokens."""
     if len(tokens_per_layer) != dims.num_layers:
         raise ValueError(f"got token counts for {len(tokens_per_layer)} layers, the decoder has {dims.num_layers}")
-    return float(sum(layer_flops(n, dims) for n in tokens_per_layer))
+    return float(sum(layer_flops(n, dims, layer) for layer, n in enumerate(tokens_per_layer)))
 
 
 def visual_tokens_per_layer(stages: Sequence[Stage], num_layers: int, n_visual: int, merger: Any = None) -> list[int]:

@@ -255,6 +255,32 @@ def family_config(family: str, num_layers: int = 16):
             return tf.Qwen3VLConfig(text_config=qwen3_text, vision_config=vision, **ids)
         moe = dict(qwen3_text, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
         return tf.Qwen3VLMoeConfig(text_config=moe, vision_config=vision, **ids)
+    if family == "glm4v":  # GLM-4.1V: M-RoPE, grids of merged patches as Qwen2-VL
+        rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        glm_text = {k: v for k, v in text.items() if k not in ("bos_token_id", "eos_token_id")}
+        return tf.Glm4vConfig(text_config=dict(glm_text, rope_parameters=rope),
+                              vision_config=dict(depth=2, hidden_size=32, num_heads=4, patch_size=4, image_size=24,
+                                                 spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                                                 intermediate_size=64),
+                              image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, image_start_token_id=START_ID,
+                              image_end_token_id=END_ID, video_start_token_id=START_ID, video_end_token_id=END_ID)
+    if family == "llama4":  # MoE on every other layer, chunked attention, a NoPE layer every fourth
+        rope = {"rope_type": "default", "rope_theta": 10000.0}
+        vision = tf.Llama4VisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=24, patch_size=4, vision_output_dim=64, projector_input_dim=64,
+                                       projector_output_dim=64, pixel_shuffle_ratio=0.5, rope_parameters=rope)
+        llama4_text = tf.Llama4TextConfig(**dict(text, intermediate_size=32), intermediate_size_mlp=128, head_dim=16,
+                                          num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                          no_rope_layer_interval=4, attention_chunk_size=16, rope_parameters=rope)
+        return tf.Llama4Config(vision_config=vision, text_config=llama4_text, image_token_index=IMAGE_ID,
+                               boi_token_index=START_ID, eoi_token_index=END_ID)
+    if family == "internvl":
+        return tf.InternVLConfig(vision_config=tf.InternVLVisionConfig(**dict(_VISION, image_size=48)),
+                                 text_config=tf.Qwen2Config(**text), image_token_id=IMAGE_ID, image_seq_length=9,
+                                 downsample_ratio=0.5)
+    if family == "idefics3":
+        return tf.Idefics3Config(vision_config=tf.Idefics3VisionConfig(**_VISION), text_config=tf.LlamaConfig(**text),
+                                 image_token_id=IMAGE_ID, scale_factor=2)
     if family == "gemma3":
         gemma_text = tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300,
@@ -266,7 +292,9 @@ def family_config(family: str, num_layers: int = 16):
 
 FAMILIES = ("llava_next", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "llava_next_video",
             "qwen3_vl", "qwen3_vl_moe")
-_MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# more families of transformers 5.x, for the family x recipe matrix (tests/test_family_matrix.py)
+MATRIX_FAMILIES = (*FAMILIES, "glm4v", "llama4", "internvl", "idefics3")
+_MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")
 
 
 def tiny_family_model(family: str, num_layers: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -350,6 +378,16 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
             key = "video" if video else "image"
             extra = {f"pixel_values{'_videos' if video else ''}": pixel, f"{key}_grid_thw": grids}
             image_id = model.config.video_token_id if video else model.config.image_token_id
+        elif family in ("llama4", "internvl", "idefics3"):  # one image per sample, its token count from the tower
+            side = 48 if family == "internvl" else 24
+            shape = (len(sizes), 1, 3, side, side) if family == "idefics3" else (len(sizes), 3, side, side)
+            pixel = torch.randn(*shape, generator=g).to(dtype)
+            features = model.get_image_features(pixel_values=pixel[:1])
+            features = features.last_hidden_state if family == "llama4" else features.pooler_output
+            features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+            counts = [int(features.numel() // features.shape[-1])] * len(sizes)
+            extra = {"pixel_values": pixel}
+            image_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
         elif family == "gemma3":
             pixel = torch.randn(len(sizes), 3, 24, 24, generator=g).to(dtype)
             counts = [model.config.mm_tokens_per_image] * len(sizes)
@@ -373,3 +411,71 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
     if family == "gemma3":
         out["token_type_ids"] = (input_ids == image_id).long()
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The family x recipe matrix: which families run every decoder-stage recipe, and why not where not
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MatrixRow:
+    """One family of the matrix (tests/test_family_matrix.py) and of the table in docs/adapters.md.
+
+    ``reason`` says why the family does not run at all (None: it runs); ``recipe_reasons`` says why a
+    given recipe does not (``{recipe: reason}``). ``min_transformers`` is the first version with the family.
+    """
+
+    family: str  # the builder's name (family_config) or the config.model_type
+    classes: str  # the transformers class
+    adapter: str  # the prunekit adapter that handles it
+    notes: str = ""  # what is special about it
+    reason: str | None = None
+    recipe_reasons: tuple[tuple[str, str], ...] = ()
+    min_transformers: str = "5.19.0"
+
+
+LLAMA4_BROKEN = ("transformers 5.24's Llama4ForConditionalGeneration.forward fails on its own (it reads "
+                 "image_outputs from the language model's output), pruned or not; runs on transformers 5.19")
+MATRIX: tuple[MatrixRow, ...] = (
+    MatrixRow("llava_next", "LlavaNextForConditionalGeneration", "llava_next", "any-resolution tiles"),
+    MatrixRow("video_llava", "VideoLlavaForConditionalGeneration", "video_llava", "images and videos"),
+    MatrixRow("llava_onevision", "LlavaOnevisionForConditionalGeneration", "llava_onevision", "any-resolution tiles"),
+    MatrixRow("llava_next_video", "LlavaNextVideoForConditionalGeneration", "generic", ""),
+    MatrixRow("qwen2_vl", "Qwen2VLForConditionalGeneration", "qwen2_vl", "M-RoPE"),
+    MatrixRow("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "qwen2_vl", "M-RoPE"),
+    MatrixRow("qwen3_vl", "Qwen3VLForConditionalGeneration", "qwen3_vl",
+              "M-RoPE; deepstack features follow the kept tokens"),
+    MatrixRow("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "qwen3_vl",
+              "M-RoPE, deepstack, MoE decoder"),
+    MatrixRow("gemma3", "Gemma3ForConditionalGeneration", "gemma3",
+              "sliding-window layers; bidirectional image blocks"),
+    MatrixRow("glm4v", "Glm4vForConditionalGeneration", "generic", "M-RoPE (partial rotary)"),
+    MatrixRow("internvl", "InternVLForConditionalGeneration", "generic", "pixel-shuffled tiles"),
+    MatrixRow("idefics3", "Idefics3ForConditionalGeneration", "generic", "SmolVLM's architecture"),
+    MatrixRow("llama4", "Llama4ForConditionalGeneration", "generic",
+              "MoE every other layer, chunked attention, NoPE layers", reason=LLAMA4_BROKEN),
+    MatrixRow("gemma3n", "Gemma3nForConditionalGeneration", "none",
+              reason="no tiny model from config classes (its vision tower is a timm MobileNet); its decoder "
+                     "also passes per-layer inputs and 4-D AltUp hidden states, which no adapter slices yet"),
+)
+
+# Recipes (by name prefix) that the matrix does not run on any family, and why (shown under the table).
+MATRIX_RECIPE_REASONS: dict[str, str] = {
+    "oracle": "needs the toy task's ground truth (run through prunekit eval on the toy)",
+    "pooling-": "grid pooling needs one square patch grid per image; the tiny prompts are not all square",
+}
+
+
+def family_matrix_markdown() -> str:
+    """The supported-family table of docs/adapters.md, generated from :data:`MATRIX`."""
+    lines = ["| family | class | adapter | decoder-stage recipes | notes |", "| --- | --- | --- | --- | --- |"]
+    for row in MATRIX:
+        if row.reason is not None:
+            status = f"no: {row.reason}"
+        elif row.recipe_reasons:
+            status = "all but " + "; ".join(f"`{name}` ({why})" for name, why in row.recipe_reasons)
+        else:
+            status = "all"
+        lines.append(f"| {row.family} | `{row.classes}` | {row.adapter} | {status} | {row.notes} |")
+    lines.append("")
+    lines.extend(f"Not run in the matrix: `{name}*`: {why}." for name, why in MATRIX_RECIPE_REASONS.items())
+    return "\n".join(lines)
