@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.api import Adapter, ForwardContext, Stage
+from prunekit.attention import CaptureFn
 from prunekit.capture import Site, install_probes
 from prunekit.compat import cache_in, cache_of
 from prunekit.errors import AdapterError, LayoutError, PrunerStateError
@@ -54,12 +55,20 @@ from prunekit.vision import VisionPruner, rewrite_decode_kwargs
 
 
 class Clock:
-    """Wall time spent in each part of the pruning work, summed over forwards (``measure=True``)."""
+    """Wall time spent in the pruning work (``measure=True``), summed over forwards.
+
+    ``seconds`` splits each prefill's work into :attr:`PARTS`; ``total`` is their sum. Decode
+    steps on a pruned cache are timed apart: ``decode_seconds`` is the wall time spent inside
+    prunekit's hooks during ``decode_steps`` steps (the model, stack and layer hooks and the
+    attention tap), so ``per_decode_step`` is what the hooks add to one step.
+    """
 
     PARTS = ("probes", "attention rows", "scoring", "selection", "stage inputs")
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {part: 0.0 for part in self.PARTS}
+        self.decode_seconds = 0.0
+        self.decode_steps = 0
 
     @contextmanager
     def __call__(self, part: str):
@@ -71,7 +80,38 @@ class Clock:
 
     @property
     def total(self) -> float:
+        """Seconds of prefill work (every part of :attr:`PARTS`)."""
         return sum(self.seconds.values())
+
+    @property
+    def per_decode_step(self) -> float:
+        """Mean seconds spent in prunekit's hooks per decode step (0.0 before any step)."""
+        return self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
+
+    def timed_hook(self, hook: Callable[..., Any], running: Running) -> Callable[..., Any]:
+        """``hook`` with its wall time added to ``decode_seconds`` when it runs in a decode step."""
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            decode = type(running.forward) is Decode
+            start = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                if decode or type(running.forward) is Decode:
+                    self.decode_seconds += time.perf_counter() - start
+
+        return timed
+
+
+class _TimedTaps(HookSet):
+    """A :class:`HookSet` whose attention taps add their decode-step time to a :class:`Clock`."""
+
+    def __init__(self, clock: Clock, running: Running) -> None:
+        super().__init__()
+        self._clock, self._running = clock, running
+
+    def tap(self, config: Any, capture: CaptureFn) -> None:
+        super().tap(config, self._clock.timed_hook(capture, self._running))
 
 
 _NO_CLOCK = nullcontext()
@@ -102,7 +142,7 @@ class Pruner:
         self._reports = threading.local()  # each thread's last report
         self._latest: PruneReport | None = None  # the last report of any thread
         self._running = Running()
-        self._hooks = HookSet()
+        self._hooks = HookSet() if self.clock is None else _TimedTaps(self.clock, self._running)
         self._caches: weakref.WeakKeyDictionary[Any, CacheRecord] = weakref.WeakKeyDictionary()
         self._installed = False
         self._warned_no_cache = False
@@ -110,6 +150,7 @@ class Pruner:
         self._signature = inspect.signature(model.forward)
         self._var_keyword = next((p.name for p in self._signature.parameters.values()
                                   if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        self._parameters = frozenset(self._signature.parameters)
         self._vision = (None if self.recipe.vision is None
                         else VisionPruner(model, self.adapter, self.recipe.vision, self._running))
         self._probes = collect_probes(self.recipe.parts(), self.stage_layers, self.num_layers, "decoder",
@@ -117,6 +158,8 @@ class Pruner:
         # stage index of every layer (-1 before the first prune)
         self._stage_of_layer = [max((s for s, L in enumerate(self.stage_layers) if L <= i), default=-1)
                                 for i in range(self.num_layers)]
+        # (stage, layer kind) of every layer: the layers of one key share a decode step's inputs
+        self._decode_key = [(stage, self.adapter.layer_kind(model, i)) for i, stage in enumerate(self._stage_of_layer)]
 
     @property
     def last_report(self) -> PruneReport | None:
@@ -131,6 +174,10 @@ class Pruner:
 
     def _timed(self, part: str) -> AbstractContextManager:
         return self.clock(part) if self.clock is not None else _NO_CLOCK
+
+    def _clocked(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        """``hook``, timed in decode steps when measuring (itself otherwise: no cost when not measuring)."""
+        return hook if self.clock is None else self.clock.timed_hook(hook, self._running)
 
     # -- lifecycle -------------------------------------------------------------------------
     def install(self) -> Pruner:
@@ -154,16 +201,16 @@ class Pruner:
         return self
 
     def _install_hooks(self) -> None:
-        add = self._hooks.add
-        add(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
-        add(self.model.register_forward_hook(self._after_model, with_kwargs=True, always_call=True))
+        add, clocked = self._hooks.add, self._clocked
+        add(self.model.register_forward_pre_hook(clocked(self._before_model), with_kwargs=True))
+        add(self.model.register_forward_hook(clocked(self._after_model), with_kwargs=True, always_call=True))
         if self._vision is not None:
             self._vision.install(self._timed)
         language_model = self.adapter.language_model(self.model)
-        add(language_model.register_forward_pre_hook(self._before_language_model, with_kwargs=True))
+        add(language_model.register_forward_pre_hook(clocked(self._before_language_model), with_kwargs=True))
         first = self.stage_layers[0] if self.stage_layers else self.num_layers
         for i in range(first, self.num_layers):  # the stage's inputs first: probes see the layer's own
-            add(self.layers[i].register_forward_pre_hook(self._stage_inputs_hook(i), with_kwargs=True))
+            add(self.layers[i].register_forward_pre_hook(clocked(self._stage_inputs_hook(i)), with_kwargs=True))
         install_probes(Site(self.model, self.adapter, self._hooks, self._running, self._timed, self.layers,
                             self.stage_layers), self._probes)
         for s, stage in enumerate(self.stages):  # after the probes, which read the unpruned input
@@ -189,6 +236,8 @@ class Pruner:
     # -- model-level hooks -----------------------------------------------------------------
     def _call_kwargs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """The forward call's arguments by name (positional ones and ``**kwargs`` included)."""
+        if not args and (self._var_keyword is not None or kwargs.keys() <= self._parameters):
+            return dict(kwargs)  # keywords only (every decode step of generate): binding would give the same
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         call = {k: v for k, v in bound.items() if k != self._var_keyword}
         call.update(bound.get(self._var_keyword, {}) if self._var_keyword else {})
@@ -209,6 +258,7 @@ class Pruner:
                 changed = ((), {**call, "attention_mask": mask, "position_ids": positions})
             self._running.forward = self._start_decode(cached, cache, input_ids, call.get("inputs_embeds"), mask)
             return changed
+        self._check_cache_and_mask(cache, mask)
         past = cache.get_seq_length() if cache is not None else 0
         if input_ids is None:
             raise LayoutError(
@@ -252,6 +302,23 @@ class Pruner:
             loss_kwargs={k: v for k, v in call.items() if k not in self._signature.parameters} if labels else {},
         )
         return changed
+
+    @staticmethod
+    def _check_cache_and_mask(cache: Any, mask: Any) -> None:
+        """Refuse, before any work, what a pruned forward cannot honour: a static (compileable) KV cache and
+        a prepared 4D attention mask (``generate`` builds one for a static cache)."""
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise LayoutError(
+                f"prunekit cannot prune into a static KV cache ({type(cache).__name__}, as "
+                "generate(..., cache_implementation='static') and the torch.compile decode path use): its layers are "
+                "preallocated to one length and generate builds one 4D mask for all of them, while pruned layers hold "
+                "fewer tokens than the prompt; use the default dynamic cache (leave cache_implementation unset)"
+            )
+        if isinstance(mask, Tensor) and mask.dim() != 2:
+            raise LayoutError(
+                f"attention_mask has shape {tuple(mask.shape)}; prunekit needs the 2D padding mask [batch, seq] "
+                "(it builds each stage's mask itself), not a prepared 4D mask"
+            )
 
     def _warn_no_cache(self) -> None:
         """Once per pruner: without a cache every forward is a prefill, pruned afresh (docs/concepts.md)."""
@@ -304,6 +371,8 @@ class Pruner:
         self._running.clear()
         if isinstance(forward, Decode):
             forward.cached.seen = forward.mask_2d.shape[1]
+            if self.clock is not None:
+                self.clock.decode_steps += 1
             return
         if not isinstance(forward, Prefill) or output is None or len(forward.records) != len(self.stages):
             return
@@ -347,20 +416,28 @@ class Pruner:
 
     # -- layer hooks -------------------------------------------------------------------------
     def _stage_inputs_hook(self, layer_idx: int):
-        """Give a layer the current stage's mask and positions (prefill after a prune, or a decode step)."""
-        stage = self._stage_of_layer[layer_idx]
+        """Give a layer the current stage's mask and positions (prefill after a prune, or a decode step).
+
+        In a decode step the first layer of each (stage, layer kind) builds that key's inputs once;
+        every other layer of the key only swaps the prebuilt objects into its keyword arguments.
+        """
+        key = self._decode_key[layer_idx]
+        running, adapter, model = self._running, self.adapter, self.model
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            forward = self._running.forward
-            hidden = self.adapter.layer_input(args, kwargs)
+            forward = running.forward
+            if type(forward) is Decode:
+                prebuilt = forward.layer_kwargs.get(key)
+                if prebuilt is None:
+                    prebuilt = decode_layer_kwargs(forward, adapter, model, key, layer_idx,
+                                                   adapter.layer_input(args, kwargs))
+                kwargs.update(prebuilt)
+                return args, kwargs
             if isinstance(forward, Prefill) and forward.records:
-                kwargs.update(prefill_layer_kwargs(forward, self.adapter, self.model, layer_idx, hidden, self._timed))
-            elif isinstance(forward, Decode):
-                kwargs.update(decode_layer_kwargs(forward, self.adapter, self.model, stage, layer_idx, hidden,
-                                                  self._timed))
-            else:
-                return None
-            return args, kwargs
+                kwargs.update(prefill_layer_kwargs(forward, adapter, model, layer_idx,
+                                                   adapter.layer_input(args, kwargs), self._timed))
+                return args, kwargs
+            return None
 
         return hook
 

@@ -4,7 +4,7 @@
 tokens), and moves the record on: the layout and buffers are gathered, positions follow, and the
 stage's :class:`~prunekit.record.StageRecord` is appended. :func:`prefill_layer_kwargs` and
 :func:`decode_layer_kwargs` build a layer's mask and position embeddings for the current stage,
-once per layer kind.
+once per layer kind (per forward, or per decode step).
 """
 
 from __future__ import annotations
@@ -93,16 +93,15 @@ def prefill_layer_kwargs(prefill: Prefill, adapter: Adapter, model: nn.Module, l
     return prefill.layer_kwargs[kind]
 
 
-def decode_layer_kwargs(decode: Decode, adapter: Adapter, model: nn.Module, stage: int, layer_idx: int,
-                        hidden: Tensor, timed: Timer) -> dict[str, Any]:
-    """A decode step's keyword arguments for layer ``layer_idx`` of stage ``stage``: the mask over that
-    stage's cached slots plus the decoded tokens, positions shifted by what the stage removed."""
-    key = (stage, adapter.layer_kind(model, layer_idx))
-    if key not in decode.layer_kwargs:
-        record = decode.cached.records[stage]
-        prompt = decode.cached.prompt_length
-        mask_2d = torch.cat([record.valid, decode.mask_2d[:, prompt:]], dim=1)  # [batch, seq_s + decoded + q]
-        positions = decode.positions - record.shift[None, :, None]
-        with timed("stage inputs"):
-            decode.layer_kwargs[key] = adapter.stage_kwargs(model, hidden, mask_2d, positions, decode.cache, layer_idx)
-    return decode.layer_kwargs[key]
+def decode_layer_kwargs(decode: Decode, adapter: Adapter, model: nn.Module, key: tuple[int, str], layer_idx: int,
+                        hidden: Tensor) -> dict[str, Any]:
+    """A decode step's keyword arguments for the layers of ``key`` = (stage, layer kind), built at the
+    key's first layer ``layer_idx`` and kept in ``decode.layer_kwargs`` for the others: the mask over
+    that stage's cached slots plus the decoded tokens, positions shifted by what the stage removed."""
+    record = decode.cached.records[key[0]]
+    prompt = decode.cached.prompt_length
+    mask_2d = torch.cat([record.valid, decode.mask_2d[:, prompt:]], dim=1)  # [batch, seq_s + decoded + q]
+    positions = decode.positions - record.shift[None, :, None]  # [components, batch, q]
+    built = adapter.stage_kwargs(model, hidden, mask_2d, positions, decode.cache, layer_idx)
+    decode.layer_kwargs[key] = built
+    return built
