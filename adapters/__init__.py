@@ -61,6 +61,9 @@ def _get(obj: Any, dotted: str, what: str) -> Any:
 class DecoderAdapter(Adapter):
     """Adapter for a family described by a :class:`FamilySpec`."""
 
+    fed_layer_kinds: tuple[str, ...] = ("full_attention", "sliding_attention", "chunked_attention")  # kinds
+    # stage_kwargs builds masks for (prunekit doctor reads it; any other kind raises AdapterError)
+
     def __init__(self, spec: FamilySpec) -> None:
         self.spec = spec
         self.name = spec.name
@@ -322,6 +325,8 @@ class Gemma3Adapter(DecoderAdapter):
     """Gemma 3: during the prefill the tokens of one image attend to each other bidirectionally; local
     (sliding-window) and global layers have their own masks and their own rotary embeddings."""
 
+    fed_layer_kinds = ("full_attention", "sliding_attention")
+
     def stage_kwargs(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, positions: Tensor,
                      cache: Any, layer_idx: int, blocks: Tensor | None = None) -> dict[str, Any]:
         decoder = self.language_model(model)
@@ -427,6 +432,15 @@ class GenericAdapter(DecoderAdapter):
             raise AdapterError(f"{type(model).__name__} has no decoder stack with layers, rotary_emb and "
                                "embed_tokens")
         path, stack = found
+        kinds = list(getattr(stack.config, "layer_types", None) or ())
+        other = next(((i, kind) for i, kind in enumerate(kinds) if kind not in DecoderAdapter.fed_layer_kinds), None)
+        if other is not None:
+            raise AdapterError(
+                f"{type(model).__name__} decoder layer {other[0]} is a {other[1]!r} layer (of "
+                f"{sorted(set(kinds))}); prunekit feeds a shorter sequence to attention layers only "
+                f"({', '.join(DecoderAdapter.fed_layer_kinds)}): a pruned token would still have to leave the "
+                "recurrent state of such a layer, which needs an adapter that knows it"
+            )
         layer = stack.layers[0]
 
         def pick(names: tuple[str, ...], what: str) -> str:

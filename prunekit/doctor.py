@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.errors import AdapterError
+from prunekit.errors import AdapterError, PrunekitError
 from prunekit.plugins import get_registry
+from prunekit.probes import AttentionRows
 
 
 def build_skeleton(source: str) -> nn.Module:
@@ -80,7 +81,45 @@ def diagnose(model: nn.Module) -> dict[str, Any]:
         report["probes"]["vision stage (VisionAttention / VisionKeys / VisionHidden)"] = bool(vision_layers)
     except (NotImplementedError, AdapterError):
         report["probes"]["vision stage (VisionAttention / VisionKeys / VisionHidden)"] = False
+    layer_kinds = [chosen.layer_kind(model, i) for i in range(len(layers))]
+    report["recipes"] = recipe_support(chosen, type(model).__name__, layer_kinds, report["probes"])
     return report
+
+
+def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes: dict[str, bool]) -> dict[str, str]:
+    """For every built-in recipe, ``"runs"`` or why it will not on this model (as written, without
+    ``reference_depth`` overrides): its stages fit the depth, its probes are supported, and every
+    layer from its first prune on is a kind the adapter can feed a shorter sequence."""
+    from prunekit.recipe import builtin_recipe_names, check_stages, collect_probes, load_recipe, scale_to_depth
+
+    num_layers = len(layer_kinds)
+    fed = getattr(adapter, "fed_layer_kinds", None)  # None: the adapter does not say (assume every kind)
+    rows_ok = probes["AttentionRows (through the attention interface)"]
+    vision_ok = probes["vision stage (VisionAttention / VisionKeys / VisionHidden)"]
+    out: dict[str, str] = {}
+    for name in builtin_recipe_names():
+        try:
+            recipe = scale_to_depth(load_recipe(name), num_layers)
+            stages = check_stages(recipe, num_layers, model_name)
+            layers = tuple(s.layer for s in stages)
+            wanted = collect_probes(recipe.parts(), layers, num_layers, "decoder", f"recipe {name!r}")
+        except (PrunekitError, ValueError) as exc:
+            out[name] = f"no: {exc}"
+            continue
+        if recipe.vision is not None and not vision_ok:
+            out[name] = f"no: it prunes before the language model and adapter {adapter.name!r} has no vision stage"
+            continue
+        if not rows_ok and any(isinstance(p, AttentionRows) for _, p in wanted):
+            out[name] = "no: it reads attention rows and the attention does not go through the attention interface"
+            continue
+        bad = next(((i, kind) for i, kind in enumerate(layer_kinds)
+                    if layers and i >= layers[0] and fed is not None and kind not in fed), None)
+        if bad is not None:
+            out[name] = (f"no: decoder layer {bad[0]} is a {bad[1]!r} layer after its first prune (layer "
+                         f"{layers[0]}); adapter {adapter.name!r} feeds {', '.join(fed)} layers only")
+            continue
+        out[name] = "runs"
+    return out
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -98,4 +137,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"visual tokens: {report['visual_tokens']}")
     lines.append("probes:")
     lines += [f"  {'yes' if ok else 'no '}  {name}" for name, ok in report["probes"].items()]
+    recipes = report.get("recipes", {})
+    running = [name for name, status in recipes.items() if status == "runs"]
+    lines.append(f"recipes that run as written ({len(running)} of {len(recipes)}): {', '.join(running) or 'none'}")
+    lines += [f"  {name}: {status[4:]}" for name, status in recipes.items() if status != "runs"]
     return "\n".join(lines)

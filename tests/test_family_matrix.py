@@ -118,3 +118,53 @@ def test_a_layer_kind_prunekit_cannot_feed_is_named_with_its_index():
     with pytest.raises(AdapterError, match=r"Qwen3_5Model decoder layer 2 is a 'linear_attention' layer"):
         mask_maker("linear_attention", 2, "Qwen3_5Model")
     assert mask_maker("chunked_attention", 0, "Llama4") is not mask_maker("full_attention", 0, "Llama4")
+
+
+@pytest.mark.parametrize("row", [row for row in MATRIX if row.family != "gemma3n"], ids=lambda row: row.family)
+def test_doctor_on_each_familys_config_says_which_recipes_run(row, tmp_path, capsys):
+    import json
+
+    from prunekit.cli import main
+    from prunekit.testing import family_config
+
+    if _VERSION < tuple(int(p) for p in row.min_transformers.split(".")):
+        pytest.skip(f"{row.family} needs transformers >= {row.min_transformers}")
+    family_config(row.family, num_layers=32).save_pretrained(tmp_path)
+    assert main(["doctor", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["adapter"] == row.adapter
+    recipes = report["recipes"]
+    assert set(recipes) == set(builtin_recipe_names())
+    for name in DECODER_RECIPES:  # 32 layers: every decoder-stage recipe fits as written
+        assert recipes[name] == "runs", (name, recipes[name])
+    for name, status in recipes.items():
+        assert status == "runs" or status.startswith("no: "), (name, status)
+    if row.adapter != "llava":  # no vision stage through these adapters: vision recipes say why
+        vision = [n for n in builtin_recipe_names() if n not in DECODER_RECIPES]
+        assert all("no vision stage" in recipes[n] for n in vision)
+
+
+def test_doctor_says_why_a_recipe_does_not_fit_a_shallow_model(tmp_path, capsys):
+    from prunekit.cli import main
+    from prunekit.testing import family_config
+
+    family_config("qwen3_vl", num_layers=8).save_pretrained(tmp_path)
+    assert main(["doctor", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "recipes that run as written" in out
+    assert "transprune-high: recipe 'transprune-high'" in out and "the model has 8 decoder layers" in out
+    assert "fastv" in out.split("recipes that run as written", 1)[1].splitlines()[0]
+
+
+@pytest.mark.skipif(not hasattr(transformers, "Qwen3_5Config"), reason="no Qwen3.5 (linear attention) here")
+def test_a_decoder_with_linear_attention_layers_is_refused_naming_the_layer_kind_and_index(tmp_path, capsys):
+    from prunekit.cli import main
+
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=256)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64)
+    config = transformers.Qwen3_5Config(text_config=text, vision_config=vision)
+    config.save_pretrained(tmp_path)
+    first = config.text_config.layer_types.index("linear_attention")
+    assert main(["doctor", str(tmp_path)]) == 1
+    assert f"decoder layer {first} is a 'linear_attention' layer" in capsys.readouterr().out
