@@ -16,6 +16,8 @@ from typing import Any, Callable
 import torch
 
 from prunekit.errors import PrunekitError
+from prunekit.toy import DEFAULT_TOY as DEFAULT_TOY_NAME
+from prunekit.toy import TOYS
 
 LLAVA15_7B_DIMS = (32, 4096, 11008)  # layers, hidden, MLP width of LLaVA-1.5-7B's decoder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -323,10 +325,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise PrunekitError("--image and --prompt go with --model (without --model the built-in toy model "
                                 "answers a generated question)")
         check_writable(args.out, "--out")
-        result = run_toy(args.recipe, args.override, seed=args.seed, out=args.out)
+        result = run_toy(args.recipe, args.override, seed=args.seed, out=args.out, toy=args.toy)
     else:
         if not (args.image and args.prompt):
             raise PrunekitError("--model needs --image PATH and --prompt TEXT")
+        if args.toy is not None:
+            raise PrunekitError("--toy picks the built-in toy model; it does not go with --model")
         source = check_model_source(args.model)
         check_image(args.image)
         check_writable(args.out, "--out")
@@ -340,8 +344,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from prunekit.recipe import builtin_recipe_names, load_recipe
     from prunekit.toy.evaluate import (DEFAULT_SWEEP, format_comparisons, format_table, plot, run_eval, split_names,
                                        to_json)
-    from prunekit.toy.model import load_toy
+    from prunekit.toy import DEFAULT_TOY, toy_parts
 
+    task, toy_model = toy_parts(args.toy)
     check_writable(args.plot, "--plot")
     args.recipes, args.sweep = split_names(args.recipes), split_names(args.sweep)
     for name in [*(args.recipes or []), *(args.sweep or [])]:
@@ -349,19 +354,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             load_recipe(name)  # an unknown or broken recipe fails before the model loads
     if args.weights is not None:
         check_model_source(args.weights, "--weights")
-    with loading(f"the toy model from {args.weights or 'the package'!r}"):
-        model, processor = load_toy(args.weights)
+    with loading(f"the {args.toy or DEFAULT_TOY!r} toy model from {args.weights or 'the package'!r}"):
+        model, processor = toy_model.load_toy(args.weights)
     recipes = args.recipes or builtin_recipe_names()
     sweep = args.sweep if args.sweep is not None else ([] if args.recipes else list(DEFAULT_SWEEP))
     result = run_eval(model, processor, recipes, n=args.n, seed=args.seed, sweep=sweep, ratios=args.ratios,
-                      batch_size=args.batch_size, progress=not args.json)
+                      batch_size=args.batch_size, progress=not args.json, task=task)
     if result is None:  # data-parallel: rank 0 reports
         return 0
     plot(result, args.plot)
     if args.json:
         print(to_json(result))
     else:
-        print(f"toy task: {args.n} questions (seed {args.seed}); FLOPs in the papers' convention on the toy model")
+        print(f"toy task ({args.toy or DEFAULT_TOY}): {args.n} questions (seed {args.seed}); FLOPs in the papers' "
+              "convention on the toy model")
         print(format_table(result["rows"]))
         if result["sweep"]:
             print(f"sweep: each criterion on {result['sweep_shape']}'s schedule, its last stage keeping "
@@ -371,6 +377,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(format_comparisons(result["comparisons"]))
         print(f"plot: {args.plot}")
     return 0
+
+
+TOY_NAMES = list(TOYS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--recipe", default="transprune-high")
     run.add_argument("--override", nargs="*", default=[], help="dotted recipe overrides")
     run.add_argument("--seed", type=int, default=0, help="which generated question (toy model)")
+    run.add_argument("--toy", choices=TOY_NAMES, help=f"which built-in toy (default: {DEFAULT_TOY_NAME})")
     run.add_argument("--max-new-tokens", type=_int_at_least(1), default=32)
     run.add_argument("--out", default="prunekit_run.png", help="the PNG of kept tokens per stage")
     run.set_defaults(func=_cmd_run)
@@ -428,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plot", default="prunekit_eval.png", help="PNG of accuracy against FLOPs")
     evaluate.add_argument("--batch-size", type=_int_at_least(1), default=50, help="questions per forward pass")
     evaluate.add_argument("--weights", help="a toy model folder (default: the one in the package)")
+    evaluate.add_argument("--toy", choices=TOY_NAMES, help=f"which built-in toy (default: {DEFAULT_TOY_NAME})")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)
 

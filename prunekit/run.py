@@ -71,15 +71,18 @@ def overlay(image: Image.Image, report: Any, first_visual: int, n_visual: int, p
     return str(path)
 
 
-def run_toy(recipe: str, overrides=None, seed: int = 0, out: str | Path = "prunekit_run.png") -> RunResult:
-    """The built-in default: the trained toy LLaVA and a generated question."""
-    from prunekit.toy.model import load_toy
+def run_toy(recipe: str, overrides=None, seed: int = 0, out: str | Path = "prunekit_run.png",
+            toy: str | None = None) -> RunResult:
+    """The built-in default: the trained toy LLaVA (``toy``: a name of :data:`prunekit.toy.TOYS`) and a
+    generated question."""
+    from prunekit.toy import toy_parts
     from prunekit.toy.oracle import ground_truth
-    from prunekit.toy.task import GRID, ToyTask, prompt
 
-    model, processor = load_toy()
-    question = ToyTask(seed).question()
-    inputs = processor(images=[question.image], text=[prompt(question.question)], return_tensors="pt")
+    task, toy_model = toy_parts(toy)
+    GRID = task.GRID
+    model, processor = toy_model.load_toy()
+    question = task.ToyTask(seed).question()
+    inputs = processor(images=[question.image], text=[task.prompt(question.question)], return_tensors="pt")
     with torch.no_grad():
         answer = processor.tokenizer.convert_ids_to_tokens(int(model(**inputs).logits[0, -1].argmax()))
         with prunekit.apply(model, recipe, overrides) as pruner, ground_truth([question.relevant]):  # oracle only

@@ -133,3 +133,27 @@ def test_blind_pruning_hurts_and_the_oracle_keeps_the_answer():
     assert points["oracle@0.125"].flops_ratio == points["random@0.125"].flops_ratio  # matched FLOPs
     (comparison,) = result["comparisons"]
     assert comparison.verdict == "random@0.125 < oracle@0.125"
+
+
+def test_eval_and_run_pick_the_toy_by_name(tmp_path, capsys):
+    """``--toy llava`` evaluates the LLaVA-layout task on its own model folder (random weights here)."""
+    import json
+
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from prunekit.cli import main
+    from prunekit.toy.v2.model import build_config
+
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(build_config()).save_pretrained(tmp_path / "toy")
+    build_processor().save_pretrained(tmp_path / "toy")
+    code = main(["eval", "--toy", "llava", "--weights", str(tmp_path / "toy"), "--recipes", "fastv", "-n", "6",
+                 "--json", "--plot", str(tmp_path / "eval.png")])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and [row["recipe"] for row in result["rows"]] == ["none", "fastv"]
+    assert 0 <= result["rows"][1]["relevance_recall"] <= 1
+    assert main(["run", "--toy", "nonesuch"]) == 2
+    assert "invalid choice: 'nonesuch' (choose from 'question-first', 'llava')" in capsys.readouterr().err
+    assert main(["run", "--toy", "llava", "--model", "x", "--image", "y", "--prompt", "z"]) == 2
+    assert "--toy picks the built-in toy model; it does not go with --model" in capsys.readouterr().err
