@@ -4,9 +4,11 @@ valid, never a bare OmegaConf/YAML/TypeError and never a silent no-op."""
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import prunekit
 from prunekit.errors import PrunekitError, RecipeError
 from prunekit.recipe import check_stages, load_recipe
 
@@ -76,3 +78,56 @@ def test_any_override_either_loads_and_resolves_or_is_a_prunekit_error(overrides
         check_stages(recipe, 16)
     except PrunekitError:
         pass
+
+
+# ---- random prompts through a pruner: the right shape, or a PrunekitError; never an internal error ----
+
+_RECIPES = [("fastv", []), ("transprune-high", ["reference_depth=16"]), ("divprune", []),
+            ("visionzip-64", ["vision.count=12"]), ("sparsevlm-64", ["reference_depth=32"])]
+
+
+@st.composite
+def _prompts(draw):
+    """1-2 samples, each: text, then 0-2 images (side by side or a token apart), then text; left-padded."""
+    from conftest import SHAPE
+
+    samples = draw(st.integers(1, 2))
+    images = draw(st.integers(0, 2))  # the same count per sample: pixel_values are per image
+    apart = draw(st.booleans())
+    rows = []
+    for _ in range(samples):
+        prefix = draw(st.lists(st.integers(3, SHAPE.vocab_size - 2), min_size=1, max_size=5))
+        question = draw(st.lists(st.integers(3, SHAPE.vocab_size - 2), min_size=1, max_size=6))
+        prefix = [t for t in prefix if t != SHAPE.image_token_id] or [3]
+        question = [t for t in question if t != SHAPE.image_token_id] or [4]
+        visual = []
+        for i in range(images):
+            visual += [SHAPE.image_token_id] * SHAPE.visual_tokens + ([5] if apart and i + 1 < images else [])
+        rows.append([1, *prefix, *visual, *question])
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(samples, width, dtype=torch.long)
+    mask = torch.zeros(samples, width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    pixels = torch.randn(samples * images, 3, SHAPE.image_size, SHAPE.image_size,
+                         generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if images:
+        inputs["pixel_values"] = pixels
+    return inputs, images, draw(st.sampled_from(_RECIPES))
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=_prompts())
+def test_random_prompts_through_a_pruner_answer_or_say_why(llava32, case):
+    inputs, images, (recipe, overrides) = case
+    try:
+        with prunekit.apply(llava32, recipe, overrides) as pruner, torch.no_grad():
+            out = llava32.generate(**inputs, max_new_tokens=2, do_sample=False)
+    except PrunekitError as error:
+        assert images == 0 and "no visual tokens" in str(error)  # the one prompt a recipe cannot prune
+        return
+    assert images > 0 and out.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + 2)
+    report = pruner.last_report
+    assert report is not None and all((s.kept_counts >= 0).all() for s in report.stages)
