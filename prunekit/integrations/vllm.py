@@ -1,0 +1,404 @@
+"""Serve prunekit's stages before the language model in vLLM: a ``vllm.general_plugins`` plugin.
+
+vLLM runs the decoder on a paged KV cache that holds every prompt token at every layer, so it can
+serve the recipes that decide, from the image alone, a fixed number of tokens per image before
+layer 0: the processor then inserts that many placeholders and the model returns that many
+embeddings. Those recipes are
+
+* a ``vision:`` block (VisionZip, FasterVLM, VisPruner, ...): the same criteria and merger code as
+  prunekit's projector pre-hook, on captures of vLLM's CLIP tower (CLS attention, keys, hidden
+  states), before the projector;
+* a single decoder stage at layer 0 with compact positions, no merger, and criteria that read only
+  the projected visual tokens (DivPrune, ``similarity``, ``l2_norm``, ``random``): scored on the
+  projector's output.
+
+Anything else (a stage after layer 0, criteria that read the instruction or decoder attention, a
+merger in a decoder stage, ``positions: original``) is a :class:`NotServableError` naming why.
+
+The recipe comes from the model config key ``prunekit_recipe`` (``--hf-overrides``, with
+``prunekit_overrides``: a list of dotted overrides) or from the environment variables
+``PRUNEKIT_RECIPE`` / ``PRUNEKIT_RECIPE_OVERRIDES`` (``;``-separated). The plugin registers the
+architecture ``PrunekitLlavaForConditionalGeneration`` (LLaVA-1.5); with ``PRUNEKIT_RECIPE`` set it
+also serves every ``LlavaForConditionalGeneration`` checkpoint through it. ``PRUNEKIT_VLLM_RECORD``
+names a file that receives one JSON line per encoded image: its pixel fingerprint and kept patches.
+docs/serving.md has the commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.errors import PrunekitError, valid_list
+
+INSTALL_HINT = "pip install 'prunekit[vllm]'"
+ARCHITECTURE = "PrunekitLlavaForConditionalGeneration"
+RECIPE_ENV, OVERRIDES_ENV, RECORD_ENV = "PRUNEKIT_RECIPE", "PRUNEKIT_RECIPE_OVERRIDES", "PRUNEKIT_VLLM_RECORD"
+RECIPE_KEY, OVERRIDES_KEY = "prunekit_recipe", "prunekit_overrides"
+NO_PRUNING = "none"  # a recipe name that serves the model unpruned (a baseline with the same weight layout)
+
+# Decoder criteria that, at layer 0, read only the visual tokens' own hidden states (the projected features).
+# A third-party criterion joins by setting the class attribute ``image_only = True``.
+IMAGE_ONLY_CRITERIA = frozenset({"divprune", "similarity", "l2_norm", "random"})
+
+
+class MissingExtraError(PrunekitError, RuntimeError):
+    """An optional dependency of the feature asked for is not installed."""
+
+
+class NotServableError(PrunekitError, ValueError):
+    """A recipe that vLLM cannot run: it needs the text, decoder layers, or per-layer sequence lengths."""
+
+
+def require_vllm() -> None:
+    """Raise :class:`MissingExtraError` with the install command when vLLM is absent."""
+    try:
+        import vllm  # noqa: F401
+        import vllm.model_executor.models  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError(f"prunekit's vLLM plugin needs the vllm package, which is not installed or does "
+                                f"not import ({exc}); install it with: {INSTALL_HINT}") from None
+
+
+require_vllm()
+
+from prunekit.api import Combiner, Criterion, ForwardContext, Stage  # noqa: E402
+from prunekit.layout import TokenLayout  # noqa: E402
+from prunekit.probes import LayerInput, VisionAttention, VisionHidden, VisionKeys  # noqa: E402
+from prunekit.recipe import Recipe, VisionRecipe, collect_probes, load_recipe, resolve_stages  # noqa: E402
+from prunekit.scoring import score  # noqa: E402
+from prunekit.sequence import gather_tokens, select  # noqa: E402
+from prunekit.vision import vision_stage_tokens  # noqa: E402
+
+
+# -- which recipes vLLM can serve -----------------------------------------------------------------
+@dataclass(frozen=True)
+class ProjectedStage:
+    """A decoder stage at layer 0 whose criteria read only the projected visual tokens."""
+
+    criteria: dict[str, Criterion]
+    combiner: Combiner
+    stage: Stage
+    num_layers: int  # the decoder's depth, as the criteria see it
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """What the served model does to each image: a vision stage, a projected stage, or nothing."""
+
+    name: str
+    vision: VisionRecipe | None = None
+    projected: ProjectedStage | None = None
+
+    def tokens(self, patches: int) -> int:
+        """Placeholder tokens (and embeddings) one image of ``patches`` patches gets."""
+        if self.vision is not None:
+            kept, merged = vision_stage_tokens(self.vision, patches)
+            return kept + merged
+        if self.projected is not None:
+            return int(self.projected.stage.keep_counts(torch.tensor([patches]))[0])
+        return patches
+
+
+def _refuse(recipe: Recipe, why: str) -> NotServableError:
+    return NotServableError(f"recipe {recipe.name!r} cannot run in vLLM: {why}. vLLM serves recipes that decide a "
+                            "fixed number of tokens per image from the image alone: a 'vision:' block, or one "
+                            "stage at layer 0 (compact positions, no merger) with criteria among "
+                            f"{valid_list(sorted(IMAGE_ONLY_CRITERIA))} (docs/serving.md)")
+
+
+def plan_recipe(source: Any, overrides: Sequence[str] | None, num_layers: int, vision_layers: int) -> ServingPlan:
+    """The serving plan of a recipe (name, YAML path, dict or Recipe) for a decoder of ``num_layers`` layers and
+    a vision tower of ``vision_layers``; :class:`NotServableError` when vLLM cannot run it."""
+    if isinstance(source, str) and source == NO_PRUNING:
+        return ServingPlan(NO_PRUNING)
+    recipe = load_recipe(source, overrides)
+    if recipe.vision is not None and recipe.schedule is not None:
+        raise _refuse(recipe, "besides its vision block it has decoder stages (they prune inside the decoder, and "
+                              "vLLM's paged KV cache keeps every prompt token at every layer)")
+    if recipe.vision is not None:
+        collect_probes(recipe.vision.parts(), (0,), vision_layers, "vision", f"recipe {recipe.name!r}, vision")
+        return ServingPlan(recipe.name, vision=recipe.vision)
+    stages = resolve_stages(recipe, num_layers)
+    if len(stages) != 1 or stages[0].layer != 0:
+        raise _refuse(recipe, f"its stages prune before decoder layers {[s.layer for s in stages]}, not once before "
+                              "layer 0 (vLLM's paged KV cache keeps every prompt token at every layer)")
+    if recipe.merger is not None:
+        raise _refuse(recipe, f"its decoder stage merges dropped tokens ({type(recipe.merger).__name__}); the "
+                              "plugin runs mergers only in a 'vision:' block")
+    if recipe.positions != "compact":
+        raise _refuse(recipe, f"positions {recipe.positions!r} keeps gaps in the positions of the kept tokens; "
+                              "vLLM numbers the prompt's placeholders contiguously (use positions: compact)")
+    for key, criterion in recipe.criteria.items():
+        if criterion.name not in IMAGE_ONLY_CRITERIA and not getattr(criterion, "image_only", False):
+            probes = list(criterion.probes((0,), num_layers))
+            reads = ", ".join(str(p) for p in probes) or "the instruction or the layout"
+            raise _refuse(recipe, f"criterion {key!r} ({criterion.name!r}) reads {reads}: the text or the decoder, "
+                                  "which the image encoder does not see")
+        for probe in criterion.probes((0,), num_layers):
+            if probe != LayerInput(layer=0):
+                raise _refuse(recipe, f"criterion {key!r} ({criterion.name!r}) reads {probe}, not only the "
+                                      "projected visual tokens entering layer 0")
+    projected = ProjectedStage(dict(recipe.criteria), recipe.combiner, stages[0], num_layers)
+    return ServingPlan(recipe.name, projected=projected)
+
+
+def recipe_source(config: Any) -> tuple[str, list[str]] | None:
+    """The recipe and overrides a model config (``prunekit_recipe``) or the environment names; None if neither."""
+    name = getattr(config, RECIPE_KEY, None)
+    overrides: Any = getattr(config, OVERRIDES_KEY, None)
+    if name is None:
+        name = os.environ.get(RECIPE_ENV) or None
+        overrides = [o for o in os.environ.get(OVERRIDES_ENV, "").split(";") if o.strip()]
+    if name is None:
+        return None
+    if isinstance(overrides, str):
+        overrides = [o for o in overrides.split(";") if o.strip()]
+    if overrides is not None and not (isinstance(overrides, (list, tuple))
+                                      and all(isinstance(o, str) for o in overrides)):
+        raise PrunekitError(f"{OVERRIDES_KEY} must be a list of 'dotted.key=value' strings, got {overrides!r}")
+    return str(name), list(overrides or [])
+
+
+def plan_for_config(config: Any) -> ServingPlan:
+    """The serving plan a LLaVA config asks for (``prunekit_recipe`` or ``PRUNEKIT_RECIPE``)."""
+    named = recipe_source(config)
+    if named is None:
+        raise PrunekitError(f"{ARCHITECTURE} needs a recipe: set the model config key {RECIPE_KEY!r} "
+                            f"(--hf-overrides '{{\"{RECIPE_KEY}\": \"visionzip-64\"}}') or the environment variable "
+                            f"{RECIPE_ENV}; {NO_PRUNING!r} serves the model unpruned")
+    return plan_recipe(named[0], named[1], config.text_config.num_hidden_layers,
+                       config.vision_config.num_hidden_layers)
+
+
+# -- pruning one batch of images ------------------------------------------------------------------
+def prune_before_projector(vision: VisionRecipe, features: Tensor, captures: dict) -> tuple[Tensor, Tensor]:
+    """Prune (and merge) each image's features before the projector, as prunekit's projector pre-hook.
+
+    features: ``[n_images, patches, dim]`` (the tower's selected layer, CLS dropped); captures: the vision
+    probes of this batch. Returns the features the projector gets ``[n_images, t, dim]`` and the kept patch
+    indices ``[n_images, kept]`` (ascending).
+    """
+    n_images, patches, _ = features.shape
+    kept, merged = vision_stage_tokens(vision, patches)
+    index = torch.arange(patches, device=features.device).expand(n_images, patches)
+    if kept == patches:
+        return features, index
+    ones = torch.ones(n_images, patches, dtype=torch.bool, device=features.device)
+    layout = TokenLayout(visual=ones, instruction=~ones, valid=ones, original_index=index.clone(),
+                         image_index=torch.zeros_like(index))
+    ctx = ForwardContext(layout=layout, stage_layers=(0,), num_layers=1, stage=0, captures=captures)
+    counts = torch.full((n_images,), kept, dtype=torch.long, device=features.device)
+    ctx.keep_counts = counts
+    combined = score(vision.criteria, vision.combiner, ctx)  # [n_images, patches]
+    selection = select(combined, ones, counts)  # index [n_images, kept], in patch order
+    out = gather_tokens(features, selection.index)  # [n_images, kept, dim]
+    if vision.merger is not None:
+        extra, valid = vision.merger.merge(features, selection.dropped, combined, ctx)  # [n_images, merged, dim]
+        if extra.shape[1] != merged or not bool(valid.all()):
+            raise PrunekitError(f"vision.merge: {type(vision.merger).__name__} made {extra.shape[1]} tokens per "
+                                f"image, its count() promised {merged}")
+        lead = vision.merger.lead
+        out = torch.cat([extra[:, :lead].to(out.dtype), out, extra[:, lead:].to(out.dtype)], dim=1)
+    return out, selection.index
+
+
+def prune_projected(stage: ProjectedStage, projected: Tensor) -> tuple[Tensor, Tensor]:
+    """Keep each image's best projected tokens, as a prunekit stage before decoder layer 0 does for one image.
+
+    projected: ``[n_images, patches, hidden]``. Returns ``[n_images, kept, hidden]`` and the kept indices.
+    """
+    n_images, patches, _ = projected.shape
+    ones = torch.ones(n_images, patches, dtype=torch.bool, device=projected.device)
+    index = torch.arange(patches, device=projected.device).expand(n_images, patches)
+    layout = TokenLayout(visual=ones, instruction=~ones, valid=ones, original_index=index.clone(),
+                         image_index=torch.zeros_like(index))
+    ctx = ForwardContext(layout=layout, stage_layers=(0,), num_layers=stage.num_layers, stage=0)
+    with torch.no_grad():
+        for criterion in stage.criteria.values():
+            for probe in criterion.probes((0,), stage.num_layers):
+                criterion.observe(ctx, probe, projected, None)
+    counts = stage.stage.keep_counts(torch.full((n_images,), patches, dtype=torch.long, device=projected.device))
+    ctx.keep_counts = counts
+    combined = score(stage.criteria, stage.combiner, ctx)  # [n_images, patches]
+    selection = select(combined, ones, counts)
+    return gather_tokens(projected, selection.index), selection.index
+
+
+# -- captures of vLLM's CLIP tower -------------------------------------------------------------------
+@contextlib.contextmanager
+def capture_vision(tower: nn.Module, probes: Sequence[Any], depth: int) -> Iterator[dict]:
+    """Forward hooks on vLLM's CLIP encoder layers that fill a ``{probe: tensor}`` dict, as prunekit's vision
+    probes do in transformers; removed on exit (also after an exception).
+
+    ``depth`` is the tower's configured layer count: negative probe layers count from it, as in transformers
+    (vLLM builds the tower only up to LLaVA's feature layer).
+    """
+    layers = tower.vision_model.encoder.layers
+    captures: dict = {}
+    handles = []
+    try:
+        for probe in dict.fromkeys(probes):
+            layer = probe.layer % depth
+            if layer >= len(layers):
+                raise NotServableError(f"{probe} reads vision layer {layer} of {depth}, but vLLM builds the tower only "
+                                       f"up to LLaVA's feature layer ({len(layers)} layers)")
+            if isinstance(probe, VisionHidden):
+                handles.append(layers[layer].register_forward_hook(_store_hidden(captures, probe)))
+                continue
+            attention = layers[layer].self_attn
+            if attention.num_heads_per_partition != attention.num_heads:
+                raise NotServableError(f"{probe} needs all {attention.num_heads} heads of vision layer {layer}, but "
+                                       f"tensor parallelism splits them; run the tower unsplit "
+                                       f"(mm_encoder_tp_mode='data')")
+            handles.append(attention.qkv_proj.register_forward_hook(_store_attention(captures, probe, attention)))
+        yield captures
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _store_hidden(captures: dict, probe: VisionHidden):
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        captures[probe] = (output[0] if isinstance(output, tuple) else output).detach()  # [n_images, tokens, dim]
+    return hook
+
+
+def _store_attention(captures: dict, probe: Any, attention: nn.Module):
+    heads, head_dim, scale = attention.num_heads, attention.head_dim, attention.scale
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        qkv = output[0] if isinstance(output, tuple) else output  # [n_images, tokens, 3 * heads * head_dim]
+        n_images, tokens, _ = qkv.shape
+        query, key, _ = (part.reshape(n_images, tokens, heads, head_dim).transpose(1, 2)
+                         for part in qkv.chunk(3, dim=-1))  # [n_images, heads, tokens, head_dim] each
+        with torch.no_grad():
+            if isinstance(probe, VisionKeys):
+                captures[probe] = key.mean(dim=1)  # [n_images, tokens, head_dim]
+            else:
+                assert isinstance(probe, VisionAttention)
+                q = query[:, :, probe.query: probe.query + 1].float()  # [n_images, heads, 1, head_dim]
+                logits = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # [n_images, heads, 1, tokens]
+                captures[probe] = torch.softmax(logits, dim=-1)[:, :, 0].mean(dim=1)  # [n_images, tokens]
+    return hook
+
+
+# -- the record of kept patches ------------------------------------------------------------------------
+_RECORD_LOCK = threading.Lock()
+
+
+def pixel_fingerprint(pixels: Tensor) -> str:
+    """A short hash of one image's pixel values ``[3, h, w]`` (rounded to 1e-4, so both processes agree)."""
+    rounded = torch.round(pixels.detach().float().cpu() * 1e4).to(torch.int64).contiguous()
+    return hashlib.sha1(rounded.numpy().tobytes()).hexdigest()[:16]
+
+
+def _record(pixels: Tensor, kept: Tensor, plan: ServingPlan) -> None:
+    path = os.environ.get(RECORD_ENV)
+    if not path:
+        return
+    lines = [json.dumps({"recipe": plan.name, "image": pixel_fingerprint(p), "kept": k.tolist()})
+             for p, k in zip(pixels, kept)]
+    with _RECORD_LOCK, open(path, "a", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+# -- the vLLM model and processor ---------------------------------------------------------------------
+# Checkpoints saved by transformers' LlavaForConditionalGeneration with a bare CLIP vision transformer as
+# the tower (prunekit's toy) name it ``vision_tower.embeddings...``; vLLM's CLIPVisionModel nests it.
+TOWER_PREFIXES = {f"vision_tower.{part}.": f"vision_tower.vision_model.{part}."
+                  for part in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")}
+
+
+def _build_classes() -> dict[str, type]:
+    """The vLLM classes; built on first use so that loading the plugin imports no model code."""
+    from vllm.model_executor.models import llava
+    from vllm.model_executor.models.utils import WeightsMapper
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    class PrunekitLlavaProcessingInfo(llava.LlavaProcessingInfo):
+        """LLaVA-1.5's processing with the recipe's token count per image."""
+
+        def serving_plan(self) -> ServingPlan:
+            return plan_for_config(self.get_hf_config())
+
+        def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+            patches = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+            return self.serving_plan().tokens(patches)
+
+    @MULTIMODAL_REGISTRY.register_processor(llava._build_llava_or_pixtral_hf_processor,
+                                            info=PrunekitLlavaProcessingInfo,
+                                            dummy_inputs=llava.LlavaDummyInputsBuilder)
+    class PrunekitLlavaForConditionalGeneration(llava.LlavaForConditionalGeneration):
+        """vLLM's LLaVA-1.5 whose image features are pruned by a prunekit recipe before the language model."""
+
+        hf_to_vllm_mapper = llava.LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
+            orig_to_new_prefix=TOWER_PREFIXES)
+
+        def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+            config = vllm_config.model_config.hf_config
+            if config.vision_config.model_type != "clip_vision_model":
+                raise NotServableError(f"{ARCHITECTURE} prunes LLaVA-1.5 with a CLIP tower; this checkpoint's tower "
+                                       f"is {config.vision_config.model_type!r}")
+            if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+                raise NotServableError(
+                    f"{ARCHITECTURE} needs one vision feature layer and the 'default' strategy (CLS dropped); got "
+                    f"layer {config.vision_feature_layer!r}, strategy {config.vision_feature_select_strategy!r}")
+            self.serving_plan = plan_for_config(config)  # refuses a recipe vLLM cannot run before any weight loads
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            vision = self.serving_plan.vision
+            self.vision_probes = [probe for _, probe in collect_probes(
+                vision.parts(), (0,), config.vision_config.num_hidden_layers, "vision", "vision")] if vision else []
+
+        def _process_image_input(self, image_input: Mapping[str, Any]) -> Tensor | tuple[Tensor, ...]:
+            if image_input["type"] != "pixel_values":  # precomputed embeddings: their length is their own
+                return super()._process_image_input(image_input)
+            plan, pixels = self.serving_plan, image_input["pixel_values"]
+            depth = self.config.vision_config.num_hidden_layers
+            with capture_vision(self.vision_tower, self.vision_probes, depth) as captures:
+                features = self._image_pixels_to_features(self.vision_tower, pixels)  # [n_images, patches, dim]
+            kept = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
+            if plan.vision is not None:
+                features, kept = prune_before_projector(plan.vision, features, captures)
+            projected = self.multi_modal_projector(features)  # [n_images, t, hidden]
+            if plan.projected is not None:
+                projected, kept = prune_projected(plan.projected, projected)
+            _record(pixels, kept, plan)
+            return projected
+
+    return {"PrunekitLlavaProcessingInfo": PrunekitLlavaProcessingInfo,
+            ARCHITECTURE: PrunekitLlavaForConditionalGeneration}
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name in (ARCHITECTURE, "PrunekitLlavaProcessingInfo"):
+        if not _CLASSES:
+            _CLASSES.update(_build_classes())
+        return _CLASSES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: register prunekit's LLaVA architecture in this process.
+
+    With ``PRUNEKIT_RECIPE`` set, ``LlavaForConditionalGeneration`` checkpoints run through it too.
+    """
+    from vllm import ModelRegistry
+
+    target = f"{__name__}:{ARCHITECTURE}"
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, target)
+    if os.environ.get(RECIPE_ENV):
+        ModelRegistry.register_model("LlavaForConditionalGeneration", target)
