@@ -50,7 +50,7 @@ from prunekit.recipe import (
 )
 from prunekit.record import CacheRecord, Decode, Prefill, Running, max_position
 from prunekit.report import PruneReport, StageReport, build_report
-from prunekit.step import decode_layer_kwargs, prefill_layer_kwargs, prune
+from prunekit.step import decode_layer_kwargs, decode_step_kwargs, prefill_layer_kwargs, prune
 from prunekit.vision import VisionPruner, rewrite_decode_kwargs
 
 
@@ -60,7 +60,8 @@ class Clock:
     ``seconds`` splits each prefill's work into :attr:`PARTS`; ``total`` is their sum. Decode
     steps on a pruned cache are timed apart: ``decode_seconds`` is the wall time spent inside
     prunekit's hooks during ``decode_steps`` steps (the model, stack and layer hooks and the
-    attention tap), so ``per_decode_step`` is what the hooks add to one step.
+    attention tap), so ``per_decode_step`` is what the hooks add to one step; ``decode_build_seconds``
+    is the part of it spent in the adapter building each stage's mask and position embeddings.
     """
 
     PARTS = ("probes", "attention rows", "scoring", "selection", "stage inputs")
@@ -68,6 +69,7 @@ class Clock:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {part: 0.0 for part in self.PARTS}
         self.decode_seconds = 0.0
+        self.decode_build_seconds = 0.0
         self.decode_steps = 0
 
     @contextmanager
@@ -160,6 +162,12 @@ class Pruner:
                                 for i in range(self.num_layers)]
         # (stage, layer kind) of every layer: the layers of one key share a decode step's inputs
         self._decode_key = [(stage, self.adapter.layer_kind(model, i)) for i, stage in enumerate(self._stage_of_layer)]
+        self._decode_groups: dict[tuple[int, str], int] = {}  # key -> its first layer, in layer order
+        for i, key in enumerate(self._decode_key):
+            if key[0] >= 0:
+                self._decode_groups.setdefault(key, i)
+        # optional: an adapter that builds every group's inputs of a decode step in one call (sharing rotary work)
+        self._build_step = getattr(self.adapter, "step_kwargs", None)
 
     @property
     def last_report(self) -> PruneReport | None:
@@ -429,8 +437,15 @@ class Pruner:
             if type(forward) is Decode:
                 prebuilt = forward.layer_kwargs.get(key)
                 if prebuilt is None:
-                    prebuilt = decode_layer_kwargs(forward, adapter, model, key, layer_idx,
-                                                   adapter.layer_input(args, kwargs))
+                    start = time.perf_counter()
+                    hidden = adapter.layer_input(args, kwargs)
+                    if self._build_step is not None:  # every group at once, at the step's first hooked layer
+                        decode_step_kwargs(forward, self._build_step, model, self._decode_groups, hidden)
+                        prebuilt = forward.layer_kwargs[key]
+                    else:
+                        prebuilt = decode_layer_kwargs(forward, adapter, model, key, layer_idx, hidden)
+                    if self.clock is not None:
+                        self.clock.decode_build_seconds += time.perf_counter() - start
                 kwargs.update(prebuilt)
                 return args, kwargs
             if isinstance(forward, Prefill) and forward.records:

@@ -9,12 +9,14 @@ once per layer kind (per forward, or per decode step).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from prunekit.api import Adapter, Stage
+from prunekit.errors import AdapterError
 from prunekit.layout import last_index
 from prunekit.recipe import Recipe
 from prunekit.record import Decode, Prefill, StageRecord, max_position
@@ -93,15 +95,33 @@ def prefill_layer_kwargs(prefill: Prefill, adapter: Adapter, model: nn.Module, l
     return prefill.layer_kwargs[kind]
 
 
+def _decode_inputs(decode: Decode, key: tuple[int, str]) -> tuple[Tensor, Tensor]:
+    """The 2D mask [batch, seq_s + decoded + q] and positions [components, batch, q] of ``key``'s stage."""
+    record = decode.cached.records[key[0]]
+    mask_2d = torch.cat([record.valid, decode.mask_2d[:, decode.cached.prompt_length:]], dim=1)
+    return mask_2d, decode.positions - record.shift[None, :, None]
+
+
 def decode_layer_kwargs(decode: Decode, adapter: Adapter, model: nn.Module, key: tuple[int, str], layer_idx: int,
                         hidden: Tensor) -> dict[str, Any]:
     """A decode step's keyword arguments for the layers of ``key`` = (stage, layer kind), built at the
     key's first layer ``layer_idx`` and kept in ``decode.layer_kwargs`` for the others: the mask over
     that stage's cached slots plus the decoded tokens, positions shifted by what the stage removed."""
-    record = decode.cached.records[key[0]]
-    prompt = decode.cached.prompt_length
-    mask_2d = torch.cat([record.valid, decode.mask_2d[:, prompt:]], dim=1)  # [batch, seq_s + decoded + q]
-    positions = decode.positions - record.shift[None, :, None]  # [components, batch, q]
+    mask_2d, positions = _decode_inputs(decode, key)
     built = adapter.stage_kwargs(model, hidden, mask_2d, positions, decode.cache, layer_idx)
     decode.layer_kwargs[key] = built
     return built
+
+
+def decode_step_kwargs(decode: Decode, build_step: Callable[..., list[dict[str, Any]]], model: nn.Module,
+                       groups: Mapping[tuple[int, str], int], hidden: Tensor) -> None:
+    """Every key's keyword arguments of one decode step in one call of an adapter's optional
+    ``step_kwargs(model, hidden, masks_2d, positions, cache, layer_idxs)``, which returns, per key in
+    order, what ``stage_kwargs`` would for that key's first layer (``groups``: key -> first layer)."""
+    inputs = [_decode_inputs(decode, key) for key in groups]
+    built = build_step(model, hidden, [mask for mask, _ in inputs], [positions for _, positions in inputs],
+                       decode.cache, list(groups.values()))
+    if len(built) != len(groups):
+        raise AdapterError(f"step_kwargs returned {len(built)} sets of layer inputs for {len(groups)} groups of "
+                           f"layers {dict(groups)}; it must return one per group, in order")
+    decode.layer_kwargs.update(zip(groups, built))

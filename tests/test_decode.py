@@ -167,3 +167,54 @@ def test_a_prepared_4d_mask_is_refused_with_its_shape(model):
     with prunekit.apply(model, "fastv"), torch.no_grad():
         with pytest.raises(LayoutError, match=r"shape \(1, 1, %d, %d\)" % (seq, seq)):
             model(**inputs)
+
+
+def _llama_step_kwargs(model):
+    """An adapter-side ``step_kwargs`` for a Llama decoder written out by hand: one rotary call over the
+    groups' positions stacked along the batch, one causal mask per group (the reference is stage_kwargs)."""
+    from transformers.masking_utils import create_causal_mask
+
+    from prunekit.compat import MASK_CACHE_KWARG
+
+    calls = []
+
+    def step_kwargs(model_, hidden, masks_2d, positions, cache, layer_idxs):
+        calls.append(list(layer_idxs))
+        decoder = model_.model.language_model
+        text = torch.cat([p[0] for p in positions])  # [groups * batch, q]
+        cos, sin = decoder.rotary_emb(hidden, text)
+        batch = hidden.shape[0]
+        out = []
+        for g, (mask_2d, p, layer) in enumerate(zip(masks_2d, positions, layer_idxs)):
+            mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=mask_2d,
+                                      **{MASK_CACHE_KWARG: cache}, position_ids=p[0], layer_idx=layer)
+            rows = slice(g * batch, (g + 1) * batch)
+            out.append({"attention_mask": mask, "position_ids": p[0], "position_embeddings": (cos[rows], sin[rows])})
+        return out
+
+    return step_kwargs, calls
+
+
+def test_an_adapter_step_kwargs_builds_every_stage_in_one_call_and_decodes_as_stage_kwargs(model, monkeypatch):
+    inputs = llava_inputs(SHAPE, batch=3, seed=8)
+    with prunekit.apply(model, "transprune-high"):
+        reference = _generate(model, inputs, 5, return_dict_in_generate=True, output_logits=True)
+    with prunekit.apply(model, "transprune-high") as probe:
+        adapter = probe.adapter
+    step_kwargs, calls = _llama_step_kwargs(model)
+    monkeypatch.setattr(adapter, "step_kwargs", step_kwargs, raising=False)
+    with prunekit.apply(model, "transprune-high") as pruner:
+        out = _generate(model, inputs, 5, return_dict_in_generate=True, output_logits=True)
+    assert calls == [list(pruner.stage_layers)] * 4  # once per decode step, every stage's first layer
+    assert torch.equal(out.sequences, reference.sequences)
+    for a, b in zip(out.logits, reference.logits):
+        assert torch.equal(a, b)
+
+
+def test_an_adapter_step_kwargs_returning_the_wrong_count_is_named(model, monkeypatch):
+    inputs = llava_inputs(SHAPE, batch=1, seed=8)
+    with prunekit.apply(model, "fastv") as probe:
+        adapter = probe.adapter
+    monkeypatch.setattr(adapter, "step_kwargs", lambda *args: [], raising=False)
+    with prunekit.apply(model, "fastv"), pytest.raises(prunekit.errors.AdapterError, match="returned 0 sets"):
+        _generate(model, inputs, 3)
