@@ -39,13 +39,15 @@ def dpp_greedy_order(kernel: Tensor, valid: Tensor, picks: int) -> Tensor:
 
     kernel: ``[batch, n, n]`` positive semi-definite, valid: ``[batch, n]``. Each step picks the token
     with the largest remaining conditional variance ``d_j^2`` (first index on ties), then updates
-    ``e = (L_j - sum_t c_t[j] c_t) / d_j`` and ``d^2 -= e^2``. Once the kernel's rank is used up
-    (``d_j^2 <= 0``) a pick adds no direction (``e = 0``) and the next picks follow the remaining
-    variances. Slots past a sample's valid count are -1.
+    ``e = (L_j - sum_t c_t[j] c_t) / d_j`` and ``d^2 -= e^2``. Variances at or below ``1e-9`` of the
+    sample's largest diagonal entry count as 0: once the kernel's rank is used up (more picks than
+    its rank) a pick adds no direction (``e = 0``) and the remaining picks go in index order, the
+    same alone or in any batch. Slots past a sample's valid count are -1.
     """
     batch, n, _ = kernel.shape
     rows = torch.arange(batch, device=kernel.device)
     gain = torch.diagonal(kernel, dim1=1, dim2=2).clone().masked_fill(~valid, float("-inf"))  # [batch, n]
+    tolerance = 1e-9 * gain.masked_fill(~valid, 0).amax(dim=1, keepdim=True)  # [batch, 1]
     directions = kernel.new_zeros(picks, batch, n)  # c_t for each pick t
     chosen = torch.full((batch, picks), -1, dtype=torch.long, device=kernel.device)
     for step in range(picks):
@@ -53,10 +55,11 @@ def dpp_greedy_order(kernel: Tensor, valid: Tensor, picks: int) -> Tensor:
         best = gain[rows, j]
         chosen[:, step] = torch.where(best > float("-inf"), j, -1)
         projection = torch.einsum("tb,tbn->bn", directions[:step, rows, j], directions[:step])  # [batch, n]
-        scale = torch.where(best > 0, best, torch.ones_like(best)).sqrt()
+        scale = torch.where(best > 0, best, torch.ones_like(best)).sqrt()  # best > 0 means above the tolerance
         e = torch.where((best > 0)[:, None], (kernel[rows, j] - projection) / scale[:, None], 0.0)
         directions[step] = e
         gain = gain - e * e
+        gain = torch.where((gain > tolerance) | torch.isinf(gain), gain, torch.zeros_like(gain))  # noise -> 0
         gain[rows, j] = float("-inf")
     return chosen
 

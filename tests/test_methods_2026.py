@@ -230,3 +230,22 @@ def test_tome_equals_the_bare_model_on_a_hand_merged_prompt(llava576, name, targ
             logits = llava576(**inputs).logits
     assert pruner.last_report[0].merged_counts.tolist() == [target]
     torch.testing.assert_close(logits[0, -1], expected[0, -1], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["cdpruner-64", "tome-64"])
+def test_a_sample_gets_the_same_tokens_alone_or_in_a_padded_batch(llava576, name):
+    """Relevance is normalised per sample (not over the batch) and merging is per image."""
+    from conftest import unpad
+
+    inputs = _inputs(batch=2, seed=17)
+    assert not bool(inputs["attention_mask"].all())  # the batch is padded
+    with prunekit.apply(llava576, name) as pruner, torch.no_grad():
+        batched = llava576(**inputs).logits[:, -1]
+        report = pruner.last_report
+        for row in range(2):
+            alone = llava576(**unpad(inputs, row)).logits[0, -1]
+            torch.testing.assert_close(batched[row], alone, rtol=1e-5, atol=1e-5)  # padded sdpa noise
+            kept_alone = pruner.last_report[0].kept[0]
+            pad = int((inputs["attention_mask"][row] == 0).sum())
+            kept = report[0].kept[row]
+            assert (kept[kept >= 0] - pad).tolist() == kept_alone[kept_alone >= 0].tolist()
