@@ -168,3 +168,17 @@ def test_a_decoder_with_linear_attention_layers_is_refused_naming_the_layer_kind
     first = config.text_config.layer_types.index("linear_attention")
     assert main(["doctor", str(tmp_path)]) == 1
     assert f"decoder layer {first} is a 'linear_attention' layer" in capsys.readouterr().out
+
+
+def test_the_gemma3n_reason_still_holds():
+    """Gemma 3n's row says no tiny model can be built from config classes: its vision tower needs timm."""
+    if not hasattr(transformers, "Gemma3nConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 3n")
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.fail("timm is installed: build a tiny Gemma 3n and test it in the matrix (then update its row)")
+    with torch.device("meta"), pytest.raises(ImportError, match="timm"):
+        transformers.Gemma3nForConditionalGeneration(transformers.Gemma3nConfig())
