@@ -20,30 +20,25 @@ import math
 import os
 import socket
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from prunekit.errors import PrunekitError
 from prunekit.tune_space import Space, check_budget
-from prunekit.tune_storage import HEARTBEAT, open_storage, shown_url  # noqa: F401 (re-exported)
+from prunekit.tune_storage import (  # noqa: F401 (re-exported)
+    HEARTBEAT,
+    INSTALL_HINT,
+    accuracy,
+    flops_ratio,
+    open_storage,
+    recipe_of,
+    require_optuna,
+    shown_url,
+)
 
-INSTALL_HINT = "pip install 'prunekit[tune]'"
 DEFAULT_STORAGE = "sqlite:///prunekit-tune.db"
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which worker sampled a trial (in its user attributes)
 CLAIM_WAIT = 60.0  # seconds a trial waits for earlier trials to say whether they fit the budget
-
-
-def require_optuna():
-    """Optuna, or a :class:`PrunekitError` with the install command."""
-    try:
-        import optuna
-    except ImportError as exc:
-        raise PrunekitError(f"prunekit tune needs Optuna, which is not installed ({exc}); install it with: "
-                            f"{INSTALL_HINT}") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return optuna
 
 
 # ---- the study --------------------------------------------------------------------------------
@@ -183,18 +178,6 @@ def best_trial(study: Any) -> Any:
     return max(trials, key=lambda t: (accuracy(t), -flops_ratio(t), -t.number))
 
 
-def accuracy(trial: Any) -> float:
-    return trial.user_attrs["scored"]["accuracy"]
-
-
-def flops_ratio(trial: Any) -> float:
-    return trial.user_attrs["candidate"]["flops_ratio"]
-
-
-def recipe_of(trial: Any) -> dict:
-    return trial.user_attrs["candidate"]["recipe"]
-
-
 def run_study(config: TuneConfig, space: Space, task: Any, name: str) -> Any:
     """Run (or resume, or join) the study until it holds ``config.trials`` completed trials."""
     import optuna
@@ -298,7 +281,7 @@ def resolve_budget(budget: float | str, recipe: str, task: Any) -> float:
 
 def add_tune_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``tune`` subcommand."""
-    from prunekit.cli import _int_at_least
+    from prunekit.cli_checks import int_at_least as _int_at_least
 
     tune_parser = subparsers.add_parser(
         "tune", help="search a recipe's schedule and parameters for a model under a FLOPs budget (Optuna)")
@@ -348,7 +331,7 @@ def add_tune_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from prunekit.cli import check_writable
+    from prunekit.cli_checks import check_writable
     from prunekit.tune_report import format_report, to_json
     from prunekit.tune_tasks import make_task
 

@@ -26,7 +26,7 @@ def heldout_check(space: Any, task: Any, best: Any, seed: int = 0) -> dict[str, 
     schedule scaled to the budget and no pruning, each with a 95% bootstrap interval; paired
     comparisons of the tuned recipe with the two base rows."""
     base = space.recipe.name
-    from prunekit.tune import recipe_of
+    from prunekit.tune_storage import recipe_of
 
     jobs: list[tuple[str, dict | None, str]] = [("tuned", recipe_of(best), "")]
     jobs.append((base, space.config, "the base recipe as published"))
@@ -99,7 +99,7 @@ def pareto_front(points: Sequence[dict]) -> list[dict]:
 def summarise(config: Any, space: Any, task: Any, study: Any, best: Any, heldout: dict | None) -> dict[str, Any]:
     import optuna
 
-    from prunekit.tune import accuracy, flops_ratio, recipe_of, shown_url
+    from prunekit.tune_storage import accuracy, flops_ratio, recipe_of, shown_url
 
     state = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False)

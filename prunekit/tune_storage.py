@@ -9,11 +9,38 @@ share one file never both take one waiting trial.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 from prunekit.errors import PrunekitError
 
 HEARTBEAT = 10  # seconds between a running trial's heartbeats; a trial silent for 3x this is failed and retried
+INSTALL_HINT = "pip install 'prunekit[tune]'"
+
+
+def require_optuna():
+    """Optuna, or a :class:`PrunekitError` with the install command."""
+    try:
+        import optuna
+    except ImportError as exc:
+        raise PrunekitError(f"prunekit tune needs Optuna, which is not installed ({exc}); install it with: "
+                            f"{INSTALL_HINT}") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+# ---- what a completed trial holds (user attributes written by the objective) ----
+def accuracy(trial: Any) -> float:
+    return trial.user_attrs["scored"]["accuracy"]
+
+
+def flops_ratio(trial: Any) -> float:
+    return trial.user_attrs["candidate"]["flops_ratio"]
+
+
+def recipe_of(trial: Any) -> dict:
+    return trial.user_attrs["candidate"]["recipe"]
 
 
 def shown_url(url: str) -> str:
@@ -29,8 +56,6 @@ def shown_url(url: str) -> str:
 def open_storage(url: str, heartbeat: int = HEARTBEAT) -> Any:
     """An Optuna storage for ``url``: an SQLAlchemy URL (``sqlite:///file.db``, ``postgresql://...``,
     ``mysql://...``) or ``journal:PATH`` (a journal file). Unreachable or malformed: a PrunekitError."""
-    from prunekit.tune import require_optuna
-
     optuna = require_optuna()
     valid = "valid: sqlite:///PATH, postgresql://USER@HOST/DB, mysql://..., journal:PATH"
     if url.startswith("journal:"):

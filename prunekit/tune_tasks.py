@@ -46,7 +46,7 @@ class Task:
 def load_model(source: str | None) -> tuple[Any, Any, Any, str]:
     """(model, processor, prompt builder ``(processor, question) -> text``, label) for ``toy``,
     ``toy:FOLDER`` or a model folder / hub id."""
-    from prunekit.cli import check_model_source, loading
+    from prunekit.cli_checks import check_model_source, loading
 
     source = source or TOY
     if source == TOY or source.startswith(f"{TOY}:"):
@@ -97,7 +97,7 @@ class ToyTask(Task):
                  batch_size: int = 50, toy: str = "toy") -> None:
         import importlib
 
-        from prunekit.cli import check_model_source, loading
+        from prunekit.cli_checks import check_model_source, loading
         from prunekit.toy.evaluate import _batches
 
         if seed == heldout_seed:

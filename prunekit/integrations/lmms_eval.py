@@ -71,7 +71,7 @@ class PrunekitLMM(lmms):
             raise PrunekitError(f"unknown prunekit model_args {valid_list(unknown)}; valid: "
                                 f"{valid_list(['pretrained', 'recipe', 'overrides', 'device', 'dtype', 'attn_implementation', 'batch_size', 'max_new_tokens'])}")
         import prunekit
-        from prunekit.cli import DTYPES, best_attention
+        from prunekit.cli_checks import DTYPES, best_attention
 
         self.accelerator = _accelerator()
         if self.accelerator is not None and self.accelerator.num_processes > 1:
