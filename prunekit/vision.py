@@ -237,6 +237,8 @@ def original_positions(rewrite: PromptRewrite, shortened_visual: Tensor, vision:
         return origin
     lead = vision.lead  # merged tokens before the kept patches in each image run
     kept = vision.kept_patches.shape[1]
+    if kept == 0:  # a stage that keeps no patch by score: every image token is a merged one
+        return torch.where(shortened_visual, torch.full_like(origin, -1), origin)
     n_images, n_runs = len(rewrite.image_starts), int(run_starts(shortened_visual).sum())
     per_image = None  # adjacent images: every image of a LLaVA prompt has the same shortened length
     if n_images > n_runs and int(shortened_visual.sum()) % n_images == 0:

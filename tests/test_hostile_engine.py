@@ -301,3 +301,19 @@ def test_changing_the_attention_implementation_while_pruning_is_named(llava32):
         finally:
             llava32.set_attn_implementation("sdpa")
     assert llava32.config._attn_implementation == "sdpa"
+
+
+def test_a_vision_stage_that_keeps_no_patch_by_score_reports_merged_tokens_only(llava32):
+    """``count: 0`` with a merger: every image token is a merged one (-1 in output_positions)."""
+    recipe = {"name": "pooled-only", "vision": {"criteria": {"none": {"type": "uniform"}}, "count": 0,
+                                                "merge": {"type": "grid_pool", "size": 3}}}
+    inputs = llava_inputs(SHAPE, seed=5, batch=2)
+    with prunekit.apply(llava32, recipe) as pruner:
+        out = llava32.generate(**inputs, max_new_tokens=2, do_sample=False)
+    stage = pruner.last_report.stages[0]
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2  # generate returns the prompt as given
+    assert stage.kept_counts.tolist() == [0, 0] and stage.merged_counts.tolist() == [9, 9]
+    for row in range(2):
+        positions = pruner.last_report.output_positions[row]
+        text = inputs["attention_mask"][row].sum().item() - SHAPE.visual_tokens
+        assert (positions == -1).sum().item() == 9 and (positions >= 0).sum().item() == text
