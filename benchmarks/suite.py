@@ -262,7 +262,7 @@ def decode_overhead_table(title: str, model, inputs, new_tokens: int, target: fl
     worst = 0.0
     for label, run in result.items():
         ratios = _ratio(run, result["none"])
-        q1, q2, q3 = statistics.quantiles(ratios, n=4)
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
         share = 100 * median(run.hooks) / base_step
         if label != "none":
             worst = max(worst, share)
@@ -304,7 +304,7 @@ def kv_heavy_section(images: int = 3, batch: int = 8, new_tokens: int = 64) -> t
     for label in (*labels, "none, 1 image"):
         run = result[label]
         ratios = [b / t for t, b in zip(run.step, base.step)]  # speed against none in the same round
-        q1, q2, q3 = statistics.quantiles(ratios, n=4)
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
         predicted = median(base.step) / (fixed + slope * run.kv_tokens)
         gain = (median(ratios) - 1) / (predicted - 1) if abs(predicted - 1) > 1e-9 else float("nan")
         lines.append(f"| {label} | {run.kv_tokens:.0f} | {run.kv_bytes / base.kv_bytes:.3f} | "
@@ -371,8 +371,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
     torch.manual_seed(0)
-    command = ("python benchmarks/suite.py" + (" --quick" if args.quick else f" --repeats {args.repeats}")
-               + (" --decode-only" if args.decode_only else ""))
+    command = "python benchmarks/suite.py" + (" --quick" if args.quick else "") + (
+        " --decode-only" if args.decode_only else ("" if args.quick else f" --repeats {args.repeats}"))
     lines = ["## Measured by the suite", "", f"Command: `{command}`; {torch.get_num_threads()} torch threads, "
              f"torch {torch.__version__}, device cpu.", ""]
     if args.decode_only:
