@@ -437,7 +437,7 @@ class Pruner:
             if type(forward) is Decode:
                 prebuilt = forward.layer_kwargs.get(key)
                 if prebuilt is None:
-                    start = time.perf_counter()
+                    start = time.perf_counter() if self.clock is not None else 0.0
                     hidden = adapter.layer_input(args, kwargs)
                     if self._build_step is not None:  # every group at once, at the step's first hooked layer
                         decode_step_kwargs(forward, self._build_step, model, self._decode_groups, hidden)

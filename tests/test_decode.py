@@ -164,9 +164,9 @@ def test_a_prepared_4d_mask_is_refused_with_its_shape(model):
     inputs = llava_inputs(SHAPE, batch=1, seed=2)
     seq = inputs["input_ids"].shape[1]
     inputs["attention_mask"] = torch.ones(1, 1, seq, seq)
-    with prunekit.apply(model, "fastv"), torch.no_grad():
-        with pytest.raises(LayoutError, match=r"shape \(1, 1, %d, %d\)" % (seq, seq)):
-            model(**inputs)
+    with prunekit.apply(model, "fastv"), torch.no_grad(), \
+            pytest.raises(LayoutError, match=rf"shape \(1, 1, {seq}, {seq}\)"):
+        model(**inputs)
 
 
 def _llama_step_kwargs(model):
