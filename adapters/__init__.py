@@ -133,20 +133,24 @@ class DecoderAdapter(Adapter):
         decoder = self.language_model(model)
         rotary = _get(decoder, self.spec.rotary, "rotary embedding")
         text_positions = positions[0]  # [batch, seq]
+        return {
+            "attention_mask": self.stage_mask(model, hidden, attention_mask_2d, text_positions, cache, layer_idx),
+            "position_ids": text_positions,
+            "position_embeddings": rotary(hidden, text_positions),
+        }
+
+    def stage_mask(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, text_positions: Tensor,
+                   cache: Any, layer_idx: int) -> Any:
+        """The attention mask transformers builds for layer ``layer_idx``'s kind over the current sequence."""
         make_mask = mask_maker(self.layer_kind(model, layer_idx), layer_idx, type(model).__name__)
-        mask = make_mask(
-            config=decoder.config,
+        return make_mask(
+            config=self.language_model(model).config,
             inputs_embeds=hidden,
             attention_mask=attention_mask_2d,
             **{MASK_CACHE_KWARG: cache},
             position_ids=text_positions,
             layer_idx=layer_idx,
         )
-        return {
-            "attention_mask": mask,
-            "position_ids": text_positions,
-            "position_embeddings": rotary(hidden, text_positions),
-        }
 
 
 _MASK_MAKERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask,
@@ -217,25 +221,19 @@ class MRopeAdapter(DecoderAdapter):
 
     def stage_kwargs(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, positions: Tensor,
                      cache: Any, layer_idx: int, blocks: Tensor | None = None) -> dict[str, Any]:
-        decoder = self.language_model(model)
-        rotary = _get(decoder, self.spec.rotary, "rotary embedding")
-        kwargs = super().stage_kwargs(model, hidden, attention_mask_2d, positions, cache, layer_idx)
-        kwargs["position_embeddings"] = rotary(hidden, positions)  # 3-D positions
-        kwargs["position_ids"] = None  # the stack passes text positions only for packed sequences
-        return kwargs
+        rotary = _get(self.language_model(model), self.spec.rotary, "rotary embedding")
+        return {
+            "attention_mask": self.stage_mask(model, hidden, attention_mask_2d, positions[0], cache, layer_idx),
+            "position_ids": None,  # the stack passes text positions only for packed sequences
+            "position_embeddings": rotary(hidden, positions),  # 3-D positions: one rotary, not a text one too
+        }
 
 
 def _running_layout(model: nn.Module) -> TokenLayout | None:
-    """The token layout of the prefill now running on ``model`` (None outside a pruned prefill).
+    """The token layout of the pruned prefill now running on ``model`` (:func:`prunekit.engine.current_layout`)."""
+    from prunekit.engine import current_layout  # the engine imports the adapter registry: import on use
 
-    Read from the model's active Pruner (its per-forward, per-thread record): the layout the
-    engine gathers at every prune, so ``original_index`` names the prefill token in each slot.
-    """
-    from prunekit.engine import _ACTIVE  # the engine imports the adapter registry: import on use
-
-    pruner = _ACTIVE.get(model)
-    prefill = pruner._running.prefill() if pruner is not None else None
-    return prefill.ctx.layout if prefill is not None and prefill.records else None
+    return current_layout(model)
 
 
 class _KeptDeepstack:

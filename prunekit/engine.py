@@ -39,6 +39,7 @@ from prunekit.capture import Site, install_probes
 from prunekit.compat import cache_in, cache_of
 from prunekit.errors import AdapterError, LayoutError, PrunerStateError
 from prunekit.hooks import HookSet
+from prunekit.layout import TokenLayout
 from prunekit.plugins import find_adapter
 from prunekit.recipe import (
     Recipe,
@@ -120,6 +121,16 @@ _NO_CLOCK = nullcontext()
 
 # One active pruner per model: a registry, so that a second apply() is a clear error.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Pruner] = weakref.WeakKeyDictionary()
+
+
+def current_layout(model: nn.Module) -> TokenLayout | None:
+    """The token layout of the pruned prefill running on ``model`` in this thread, once a stage has pruned
+    (None outside a prefill, before the first prune, or without an active pruner). Adapters whose model
+    feeds per-token inputs to later layers (Qwen3-VL's deepstack features) read which prefill token sits in
+    each slot from its ``original_index``."""
+    pruner = _ACTIVE.get(model)
+    prefill = pruner._running.prefill() if pruner is not None else None
+    return prefill.ctx.layout if prefill is not None and prefill.records else None
 
 
 class Pruner:
