@@ -141,10 +141,11 @@ def plan_recipe(source: Any, overrides: Sequence[str] | None, num_layers: int, v
                               "vLLM numbers the prompt's placeholders contiguously (use positions: compact)")
     for key, criterion in recipe.criteria.items():
         if criterion.name not in IMAGE_ONLY_CRITERIA and not getattr(criterion, "image_only", False):
-            probes = list(criterion.probes((0,), num_layers))
-            reads = ", ".join(str(p) for p in probes) or "the instruction or the layout"
-            raise _refuse(recipe, f"criterion {key!r} ({criterion.name!r}) reads {reads}: the text or the decoder, "
-                                  "which the image encoder does not see")
+            probes = ", ".join(str(p) for p in criterion.probes((0,), num_layers)) or "none"
+            raise _refuse(recipe, f"criterion {key!r} ({criterion.name!r}, probes: {probes}) is not known to read "
+                                  "only the image's own tokens; it may read the instruction or the decoder, which "
+                                  "vLLM's image encoder does not see (a criterion that reads only the visual "
+                                  "tokens' hidden states declares image_only = True)")
         for probe in criterion.probes((0,), num_layers):
             if probe != LayerInput(layer=0):
                 raise _refuse(recipe, f"criterion {key!r} ({criterion.name!r}) reads {probe}, not only the "
