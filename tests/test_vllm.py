@@ -20,7 +20,7 @@ import yaml
 import prunekit
 from prunekit.errors import PrunekitError
 from prunekit.toy.model import WEIGHTS_DIR, load_toy
-from prunekit.toy.task import ToyTask, prompt
+from prunekit.toy.task import GRID, ToyTask, prompt
 
 try:
     import vllm  # noqa: F401
@@ -41,6 +41,7 @@ def plugin():
 
 
 N_QUESTIONS = 200
+PATCHES = GRID * GRID  # the toy's visual tokens per image
 KEEP_ALL = {"name": "keep-all", "vision": {"criteria": {"u": {"type": "uniform"}}, "keep": 1.0}}
 # 25% of the toy's 64 tokens: VisionZip's CLS + 12 dominant + 3 contextual; DivPrune's 16 most diverse.
 VISIONZIP_25 = ("visionzip-64", ["vision.count=12", "vision.merge.contextual=3"])
@@ -131,9 +132,9 @@ def test_keep_everything_gives_transformers_answers(plugin, tmp_path, toy, quest
     recipe = tmp_path / "keep-all.yaml"
     recipe.write_text(yaml.safe_dump(KEEP_ALL))
     answers, kept, prompt_tokens = vllm_run(plugin, tmp_path, questions, str(recipe), [])
-    assert prompt_tokens == len(prompt(questions[0].question).split()) - 1 + 64
+    assert prompt_tokens == len(prompt(questions[0].question).split()) - 1 + PATCHES
     assert answers == hf_answers
-    assert all(k == list(range(64)) for k in kept.values())
+    assert all(k == list(range(PATCHES)) for k in kept.values())
 
 
 @needs_vllm
@@ -142,7 +143,7 @@ def test_pruned_vllm_keeps_the_transformers_patches(plugin, tmp_path, toy, quest
     name, overrides = recipe
     hf_answers, hf_kept, prints = transformers_run(plugin, toy, questions, (name, overrides))
     answers, kept, prompt_tokens = vllm_run(plugin, tmp_path, questions, name, overrides)
-    assert prompt_tokens == len(prompt(questions[0].question).split()) - 1 + 16  # 16 placeholders per image
+    assert prompt_tokens == len(prompt(questions[0].question).split()) - 1 + PATCHES // 4  # 25% of the tokens
     missing = [p for p in prints if p not in kept]
     assert not missing, f"{len(missing)} images have no record of kept patches in vLLM"
     # Float32 noise between vLLM's kernels and transformers' can flip a near-tie of the ranking (DivPrune's greedy
@@ -152,7 +153,7 @@ def test_pruned_vllm_keeps_the_transformers_patches(plugin, tmp_path, toy, quest
     unequal = [(i, s, h) for i, (s, h) in enumerate(zip(served, hf_kept)) if s != h]
     assert len(unequal) <= len(questions) // 100, f"{len(unequal)} images keep other patches: {unequal[:3]}"
     assert all(len(set(s) & set(h)) >= len(h) - 1 for _, s, h in unequal), unequal
-    assert all(len(k) == (12 if name == "visionzip-64" else 16) for k in hf_kept)
+    assert all(len(k) == (12 if name == "visionzip-64" else PATCHES // 4) for k in hf_kept)  # CLS + 12 + 3
     assert agreement(answers, hf_answers) >= 0.95
     truth = toy[1].tokenizer.convert_tokens_to_ids([q.answer for q in questions])
     hf_correct = sum(a == t for a, t in zip(hf_answers, truth))
