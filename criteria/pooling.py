@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from prunekit.api import Criterion, ForwardContext, Merger
+from prunekit.sequence import merge_each_image
 
 
 @dataclass
@@ -80,17 +81,4 @@ class GridPool(Merger):
         return pooled.flatten(2)[0].T  # [size * size, dim]
 
     def merge(self, hidden: Tensor, dropped: Tensor, scores: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
-        batch, _, dim = hidden.shape  # [batch, seq, dim]
-        layout = ctx.layout
-        outputs = []
-        for b in range(batch):  # each image of each sample
-            images = layout.image_index[b][layout.visual[b]].unique().tolist()
-            pooled = [self.pool(hidden[b][layout.visual[b] & (layout.image_index[b] == i)]) for i in images]
-            outputs.append(torch.cat(pooled) if pooled else hidden.new_zeros(0, dim))
-        width = max(o.shape[0] for o in outputs)
-        merged = hidden.new_zeros(batch, width, dim)
-        valid = torch.zeros(batch, width, dtype=torch.bool, device=hidden.device)
-        for b, o in enumerate(outputs):
-            merged[b, : o.shape[0]] = o
-            valid[b, : o.shape[0]] = True
-        return merged, valid
+        return merge_each_image(hidden, ctx.layout, self.pool)  # [batch, pooled, dim], [batch, pooled]

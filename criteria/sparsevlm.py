@@ -11,6 +11,7 @@ from torch import Tensor
 
 from prunekit.api import Criterion, ForwardContext, Merger, check_fraction
 from prunekit.probes import AttentionRows, LayerInput, Probe
+from prunekit.sequence import pad_rows
 
 
 def select_raters(hidden: Tensor, visual: Tensor, text: Tensor) -> Tensor:
@@ -136,10 +137,4 @@ class SparseVLMRecycling(Merger):
             chosen = min(int(index.numel() * self.top_fraction) + 1, index.numel())
             best = torch.sort(scores[b, index], descending=True, stable=True).indices[:chosen]
             outputs.append(density_peak_merge(hidden[b, index[best]], n_merged))
-        width = max(o.shape[0] for o in outputs)
-        merged = hidden.new_zeros(batch, width, dim)
-        valid = torch.zeros(batch, width, dtype=torch.bool, device=hidden.device)
-        for b, o in enumerate(outputs):
-            merged[b, : o.shape[0]] = o
-            valid[b, : o.shape[0]] = True
-        return merged, valid
+        return pad_rows(outputs, hidden)  # [batch, merged, dim], [batch, merged]

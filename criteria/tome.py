@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from prunekit.api import ForwardContext, Merger
+from prunekit.sequence import merge_each_image
 
 
 def bipartite_merge(x: Tensor, target: int) -> tuple[Tensor, Tensor]:
@@ -73,20 +74,7 @@ class ToMeMerge(Merger):
         return min(self.tokens, dropped) if dropped > 0 else 0
 
     def merge(self, hidden: Tensor, dropped: Tensor, scores: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
-        batch, _, dim = hidden.shape  # [batch, seq, dim]
-        layout = ctx.layout
-        outputs = []
-        for b in range(batch):  # each image of each sample
-            images = layout.image_index[b][layout.visual[b]].unique().tolist()
-            merged = []
-            for i in images:
-                image = hidden[b][layout.visual[b] & (layout.image_index[b] == i)]  # [n, dim]
-                merged.append(bipartite_merge(image, min(self.tokens, image.shape[0]))[0])
-            outputs.append(torch.cat(merged) if merged else hidden.new_zeros(0, dim))
-        width = max(o.shape[0] for o in outputs)
-        out = hidden.new_zeros(batch, width, dim)
-        valid = torch.zeros(batch, width, dtype=torch.bool, device=hidden.device)
-        for b, o in enumerate(outputs):
-            out[b, : o.shape[0]] = o
-            valid[b, : o.shape[0]] = True
-        return out, valid
+        def merge_one(image: Tensor) -> Tensor:  # [n, dim] -> [min(tokens, n), dim]
+            return bipartite_merge(image, min(self.tokens, image.shape[0]))[0]
+
+        return merge_each_image(hidden, ctx.layout, merge_one)  # [batch, merged, dim], [batch, merged]

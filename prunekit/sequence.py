@@ -115,3 +115,26 @@ def assemble(selection: Selection, last_visual: Tensor, merged_valid: Tensor | N
     valid = is_merged & merged_valid.gather(1, merged.clamp(min=0))
     anchor = (upto - 1).clamp(min=0).expand(batch, kept_len + n_merged)
     return Assembly(index, from_current, merged, valid, anchor)
+
+
+def pad_rows(rows: list[Tensor], like: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample token lists ``[n_b, dim]`` as one right-padded batch: ``(tokens [batch, max n_b, dim], valid
+    [batch, max n_b] bool)``, in ``like``'s dtype and device (what :meth:`Merger.merge` returns)."""
+    width = max((row.shape[0] for row in rows), default=0)
+    tokens = like.new_zeros(len(rows), width, like.shape[-1])
+    valid = torch.zeros(len(rows), width, dtype=torch.bool, device=like.device)
+    for b, row in enumerate(rows):
+        tokens[b, : row.shape[0]] = row
+        valid[b, : row.shape[0]] = True
+    return tokens, valid
+
+
+def merge_each_image(hidden: Tensor, layout, merge_one) -> tuple[Tensor, Tensor]:
+    """``merge_one([n, dim] one image's tokens in order) -> [m, dim]`` on every image of every sample, the results
+    of a sample concatenated in image order and padded as :func:`pad_rows` does. hidden: [batch, seq, dim]."""
+    rows = []
+    for b in range(hidden.shape[0]):
+        images = layout.image_index[b][layout.visual[b]].unique().tolist()
+        merged = [merge_one(hidden[b][layout.visual[b] & (layout.image_index[b] == i)]) for i in images]
+        rows.append(torch.cat(merged) if merged else hidden.new_zeros(0, hidden.shape[-1]))
+    return pad_rows(rows, hidden)

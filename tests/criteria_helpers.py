@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import torch
+from conftest import SHAPE576
 
 import prunekit
+from prunekit.testing import llava_inputs
+
+
+def inputs576(batch=1, seed=0):
+    """Left-padded float64 inputs of the 576-visual-token tiny LLaVA (``llava576``)."""
+    return llava_inputs(SHAPE576, batch=batch, seed=seed, dtype=torch.float64)
+
+
+def embeddings_with_images(model, inputs):
+    """The decoder's input embeddings [batch, seq, dim] with the projected image features in place (no hooks)."""
+    ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(ids).clone()
+    feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    embeds[ids == SHAPE576.image_token_id] = torch.cat(list(feats)).to(embeds.dtype)
+    return embeds
 
 
 def capture_scores(model, recipe, inputs):

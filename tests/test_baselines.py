@@ -9,26 +9,16 @@ import torch
 
 import prunekit
 from conftest import SHAPE, SHAPE576
-from criteria_helpers import capture_scores
+from criteria_helpers import capture_scores, embeddings_with_images, inputs576
 from prunekit.criteria.diversity import max_min_order
 from prunekit.criteria.sparsevlm import density_peak_merge, select_raters
 from prunekit.flops import DecoderDims, recipe_estimate
-from prunekit.testing import llava_inputs
 
 ALL_RECIPES = prunekit.builtin_recipe_names()
 
 
-def _inputs(batch=1, seed=0):
-    return llava_inputs(SHAPE576, batch=batch, seed=seed, dtype=torch.float64)
-
-
-def _embeddings(model, inputs):
-    """The decoder's input embeddings with the projected image features scattered in (no hooks)."""
-    ids = inputs["input_ids"]
-    embeds = model.get_input_embeddings()(ids).clone()
-    feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-    embeds[ids == SHAPE576.image_token_id] = torch.cat(list(feats)).to(embeds.dtype)
-    return embeds
+_inputs = inputs576
+_embeddings = embeddings_with_images
 
 
 @pytest.mark.parametrize("name", ALL_RECIPES)

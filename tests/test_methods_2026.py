@@ -9,24 +9,15 @@ import torch
 
 import prunekit
 from conftest import SHAPE576
+from criteria_helpers import embeddings_with_images, inputs576
 from prunekit.flops import DecoderDims, recipe_estimate
-from prunekit.testing import llava_inputs
 
 NEW_RECIPES = ["pooling-144", "pooling-64", "fastervlm-64", "fastervlm-128", "vispruner-64", "vispruner-128",
                "cdpruner-64", "cdpruner-128", "tome-144", "tome-64"]
 
 
-def _inputs(batch=1, seed=0):
-    return llava_inputs(SHAPE576, batch=batch, seed=seed, dtype=torch.float64)
-
-
-def _embeddings(model, inputs):
-    """The decoder's input embeddings [batch, seq, dim] with the projected image features in place (no hooks)."""
-    ids = inputs["input_ids"]
-    embeds = model.get_input_embeddings()(ids).clone()
-    feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-    embeds[ids == SHAPE576.image_token_id] = torch.cat(list(feats)).to(embeds.dtype)
-    return embeds
+_inputs = inputs576
+_embeddings = embeddings_with_images
 
 
 def _visual(inputs, row=0):
