@@ -186,6 +186,9 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str], where: str) -> N
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as exc:
             raise _explain(exc, f"{where}, override {item!r}") from exc
+        except (TypeError, ValueError) as exc:  # e.g. a mapping merged into a list that an earlier override nulled
+            raise RecipeError(f"{where}, override {item!r}: cannot set {key!r} to {type(value).__name__} "
+                              f"{value!r} ({exc})") from exc
 
 
 def _build_plugin(kind: str, spec: Any, default_type: str | None, where: str) -> Any:
@@ -209,6 +212,9 @@ def _build_plugin(kind: str, spec: Any, default_type: str | None, where: str) ->
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), params))
     except OmegaConfBaseException as exc:
         raise _explain(exc, f"{where} ({kind} {type_name!r})", fields) from exc
+    except (TypeError, ValueError) as exc:  # a mapping where the plugin takes a list, or the other way round
+        raise RecipeError(f"{where} ({kind} {type_name!r}): {exc}: a parameter holds a mapping where a list "
+                          f"belongs or a list where a mapping belongs; its parameters: {valid_list(fields)}") from exc
     try:
         if kind != "combiner":
             obj.validate()
@@ -250,6 +256,8 @@ def load_recipe(source: RecipeSource, overrides: Sequence[str] | None = None) ->
         cfg = OmegaConf.merge(OmegaConf.structured(RecipeSchema), raw)
     except OmegaConfBaseException as exc:
         raise _explain(exc, where, RECIPE_KEYS) from exc
+    except (TypeError, ValueError) as exc:  # containers of the wrong kind below the checked blocks
+        raise RecipeError(f"{where}: {exc}; valid keys: {valid_list(RECIPE_KEYS)}") from exc
     _apply_overrides(cfg, overrides if overrides is not None else [], where)
 
     if cfg.reference_depth is not None and cfg.reference_depth < 1:

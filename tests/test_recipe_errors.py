@@ -131,3 +131,10 @@ def test_random_prompts_through_a_pruner_answer_or_say_why(llava32, case):
     assert images > 0 and out.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + 2)
     report = pruner.last_report
     assert report is not None and all((s.kept_counts >= 0).all() for s in report.stages)
+
+
+def test_a_mapping_into_a_list_an_earlier_override_nulled_is_a_recipe_error():
+    """Found by the hypothesis test above: OmegaConf's own TypeError, named."""
+    with pytest.raises(RecipeError, match=r"schedule \(schedule 'stages'\): Cannot merge incompatible container types: "
+                                          r"a parameter holds a mapping where a list belongs"):
+        load_recipe("fastv", ["schedule.stages=null", "schedule.stages={}"])
