@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from transformers.utils import logging as hf_logging
 
 from prunekit.testing import LlavaShape, llava_inputs, tiny_llava
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
+
+# Property tests draw the same examples on every run (a CI run is reproducible; no deadline on a shared CPU).
+# HYPOTHESIS_PROFILE=explore draws fresh ones each run, to look for new counterexamples.
+settings.register_profile("fixed", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 
 SHAPE = LlavaShape()  # 16 decoder layers, 36 visual tokens per image
 
