@@ -87,6 +87,41 @@ def tokens_per_image(model: nn.Module) -> int | None:
     return (size // patch) ** 2 + int(full)
 
 
+def shorten_images(vision: VisionRecipe, features: Tensor, captures: dict, num_layers: int
+                   ) -> tuple[Tensor, Tensor, int]:
+    """A vision stage on a batch of images, without hooks: ``features`` ``[n_images, patches, dim]`` (what the
+    projector receives) and the vision probes' ``captures`` -> the shortened features ``[n_images, t, dim]``
+    (``features`` itself when the stage leaves images this small whole), the kept patch indices
+    ``[n_images, kept]`` (ascending) and how many merged tokens lead each image.
+
+    The projector pre-hook runs it; so does prunekit's vLLM plugin, on vLLM's features.
+    """
+    n_images, patches, _ = features.shape
+    kept, merged = vision_stage_tokens(vision, patches)
+    index = torch.arange(patches, device=features.device).expand(n_images, patches)
+    if kept == patches:
+        return features, index, 0
+    ones = torch.ones(n_images, patches, dtype=torch.bool, device=features.device)
+    layout = TokenLayout(visual=ones, instruction=~ones, valid=ones, original_index=index.clone(),
+                         image_index=torch.zeros_like(index))
+    ctx = ForwardContext(layout=layout, stage_layers=(0,), num_layers=num_layers, stage=0, captures=captures)
+    counts = torch.full((n_images,), kept, dtype=torch.long, device=features.device)
+    ctx.keep_counts = counts
+    combined = score(vision.criteria, vision.combiner, ctx)  # [n_images, patches]
+    with torch.no_grad():
+        selection = select(combined, ones, counts)  # index [n_images, kept], in patch order
+    out = gather_tokens(features, selection.index)  # [n_images, kept, dim]
+    lead = 0
+    if vision.merger is not None:  # merged tokens are built from the features, in the graph
+        extra, valid = vision.merger.merge(features, selection.dropped, combined, ctx)  # [n_images, merged, dim]
+        if extra.shape[1] != merged or not bool(valid.all()):
+            raise RecipeError(f"vision.merge: {type(vision.merger).__name__} made {extra.shape[1]} tokens "
+                              f"per image, its count() promised {merged}")
+        lead = vision.merger.lead
+        out = torch.cat([extra[:, :lead].to(out.dtype), out, extra[:, lead:].to(out.dtype)], dim=1)
+    return out, selection.index, lead
+
+
 class VisionPruner:
     """Installs the hooks of a recipe's ``vision`` stage: its probes, the projector pre-hook."""
 
@@ -117,36 +152,10 @@ class VisionPruner:
         """Every image the model encodes while the pruner is installed is shortened (generate encodes
         images before its first forward, so this cannot wait for the model pre-hook)."""
         features = args[0]  # [n_images, patches, dim]
-        n_images, patches, _ = features.shape
         record = self.running.vision_record()
         captures, record.captures = record.captures, {}
-        kept, merged = vision_stage_tokens(self.vision, patches)
-        if kept == patches:  # the stage leaves images this small whole
-            record.kept_patches = torch.arange(patches, device=features.device).expand(n_images, patches)
-            record.lead = 0
-            return None
-        ones = torch.ones(n_images, patches, dtype=torch.bool, device=features.device)
-        index = torch.arange(patches, device=features.device).expand(n_images, patches)
-        layout = TokenLayout(visual=ones, instruction=~ones, valid=ones, original_index=index.clone(),
-                             image_index=torch.zeros_like(index))
-        ctx = ForwardContext(layout=layout, stage_layers=(0,), num_layers=len(self.layers), stage=0,
-                             captures=captures)
-        counts = torch.full((n_images,), kept, dtype=torch.long, device=features.device)
-        ctx.keep_counts = counts
-        combined = score(self.vision.criteria, self.vision.combiner, ctx)  # [n_images, patches]
-        with torch.no_grad():
-            selection = select(combined, ones, counts)  # index [n_images, kept], in patch order
-        out = gather_tokens(features, selection.index)
-        lead = 0
-        if self.vision.merger is not None:  # merged tokens are built from the features, in the graph
-            extra, valid = self.vision.merger.merge(features, selection.dropped, combined, ctx)
-            if extra.shape[1] != merged or not bool(valid.all()):
-                raise RecipeError(f"vision.merge: {type(self.vision.merger).__name__} made {extra.shape[1]} tokens "
-                                  f"per image, its count() promised {merged}")
-            lead = self.vision.merger.lead
-            out = torch.cat([extra[:, :lead].to(out.dtype), out, extra[:, lead:].to(out.dtype)], dim=1)
-        record.kept_patches, record.lead = selection.index, lead
-        return (out, *args[1:])
+        out, record.kept_patches, record.lead = shorten_images(self.vision, features, captures, len(self.layers))
+        return None if out is features else (out, *args[1:])  # a stage that leaves images this small whole
 
     def _projected_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         """Keep the projected (shortened) images of this forward: ``[n_images, t, hidden]``."""

@@ -78,7 +78,7 @@ from prunekit.probes import LayerInput, VisionAttention, VisionHidden, VisionKey
 from prunekit.recipe import Recipe, VisionRecipe, collect_probes, load_recipe, resolve_stages  # noqa: E402
 from prunekit.scoring import score  # noqa: E402
 from prunekit.sequence import gather_tokens, select  # noqa: E402
-from prunekit.vision import vision_stage_tokens  # noqa: E402
+from prunekit.vision import shorten_images, vision_stage_tokens  # noqa: E402
 
 
 # -- which recipes vLLM can serve -----------------------------------------------------------------
@@ -190,34 +190,15 @@ def _cached_plan(name: str, overrides: tuple[str, ...], num_layers: int, vision_
 
 # -- pruning one batch of images ------------------------------------------------------------------
 def prune_before_projector(vision: VisionRecipe, features: Tensor, captures: dict) -> tuple[Tensor, Tensor]:
-    """Prune (and merge) each image's features before the projector, as prunekit's projector pre-hook.
+    """Prune (and merge) each image's features before the projector, as prunekit's projector pre-hook does
+    (:func:`prunekit.vision.shorten_images`).
 
     features: ``[n_images, patches, dim]`` (the tower's selected layer, CLS dropped); captures: the vision
     probes of this batch. Returns the features the projector gets ``[n_images, t, dim]`` and the kept patch
     indices ``[n_images, kept]`` (ascending).
     """
-    n_images, patches, _ = features.shape
-    kept, merged = vision_stage_tokens(vision, patches)
-    index = torch.arange(patches, device=features.device).expand(n_images, patches)
-    if kept == patches:
-        return features, index
-    ones = torch.ones(n_images, patches, dtype=torch.bool, device=features.device)
-    layout = TokenLayout(visual=ones, instruction=~ones, valid=ones, original_index=index.clone(),
-                         image_index=torch.zeros_like(index))
-    ctx = ForwardContext(layout=layout, stage_layers=(0,), num_layers=1, stage=0, captures=captures)
-    counts = torch.full((n_images,), kept, dtype=torch.long, device=features.device)
-    ctx.keep_counts = counts
-    combined = score(vision.criteria, vision.combiner, ctx)  # [n_images, patches]
-    selection = select(combined, ones, counts)  # index [n_images, kept], in patch order
-    out = gather_tokens(features, selection.index)  # [n_images, kept, dim]
-    if vision.merger is not None:
-        extra, valid = vision.merger.merge(features, selection.dropped, combined, ctx)  # [n_images, merged, dim]
-        if extra.shape[1] != merged or not bool(valid.all()):
-            raise PrunekitError(f"vision.merge: {type(vision.merger).__name__} made {extra.shape[1]} tokens per "
-                                f"image, its count() promised {merged}")
-        lead = vision.merger.lead
-        out = torch.cat([extra[:, :lead].to(out.dtype), out, extra[:, lead:].to(out.dtype)], dim=1)
-    return out, selection.index
+    out, kept, _ = shorten_images(vision, features, captures, num_layers=1)
+    return out, kept
 
 
 def prune_projected(stage: ProjectedStage, projected: Tensor) -> tuple[Tensor, Tensor]:
