@@ -11,6 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import math
+import threading
+import weakref
+
 import torch
 from torch import Tensor, nn
 from transformers.masking_utils import (
@@ -27,7 +31,7 @@ from prunekit.api import Adapter
 from prunekit.compat import MASK_CACHE_KWARG
 from prunekit.errors import AdapterError
 from prunekit.hookspecs import hookimpl
-from prunekit.layout import TokenLayout, layout_from_ids
+from prunekit.layout import TokenLayout, frames_from_mrope, frames_from_runs, layout_from_ids
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,58 @@ class FamilySpec:
     projector: str | None = "model.multi_modal_projector"  # from the top-level model
     vision_layers: str | None = "model.vision_tower.encoder.layers"
     vision_attention: str = "self_attn"  # from a vision-encoder layer
+
+
+@dataclass(frozen=True)
+class FrameShape:
+    """How a family lays out one video span's tokens: whole frames of ``per_frame`` tokens, the first
+    ``lead`` of each frame outside the grid, the rest a row-major grid ``rows x cols``, then ``tail``
+    tokens in no frame."""
+
+    per_frame: int
+    rows: int
+    cols: int
+    lead: int = 0
+    tail: int = 0
+
+    def describe(self) -> str:
+        lead = f"{self.lead} + " if self.lead else ""
+        tail = f", then {self.tail} token(s) in no frame per video" if self.tail else ""
+        return f"frames of {lead}{self.rows}x{self.cols} tokens{tail}"
+
+
+def video_frame_shape(model: nn.Module) -> FrameShape | None:
+    """The frame shape of a family whose video spans hold fixed-size frames, read from its config (None for
+    families without such videos, and for Qwen2-VL / Qwen2.5-VL, whose grids come from M-RoPE positions).
+
+    - Video-LLaVA: each frame is its CLIP features with the CLS token first (the video path keeps it):
+      ``1 + side x side`` tokens, ``side = image_size // patch_size``.
+    - LLaVA-OneVision: each frame's grid is bilinearly pooled to ``ceil(side / 2)`` per side; one
+      ``image_newline`` token closes the video.
+    - LLaVA-NeXT-Video: the resampler pools each frame's grid with ``spatial_pool_stride`` (floor).
+    """
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    vision = getattr(config, "vision_config", None)
+    if kind not in ("video_llava", "llava_onevision", "llava_next_video") or vision is None:
+        return None
+    side = vision.image_size // vision.patch_size
+    if kind == "video_llava":
+        return FrameShape(per_frame=1 + side * side, rows=side, cols=side, lead=1)
+    if kind == "llava_onevision":
+        pooled = math.ceil(side / 2)
+        return FrameShape(per_frame=pooled * pooled, rows=pooled, cols=pooled, tail=1)
+    pooled = side // config.spatial_pool_stride
+    return FrameShape(per_frame=pooled * pooled, rows=pooled, cols=pooled)
+
+
+def _video_mask(model: nn.Module, input_ids: Tensor) -> Tensor | None:
+    """``[batch, seq]`` bool: the prompt's video tokens (None when the config names no video token id)."""
+    config = getattr(model, "config", None)
+    video_id = getattr(config, "video_token_id", None)
+    if video_id is None:
+        video_id = getattr(config, "video_token_index", None)
+    return None if video_id is None else input_ids == int(video_id)
 
 
 def _get(obj: Any, dotted: str, what: str) -> Any:
@@ -122,7 +178,17 @@ class DecoderAdapter(Adapter):
     def token_layout(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> TokenLayout:
         ids = torch.tensor(self.visual_token_ids(model), device=input_ids.device)
         visual = torch.isin(input_ids, ids)  # [batch, seq]
-        return layout_from_ids(input_ids, visual, attention_mask)
+        layout = layout_from_ids(input_ids, visual, attention_mask)
+        shape = video_frame_shape(model)
+        video = _video_mask(model, input_ids)
+        if shape is not None and video is not None and bool(video.any()):
+            frames_from_runs(layout, video, shape.per_frame, shape.cols, shape.lead, shape.tail)
+        return layout
+
+    def describe_frames(self, model: nn.Module) -> str | None:
+        """How this family's video spans divide into frames (``prunekit doctor``); None without videos."""
+        shape = video_frame_shape(model)
+        return None if shape is None else shape.describe()
 
     def layer_kind(self, model: nn.Module, layer_idx: int) -> str:
         layer_types = getattr(self.language_model(model).config, "layer_types", None)
@@ -200,6 +266,29 @@ def compact_mrope(positions: Tensor, valid: Tensor, visual: Tensor) -> Tensor:
     return out
 
 
+_PENDING = threading.local()  # per thread: model -> (the prefill layout awaiting frames, its video mask)
+
+
+def _pending_frames(model: nn.Module, value: tuple[TokenLayout, Tensor] | None) -> tuple[TokenLayout, Tensor] | None:
+    """Hand a prefill's layout from the model pre-hook (``token_layout``) to the decoder stack's pre-hook
+    (``rope_positions``) of the same forward in the same thread: M-RoPE families carry their video grids
+    (``video_grid_thw``) into the positions only. With ``value`` None, take (and forget) the pending one."""
+    table = getattr(_PENDING, "table", None)
+    if table is None:
+        table = _PENDING.table = weakref.WeakKeyDictionary()
+    if value is not None:
+        table[model] = value
+        return None
+    return table.pop(model, None)
+
+
+def _mrope_frames(model: nn.Module) -> bool:
+    """Whether the frames of the model's videos are read from M-RoPE positions: Qwen2-VL and Qwen2.5-VL put a
+    whole video in one run of video tokens, frame-major (Qwen3-VL puts each frame in a run of its own, between
+    timestamps; its frames are not filled yet)."""
+    return getattr(getattr(model, "config", None), "model_type", None) in ("qwen2_vl", "qwen2_5_vl")
+
+
 class MRopeAdapter(DecoderAdapter):
     """Qwen2-VL / Qwen2.5-VL: multimodal RoPE with (temporal, height, width) positions per token.
 
@@ -209,12 +298,29 @@ class MRopeAdapter(DecoderAdapter):
     position before it (or before its image) shrank.
     """
 
+    def token_layout(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> TokenLayout:
+        layout = super().token_layout(model, input_ids, attention_mask)
+        video = _video_mask(model, input_ids) if _mrope_frames(model) else None
+        if video is not None and bool((video & layout.valid).any()):  # frames come with the stack's positions
+            _pending_frames(model, (layout, video))
+        return layout
+
     def rope_positions(self, model: nn.Module, lm_kwargs: dict, hidden: Tensor, cache: Any) -> Tensor:
         positions = lm_kwargs.get("position_ids")
         if positions is not None and positions.dim() == 3:
-            return positions[-3:]  # [3, batch, seq]; a leading text row (4 rows) is dropped
-        flat = super().rope_positions(model, lm_kwargs, hidden, cache)
-        return flat.expand(3, -1, -1)
+            positions = positions[-3:]  # [3, batch, seq]; a leading text row (4 rows) is dropped
+        else:
+            positions = super().rope_positions(model, lm_kwargs, hidden, cache).expand(3, -1, -1)
+        pending = _pending_frames(model, None)
+        if pending is not None and pending[0].visual.shape == positions.shape[1:]:
+            frames_from_mrope(pending[0], pending[1], positions)  # the prefill's layout, before any prune
+        return positions
+
+    def describe_frames(self, model: nn.Module) -> str | None:
+        if not _mrope_frames(model):
+            return None
+        return ("temporal patches x (height / merge) x (width / merge) tokens per video, frame-major, read from "
+                "the M-RoPE positions (video_grid_thw; second_per_grid_ts spaces the temporal positions)")
 
     def compact_positions(self, positions: Tensor, valid: Tensor, visual: Tensor) -> Tensor:
         return compact_mrope(positions, valid, visual)

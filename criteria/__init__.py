@@ -1,4 +1,4 @@
-"""Built-in criteria (TTV, accumulated TTV, IGA, attention, FastV, random) and combiners."""
+"""Built-in criteria (TTV, accumulated TTV, IGA, attention, FastV, random, video frames) and combiners."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from .random import RandomScore
 from .sparsevlm import SparseVLMRaters, SparseVLMRecycling
 from .tome import ToMeMerge
 from .ttv import TTV, AccumulatedTTV
+from .video import DyCokeTTM, FrameDifference, UniformFrames
 from .visionzip import VisionZipContextual, VisionZipDominant
 from .vispruner import ClsAttention, VisPruner
 
 BUILTIN_CRITERIA: list[type[Criterion]] = [
     TTV, AccumulatedTTV, IGA, Attention, FastVAttention, PDropAttention, SparseVLMRaters, DivPrune, Redundancy,
     L2Norm, RandomScore, VisionZipDominant, Uniform, ClsAttention, VisPruner,
-    CDPruner,
+    CDPruner, UniformFrames, FrameDifference, DyCokeTTM,
 ]
 BUILTIN_MERGERS: list[type[Merger]] = [SparseVLMRecycling, VisionZipContextual, GridPool, ToMeMerge]
 

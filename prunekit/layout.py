@@ -22,6 +22,16 @@ class TokenLayout:
     valid: Tensor  # [batch, seq] bool: a real token (not padding, not a fill slot after pruning)
     original_index: Tensor  # [batch, seq] long: index of the token in the prefill input; -1 on fill slots
     image_index: Tensor  # [batch, seq] long: which visual span of the sample the token belongs to; -1 for text
+    # Frames of a video span (filled by the adapter from the family's processor facts; -1 elsewhere):
+    frame_index: Tensor | None = None  # [batch, seq] long: frame (temporal patch) within its video span; -1 for
+    # text, still images and video tokens that sit in no frame (OneVision's closing newline)
+    grid_row: Tensor | None = None  # [batch, seq] long: row of the token's cell in its frame's grid; -1 off grids
+    grid_col: Tensor | None = None  # [batch, seq] long: column of the token's cell; -1 off grids (a frame's CLS)
+
+    def __post_init__(self) -> None:
+        for name in ("frame_index", "grid_row", "grid_col"):
+            if getattr(self, name) is None:
+                setattr(self, name, torch.full_like(self.original_index, -1))
 
     @property
     def batch_size(self) -> int:
@@ -30,6 +40,11 @@ class TokenLayout:
     @property
     def seq_len(self) -> int:
         return self.visual.shape[1]
+
+    @property
+    def has_frames(self) -> bool:
+        """Whether any token of the batch sits in a video frame."""
+        return bool((self.frame_index >= 0).any())
 
     def visual_counts(self) -> Tensor:
         """Visual tokens per sample, ``[batch]`` long."""
@@ -87,3 +102,57 @@ def layout_from_ids(input_ids: Tensor, visual: Tensor, attention_mask: Tensor | 
         original_index=positions.clone(),
         image_index=spans_from_mask(visual & valid),
     )
+
+
+def _runs(mask_row: Tensor) -> list[tuple[int, int]]:
+    """``(start, end)`` of each contiguous run of true entries of a ``[seq]`` bool row."""
+    starts = run_starts(mask_row[None])[0].nonzero().flatten().tolist()
+    ends = run_starts(mask_row.flip(0)[None])[0].flip(0).nonzero().flatten().tolist()
+    return [(s, e + 1) for s, e in zip(starts, ends)]
+
+
+def frames_from_runs(layout: TokenLayout, video: Tensor, per_frame: int, cols: int, lead: int = 0,
+                     tail: int = 0) -> TokenLayout:
+    """Fill the frame fields of ``layout`` for prompts whose video spans are runs of ``video`` tokens.
+
+    video: ``[batch, seq]`` bool. Each run holds whole frames of ``per_frame`` tokens, then ``tail``
+    tokens that belong to no frame (OneVision's newline). A frame's first ``lead`` tokens have no grid
+    cell (Video-LLaVA's CLS); the rest fill a row-major grid ``cols`` wide. A run whose length does not
+    fit this shape is left at -1 (its frames cannot be told apart). Returns ``layout``, filled in place.
+    """
+    if per_frame < 1 or cols < 1 or lead < 0 or tail < 0 or lead >= per_frame:
+        raise ValueError(f"frame shape needs per_frame >= 1 > lead >= 0, cols >= 1, tail >= 0; got "
+                         f"per_frame={per_frame}, cols={cols}, lead={lead}, tail={tail}")
+    video = video & layout.valid
+    for b in range(video.shape[0]):
+        for start, end in _runs(video[b]):
+            framed = end - start - tail
+            if framed <= 0 or framed % per_frame:
+                continue
+            k = torch.arange(framed, device=video.device)  # [framed] place in the run
+            cell = k % per_frame - lead  # [framed]; < 0 on lead tokens
+            layout.frame_index[b, start:start + framed] = k // per_frame
+            layout.grid_row[b, start:start + framed] = torch.where(cell >= 0, cell // cols, -1)
+            layout.grid_col[b, start:start + framed] = torch.where(cell >= 0, cell % cols, -1)
+    return layout
+
+
+def frames_from_mrope(layout: TokenLayout, video: Tensor, positions: Tensor) -> TokenLayout:
+    """Fill the frame fields from M-RoPE positions (Qwen2-VL / Qwen2.5-VL): ``positions`` ``[3, batch, seq]``.
+
+    A video span's token at temporal patch ``t``, merged-grid cell ``(r, c)`` has positions
+    ``(s + int(t * interval), s + r, s + c)`` with ``s`` the span's first position (the model's
+    ``get_rope_index``); frames are frame-major and each starts at cell ``(0, 0)``, so a token opens
+    a frame where its row and column offsets are both 0. Returns ``layout``, filled in place.
+    """
+    video = video & layout.valid
+    for b in range(video.shape[0]):
+        for start, end in _runs(video[b]):
+            origin = positions[0, b, start]
+            row = positions[1, b, start:end] - origin  # [run]
+            col = positions[2, b, start:end] - origin
+            opens = (row == 0) & (col == 0)
+            layout.frame_index[b, start:end] = opens.long().cumsum(0) - 1
+            layout.grid_row[b, start:end] = row
+            layout.grid_col[b, start:end] = col
+    return layout

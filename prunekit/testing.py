@@ -336,7 +336,7 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
 
     ``sizes`` gives each sample's image size (LLaVA-NeXT, OneVision: any-resolution tiles; Qwen2-VL:
     the patch grid), so samples may carry different numbers of visual tokens. ``video`` gives the
-    sample a video instead (Video-LLaVA, Qwen2-VL).
+    sample a video instead (Video-LLaVA, OneVision, Qwen2-VL).
     """
     g = torch.Generator().manual_seed(seed)
     dtype = dtype or model.dtype
@@ -349,7 +349,13 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
 
     rows, extra = [], {}
     with torch.no_grad():
-        if family in ("llava_next", "llava_onevision", "llava_next_video"):
+        if family == "llava_onevision" and video:  # 8 frames a clip, each pooled to 3x3, one newline closing it
+            pixel = torch.randn(len(sizes), 8, 3, 24, 24, generator=g).to(dtype)
+            feats = model.model.get_video_features(pixel_values_videos=pixel).pooler_output  # [batch, tokens, dim]
+            counts = [feats.shape[1]] * len(sizes)
+            extra = {"pixel_values_videos": pixel}
+            image_id = model.config.video_token_id
+        elif family in ("llava_next", "llava_onevision", "llava_next_video"):
             pixel = torch.randn(len(sizes), 5, 3, 24, 24, generator=g).to(dtype)
             image_sizes = torch.tensor([list(s) for s in sizes])
             counts = [f.shape[0] for f in model.model.get_image_features(
