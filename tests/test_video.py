@@ -1,0 +1,374 @@
+"""Video: frames in the token layout, the blind video baselines and DyCoke's temporal token merging (issue 16)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import prunekit
+from prunekit.api import Criterion
+from prunekit.hookspecs import hookimpl
+from prunekit.layout import TokenLayout, layout_from_ids
+from prunekit.plugins import register_plugin, unregister_plugin
+from prunekit.probes import LayerInput
+from prunekit.sequence import top_visual
+from prunekit.testing import END_ID, START_ID, family_inputs, forward_context, tiny_family_model
+
+from prunekit.criteria.video import DyCokeTTM, FrameDifference, UniformFrames, dycoke_keep_count
+
+VIDEO_RECIPES = ("uniform-frames", "frame-difference", "dycoke")
+FAMILIES = ("video_llava", "llava_onevision", "qwen2_5_vl")
+RECIPES_DIR = prunekit.__path__[0] + "/recipes"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _RecordLayout(Criterion):
+    """Records the layout and the hidden states entering the prune layer (a test probe)."""
+
+    name: ClassVar[str] = "test_video_record_layout"
+    seen: ClassVar[list] = []
+
+    def probes(self, stage_layers, num_layers):
+        return [LayerInput(layer=layer) for layer in stage_layers]
+
+    def observe(self, ctx, probe, inputs, output):
+        ctx.buffers[f"{self.key}/hidden"] = inputs.detach()
+
+    def score(self, ctx):
+        _RecordLayout.seen.append((ctx.layout, ctx.buffers.pop(f"{self.key}/hidden")))
+        return ctx.layout.visual.double()
+
+
+class _Plugin:
+    @hookimpl
+    def prunekit_add_criteria(self):
+        return [_RecordLayout]
+
+
+@pytest.fixture(scope="module")
+def recorder():
+    name = register_plugin(_Plugin(), name="test_video_record_layout")
+    yield
+    unregister_plugin(name)
+
+
+def _recorded(model, inputs) -> tuple[TokenLayout, torch.Tensor]:
+    """The layout and the decoder's input embeddings of one prefill of ``inputs``, as criteria see them."""
+    _RecordLayout.seen.clear()
+    recipe = {"name": "record", "criteria": {"rec": {"type": _RecordLayout.name}},
+              "schedule": {"type": "stages", "stages": [{"layer": 0, "keep": 1.0}]}}
+    with prunekit.apply(model, recipe), torch.no_grad():
+        model(**inputs)
+    return _RecordLayout.seen[-1]
+
+
+def qwen_video_inputs(model, grids: list[tuple[int, int, int]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Left-padded prompts, one video per sample with the given ``(t, h, w)`` patch grid."""
+    g = torch.Generator().manual_seed(seed)
+    merge = model.config.vision_config.spatial_merge_size ** 2
+    rows = []
+    for i, (t, h, w) in enumerate(grids):
+        words = torch.randint(3, 250, (3 + 2 * i,), generator=g).tolist()
+        rows.append([1, *words, START_ID, *([model.config.video_token_id] * (t * h * w // merge)), END_ID, 7, 8, 9])
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    grid = torch.tensor(grids)
+    pixel = torch.randn(int(grid.prod(dim=1).sum()), 3 * 2 * 4 * 4, generator=g).to(model.dtype)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": pixel, "video_grid_thw": grid,
+            "mm_token_type_ids": (ids == model.config.video_token_id).long() * 2}
+
+
+def _alone(inputs: dict, row: int) -> dict:
+    """One sample of a padded batch without its padding, with its own video."""
+    mask = inputs["attention_mask"][row].bool()
+    out = {}
+    for key, value in inputs.items():
+        if key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            out[key] = value[row][mask][None]
+        elif key == "pixel_values_videos" and "video_grid_thw" in inputs:
+            counts = inputs["video_grid_thw"].prod(dim=1).tolist()
+            out[key] = value[sum(counts[:row]):sum(counts[:row + 1])]
+        else:
+            out[key] = value[row:row + 1]
+    return out
+
+
+def _inputs(family, model, batch=1, seed=0):
+    if family == "qwen2_5_vl":
+        return qwen_video_inputs(model, [(4, 8, 8), (2, 8, 12)][:batch], seed=seed)
+    inputs = family_inputs(model, family, batch=batch, seed=seed, video=True)
+    return inputs
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param, tiny_family_model(request.param, num_layers=4, seed=1, dtype=torch.float64)
+
+
+def _with_keep(recipe: str, keep: float | None = None, count: int | None = None) -> dict:
+    cfg = OmegaConf.to_container(OmegaConf.load(f"{RECIPES_DIR}/{recipe}.yaml"))
+    stage = {"layer": 0, "keep": keep} if count is None else {"layer": 0, "count": count}
+    cfg["schedule"] = {"type": "stages", "stages": [stage]}
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# frames in the layout
+# ---------------------------------------------------------------------------------------------
+def test_layout_without_frames_fills_minus_one_and_gathers_them():
+    visual = torch.tensor([[False, True, True, False]])
+    layout = layout_from_ids(torch.zeros(1, 4, dtype=torch.long), visual, None)
+    assert layout.frame_index.tolist() == [[-1] * 4] and layout.grid_row.tolist() == [[-1] * 4]
+    layout.frame_index[0, 1:3] = torch.tensor([0, 1])
+    gathered = layout.gather(torch.tensor([[0, 2]]), torch.tensor([[True, False]]))
+    assert gathered.frame_index.tolist() == [[-1, 1]]
+
+
+@pytest.mark.parametrize("name", ["video_llava", "llava_onevision"])
+def test_frames_of_llava_families_match_each_frame_encoded_alone(recorder, name):
+    """Every video token sits at the frame and grid cell whose features it carries: the frame run alone through
+    the model's own video path gives that token's embedding at the cell's place."""
+    model = tiny_family_model(name, num_layers=2, seed=2, dtype=torch.float64)
+    inputs = family_inputs(model, name, batch=2, seed=1, video=True, dtype=torch.float64)
+    layout, hidden = _recorded(model, inputs)
+    pixel = inputs["pixel_values_videos"]
+    frames = pixel.shape[1]
+    for b in range(2):
+        video = (inputs["input_ids"][b] == model.config.video_token_id).nonzero().flatten()
+        assert sorted(layout.frame_index[b, video].unique().tolist())[-frames:] == list(range(frames))
+        for f in range(frames):
+            with torch.no_grad():
+                alone = model.model.get_video_features(pixel_values_videos=pixel[b:b + 1, f:f + 1]).pooler_output
+            alone = alone.reshape(-1, alone.shape[-1])  # [tokens of one frame (+ newline), dim]
+            in_frame = video[layout.frame_index[b, video] == f]
+            rows, cols = layout.grid_row[b, in_frame], layout.grid_col[b, in_frame]
+            side = int(rows.max()) + 1
+            lead = 1 if name == "video_llava" else 0  # Video-LLaVA's frames start with their CLS token
+            place = torch.where(rows >= 0, lead + rows * side + cols, 0)
+            assert len(in_frame) == side * side + lead
+            torch.testing.assert_close(hidden[b, in_frame], alone[place], rtol=0, atol=1e-12)
+        outside = video[layout.frame_index[b, video] < 0]
+        assert len(outside) == (1 if name == "llava_onevision" else 0)  # OneVision's newline closes the clip
+
+
+def test_frames_of_qwen2_5_vl_follow_video_grid_thw(recorder):
+    """Qwen2.5-VL: temporal patch t, merged row r, column c of a (t, h, w) grid, frame-major, in a padded batch."""
+    model = tiny_family_model("qwen2_5_vl", num_layers=2, seed=2)
+    grids = [(4, 8, 12), (2, 8, 8)]
+    inputs = qwen_video_inputs(model, grids, seed=3)
+    inputs["second_per_grid_ts"] = torch.tensor([0.5, 2.0])  # spaces temporal positions, not frames
+    layout, _ = _recorded(model, inputs)
+    merge = model.config.vision_config.spatial_merge_size
+    for b, (t, h, w) in enumerate(grids):
+        video = (inputs["input_ids"][b] == model.config.video_token_id).nonzero().flatten()
+        expect = [(f, r, c) for f in range(t) for r in range(h // merge) for c in range(w // merge)]
+        got = list(zip(layout.frame_index[b, video].tolist(), layout.grid_row[b, video].tolist(),
+                       layout.grid_col[b, video].tolist()))
+        assert got == expect
+        assert bool((layout.frame_index[b][~layout.visual[b]] == -1).all())
+
+
+def test_still_images_have_no_frames(recorder):
+    model = tiny_family_model("qwen2_5_vl", num_layers=2, seed=2)
+    layout, _ = _recorded(model, family_inputs(model, "qwen2_5_vl", batch=1))
+    assert layout.visual.any() and not layout.has_frames
+
+
+# ---------------------------------------------------------------------------------------------
+# criteria against slow references
+# ---------------------------------------------------------------------------------------------
+def _clip_layout(frames: int, rows: int, cols: int, text: int = 2, lead: int = 0, tail: int = 0) -> TokenLayout:
+    """One sample: ``text`` tokens, a clip of ``frames`` frames (``lead`` + rows x cols tokens each, then ``tail``),
+    ``text`` tokens; frame fields built token by token."""
+    per_frame = lead + rows * cols
+    n = frames * per_frame + tail
+    seq = 2 * text + n
+    visual = torch.zeros(1, seq, dtype=torch.bool)
+    visual[0, text:text + n] = True
+    layout = layout_from_ids(torch.zeros(1, seq, dtype=torch.long), visual, None)
+    position = text
+    for f in range(frames):
+        for j in range(per_frame):
+            layout.frame_index[0, position] = f
+            if j >= lead:
+                layout.grid_row[0, position], layout.grid_col[0, position] = divmod(j - lead, cols)
+            position += 1
+    return layout
+
+
+def test_uniform_frames_keeps_whole_evenly_spaced_frames():
+    for frames, keep in [(8, 0.25), (16, 0.5), (6, 0.34), (5, 0.2)]:
+        layout = _clip_layout(frames, 2, 3)
+        ctx = forward_context(layout, stage_layers=(0,), keep=keep)
+        kept = top_visual(UniformFrames().score(ctx), layout.visual, ctx.keep_counts)[0]
+        kept_frames = sorted(set(layout.frame_index[0][kept].tolist()))
+        m = round(frames * keep)
+        assert len(kept_frames) == m
+        for f in kept_frames:  # whole frames
+            assert bool(kept[layout.frame_index[0] == f].all())
+        gaps = [b - a for a, b in zip(kept_frames, kept_frames[1:])] + [frames - kept_frames[-1] + kept_frames[0]]
+        assert max(gaps) - min(gaps) <= 1, (frames, keep, kept_frames)  # evenly spread over the clip
+
+
+def test_frame_difference_equals_a_loop_over_cells():
+    torch.manual_seed(0)
+    layout = _clip_layout(4, 2, 2, lead=1)
+    seq = layout.seq_len
+    hidden = torch.randn(1, seq, 8, dtype=torch.float64)
+    # make the third frame's first cell nearly equal to the second frame's, then drop one cell of the second frame
+    pos = {}
+    for j in range(seq):
+        f, r, c = (int(layout.frame_index[0, j]), int(layout.grid_row[0, j]), int(layout.grid_col[0, j]))
+        pos[(f, r, c)] = j
+    hidden[0, pos[(2, 0, 0)]] = hidden[0, pos[(1, 0, 0)]] * 1.001
+    keep_slots = torch.tensor([[j for j in range(seq) if j != pos[(1, 1, 1)]]])
+    layout = layout.gather(keep_slots, torch.zeros_like(keep_slots, dtype=torch.bool))
+    hidden = hidden[:, keep_slots[0]]
+    for metric in ("cosine", "l2"):
+        ctx = forward_context(layout, stage_layers=(0,), buffers={"d/hidden0": hidden})
+        criterion = FrameDifference(metric=metric)
+        criterion.key = "d"
+        score = criterion.score(ctx)[0]
+        seen: dict[tuple[int, int], list[float]] = {}
+        firsts = []
+        for j in range(layout.seq_len):
+            f = int(layout.frame_index[0, j])
+            if f < 0:
+                continue
+            cell = (int(layout.grid_row[0, j]), int(layout.grid_col[0, j]))
+            x = hidden[0, j].tolist()
+            if cell in seen:
+                y = seen[cell]
+                if metric == "cosine":
+                    dot = sum(a * b for a, b in zip(x, y))
+                    expect = 1 - dot / (math.sqrt(sum(a * a for a in x)) * math.sqrt(sum(b * b for b in y)))
+                else:
+                    expect = math.sqrt(sum((a - b) ** 2 for a, b in zip(x, y)))
+                assert abs(float(score[j]) - expect) < 1e-12
+            else:
+                firsts.append(j)
+            seen[cell] = x
+        others = [j for j in range(layout.seq_len) if layout.visual[0, j] and j not in firsts]
+        assert float(score[firsts].min()) > float(score[others].max())  # first frame (and new cells) above all
+        # the cell copied from its previous frame scores lowest of all
+        moved = int((layout.original_index[0] == pos[(2, 0, 0)]).nonzero())
+        assert int(score[others].argmin()) == others.index(moved)
+
+
+def official_dycoke_ttm(features: torch.Tensor, per_frame: int, k: float) -> torch.Tensor:
+    """DyCoke's ``dycole_ttm`` re-derived as a loop that returns the kept rows of ``features`` ``[frames * n, dim]``
+    (in the official output order): pair frames (0,1), (2,3), ...; the second of each pair keeps its
+    ``int((1 - k) * n)`` tokens least cosine-similar to the first's token at the same place; then for
+    ``i = 0, 4, ...`` below ``frames - 4`` frame ``i + 2`` keeps its least similar to frame ``i``."""
+    frames = features.shape[0] // per_frame
+    keep = int((1 - k) * per_frame)
+    rows = [list(range(f * per_frame, (f + 1) * per_frame)) for f in range(frames)]
+
+    def least_similar(first: int, second: int) -> list[int]:
+        sims = []
+        for j in range(per_frame):
+            a, b = features[rows[first][j]], features[rows[second][j]]
+            sims.append(float(torch.dot(a, b) / (a.norm() * b.norm())))
+        order = sorted(range(per_frame), key=lambda j: sims[j])
+        return [rows[second][j] for j in order[:keep]]
+
+    out = []
+    for i in range(0, frames - 1, 2):
+        out.append(rows[i])
+        out.append(least_similar(i, i + 1))
+    for i in range(0, frames - 4, 4):
+        out[i] = rows[i]
+        out[i + 2] = least_similar(i, i + 2)
+    return torch.tensor([j for part in out for j in part])
+
+
+def test_dycoke_keeps_the_official_set_on_a_hand_built_clip():
+    torch.manual_seed(1)
+    for frames, rows, cols, k in [(8, 3, 3, 0.7), (12, 2, 4, 0.5), (4, 3, 3, 0.7)]:
+        layout = _clip_layout(frames, rows, cols)
+        n = rows * cols
+        hidden = torch.randn(1, layout.seq_len, 6, dtype=torch.float64)
+        criterion = DyCokeTTM(k=k)
+        criterion.key = "t"
+        ctx = forward_context(layout, stage_layers=(0,), buffers={"t/hidden0": hidden})
+        count = torch.tensor([dycoke_keep_count(frames, n, k)])
+        kept = top_visual(criterion.score(ctx), layout.visual, count)[0].nonzero().flatten()
+        video = layout.visual[0].nonzero().flatten()
+        expect = video[official_dycoke_ttm(hidden[0, video], n, k)]
+        assert kept.tolist() == sorted(expect.tolist())
+
+
+def test_dycoke_on_tiny_onevision_keeps_the_official_tokens_of_its_video_features():
+    """The recipe's criterion on a real (tiny) OneVision: the kept tokens are the official TTM's on the
+    model's own pooled frame features, plus the newline that closes the clip."""
+    model = tiny_family_model("llava_onevision", num_layers=4, seed=5, dtype=torch.float64)
+    inputs = family_inputs(model, "llava_onevision", batch=1, seed=2, video=True, dtype=torch.float64)
+    with torch.no_grad():
+        features = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"]).pooler_output[0]
+    frames, per_frame = inputs["pixel_values_videos"].shape[1], (features.shape[0] - 1) // 8
+    count = dycoke_keep_count(frames, per_frame, 0.7, tail=1)
+    with prunekit.apply(model, _with_keep("dycoke", count=count)) as pruner, torch.no_grad():
+        model(**inputs)
+    kept = pruner.last_report[0].kept[0]
+    video = (inputs["input_ids"][0] == model.config.video_token_id).nonzero().flatten()
+    expect = video[official_dycoke_ttm(features[:-1], per_frame, 0.7)].tolist() + [int(video[-1])]
+    assert kept.tolist() == sorted(expect)
+
+
+def test_recipe_parameters_are_checked():
+    with pytest.raises(prunekit.RecipeError, match="metric"):
+        prunekit.load_recipe({"name": "x", "criteria": {"d": {"type": "frame_difference", "metric": "l1"}},
+                              "schedule": {"type": "stages", "stages": [{"layer": 0, "keep": 0.5}]}})
+    with pytest.raises(prunekit.RecipeError, match="k "):
+        prunekit.load_recipe({"name": "x", "criteria": {"d": {"type": "dycoke_ttm", "k": 1.0}},
+                              "schedule": {"type": "stages", "stages": [{"layer": 0, "keep": 0.5}]}})
+
+
+# ---------------------------------------------------------------------------------------------
+# done-when: generate, keep-everything, padded batches (issue 16)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe", VIDEO_RECIPES)
+def test_video_recipes_generate_and_keep_everything_is_identical(family, recipe):
+    name, model = family
+    inputs = _inputs(name, model, batch=1, seed=3)
+    n_video = int((inputs["input_ids"] == model.config.video_token_id).sum())
+    with torch.no_grad():
+        bare_logits = model(**inputs).logits
+        bare = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with prunekit.apply(model, _with_keep(recipe, keep=1.0)) as pruner, torch.no_grad():
+        logits = model(**inputs).logits
+        ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert int(pruner.last_report[0].kept_counts[0]) == n_video
+    assert torch.equal(logits, bare_logits) and torch.equal(ids, bare)
+    with prunekit.apply(model, recipe) as pruner, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == bare.shape[1]
+    assert 0 < int(pruner.last_report[0].kept_counts[0]) < n_video
+
+
+@pytest.mark.parametrize("recipe", VIDEO_RECIPES)
+def test_a_padded_batch_of_two_clips_equals_the_lone_runs(family, recipe):
+    name, model = family
+    inputs = _inputs(name, model, batch=2, seed=4)
+    with prunekit.apply(model, recipe) as pruner, torch.no_grad():
+        batch_out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        batch_report = pruner.last_report
+        for row in range(2):
+            alone = _alone(inputs, row)
+            out = model.generate(**alone, max_new_tokens=4, do_sample=False)
+            pad = int((inputs["attention_mask"][row] == 0).sum())
+            kept = batch_report[0].kept[row]
+            assert torch.equal(kept[kept >= 0] - pad, pruner.last_report[0].kept[0])
+            assert batch_out[row, inputs["input_ids"].shape[1]:].tolist() == out[0, alone["input_ids"].shape[1]:].tolist()
