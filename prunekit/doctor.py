@@ -69,6 +69,7 @@ def diagnose(model: nn.Module) -> dict[str, Any]:
         "layer_kinds": kinds,
         "rope": "M-RoPE (3-D)" if "mrope_section" in rope else "RoPE",
         "visual_tokens": chosen.describe_visual(model),
+        "video_frames": (chosen.describe_frames(model) if hasattr(chosen, "describe_frames") else None),
         "probes": {
             "ModuleIO (attention / MLP input and output)": True,
             "LayerInput": True,
@@ -135,6 +136,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"language model: {report['language_model']}, {report['decoder_layers']} decoder layers "
                  f"({', '.join(f'{n} {k}' for k, n in report['layer_kinds'].items())}), {report['rope']}")
     lines.append(f"visual tokens: {report['visual_tokens']}")
+    if report.get("video_frames"):
+        lines.append(f"video frames: {report['video_frames']}")
     lines.append("probes:")
     lines += [f"  {'yes' if ok else 'no '}  {name}" for name, ok in report["probes"].items()]
     recipes = report.get("recipes", {})
@@ -142,3 +145,50 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"recipes that run as written ({len(running)} of {len(recipes)}): {', '.join(running) or 'none'}")
     lines += [f"  {name}: {status[4:]}" for name, status in recipes.items() if status != "runs"]
     return "\n".join(lines)
+
+
+def describe_frames(layout: Any) -> list[str]:
+    """One line per video span of a :class:`~prunekit.layout.TokenLayout`: its frames x grid, e.g.
+    ``sample 0, visual span 0: 8 frames x 6x6 grid (+1 token per frame outside the grid)``."""
+    lines = []
+    for b in range(layout.batch_size):
+        visual = layout.visual[b]
+        for span in layout.image_index[b][visual].unique().tolist():
+            here = visual & (layout.image_index[b] == span)
+            frames = layout.frame_index[b][here]
+            if not bool((frames >= 0).any()):
+                continue
+            in_frames = here & (layout.frame_index[b] >= 0)
+            rows, cols = layout.grid_row[b][in_frames], layout.grid_col[b][in_frames]
+            count = int(frames.max()) + 1
+            line = (f"sample {b}, visual span {span}: {count} frames x {int(rows.max()) + 1}x{int(cols.max()) + 1} "
+                    f"grid")
+            lead = int((rows < 0).sum()) // count
+            if lead:
+                line += f" (+{lead} token per frame outside the grid)"
+            outside = int((frames < 0).sum())
+            if outside:
+                line += f" (+{outside} video token(s) in no frame)"
+            lines.append(line)
+    return lines
+
+
+def video_frames(model: nn.Module, inputs: dict[str, Any]) -> list[str]:
+    """Run one prefill of ``inputs`` (``model(**inputs)``) and describe its video spans as criteria see them
+    (:func:`describe_frames`): frames x grid per span, from the adapter's frame facts."""
+    import prunekit
+    from prunekit.engine import current_layout
+
+    recipe = {"name": "doctor-frames", "criteria": {"frames": {"type": "uniform_frames"}},
+              "schedule": {"type": "stages", "stages": [{"layer": 0, "keep": 1.0}]}}
+    seen: list[Any] = []
+    with prunekit.apply(model, recipe) as pruner:
+        # after the engine's own pre-hook on layer 0 (registered first), the layout of the running prefill
+        handle = pruner.layers[0].register_forward_pre_hook(lambda module, args: seen.append(current_layout(model)))
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        finally:
+            handle.remove()
+    layout = next((item for item in seen if item is not None), None)
+    return [] if layout is None else describe_frames(layout)

@@ -372,3 +372,20 @@ def test_a_padded_batch_of_two_clips_equals_the_lone_runs(family, recipe):
             kept = batch_report[0].kept[row]
             assert torch.equal(kept[kept >= 0] - pad, pruner.last_report[0].kept[0])
             assert batch_out[row, inputs["input_ids"].shape[1]:].tolist() == out[0, alone["input_ids"].shape[1]:].tolist()
+
+
+def test_doctor_shows_frames_x_grid_per_video_span():
+    from prunekit.doctor import diagnose, format_report, video_frames
+
+    model = tiny_family_model("video_llava", num_layers=2, seed=2)
+    inputs = family_inputs(model, "video_llava", batch=1, video=True)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    frames = inputs["pixel_values_videos"].shape[1]
+    assert video_frames(model, inputs) == [f"sample 0, visual span 0: {frames} frames x {side}x{side} grid "
+                                           "(+1 token per frame outside the grid)"]
+    assert f"video frames: frames of 1 + {side}x{side} tokens" in format_report(diagnose(model))
+    qwen = tiny_family_model("qwen2_5_vl", num_layers=2, seed=2)
+    grids, merge = [(2, 8, 8), (4, 8, 12)], qwen.config.vision_config.spatial_merge_size
+    lines = video_frames(qwen, qwen_video_inputs(qwen, grids))
+    for line, (t, h, w) in zip(lines, grids):
+        assert line.endswith(f": {t} frames x {h // merge}x{w // merge} grid")
