@@ -49,7 +49,7 @@ from prunekit.recipe import (
     load_recipe,
     scale_to_depth,
 )
-from prunekit.record import CacheRecord, Decode, Prefill, Running, max_position
+from prunekit.record import CacheRecord, Decode, Prefill, Running, StageRecord, max_position
 from prunekit.report import PruneReport, StageReport, build_report
 from prunekit.step import decode_layer_kwargs, decode_step_kwargs, prefill_layer_kwargs, prune
 from prunekit.vision import VisionPruner, rewrite_decode_kwargs
@@ -270,6 +270,12 @@ class Pruner:
         input_ids: Tensor | None = call.get("input_ids")
         mask = call.get("attention_mask")
         positions = call.get("position_ids")
+        if (input_ids is not None and input_ids.shape[1] > 1 and cache is not None
+                and (cached is not None or cache.get_seq_length() > 0)):
+            turn = self._start_turn(cached, cache, call, input_ids, mask)
+            if turn is not None:  # a later turn with new visual tokens: pruned on the cache that exists
+                self._running.forward = turn
+                return None
         if cached is not None:
             changed = None
             if cached.rewrite is not None:  # the prompt was shortened before the language model
@@ -284,14 +290,9 @@ class Pruner:
                 "prunekit finds visual tokens through input_ids, but the model was called with inputs_embeds "
                 "only; pass input_ids (and pixel_values)"
             )
-        layout = self.adapter.token_layout(self.model, input_ids, mask)
         if past > 0:
-            if bool(layout.visual.any()):
-                raise LayoutError(
-                    f"this forward continues a cache of {past} tokens with new visual tokens; prunekit prunes "
-                    "visual tokens in the prefill only (start from an empty cache)"
-                )
             return None  # text continuing an unpruned cache: nothing to do
+        layout = self.adapter.token_layout(self.model, input_ids, mask)
         if not bool(layout.visual.any()):
             raise LayoutError(
                 f"the prompt has no visual tokens (looked for {self.adapter.describe_visual(self.model)} in input_ids "
@@ -321,6 +322,60 @@ class Pruner:
             loss_kwargs={k: v for k, v in call.items() if k not in self._signature.parameters} if labels else {},
         )
         return changed
+
+    def _unpruned_cache(self, cache: Any, input_ids: Tensor) -> CacheRecord | None:
+        """The record of a cache this pruner did not fill (a shared system prompt, an unpruned first turn):
+        every layer holds the same tokens, so every stage's slots are all of them. None when the call brings
+        no visual tokens (text on an unpruned cache runs as it would without prunekit)."""
+        past = cache.get_seq_length()
+        lengths = {layer: cache.get_seq_length(layer) for layer in self.stage_layers}
+        if any(length != past for length in lengths.values()):
+            raise LayoutError(
+                f"the KV cache holds {past} tokens at layer 0 but {lengths} at the prune layers: it was pruned by "
+                "another pruner (or another recipe); continue a conversation with the pruner that filled its cache"
+            )
+        slots = torch.zeros(input_ids.shape[0], 0, dtype=torch.long, device=input_ids.device)  # [batch, 0]
+        shift = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)  # [batch]
+        records = [StageRecord(layer=stage.layer, original_index=slots, visual=slots.bool(), valid=slots.bool(),
+                               shift=shift) for stage in self.stages]
+        return CacheRecord(prompt_length=0, records=records, seen=past)
+
+    def _start_turn(self, cached: CacheRecord | None, cache: Any, call: dict[str, Any], input_ids: Tensor,
+                    mask: Tensor | None) -> Prefill | None:
+        """The record of a conversation's later turn (several new tokens, some visual, on a non-empty cache:
+        ``cached`` is its record, None for a cache this pruner did not fill), or None when the new tokens hold
+        no visual token (they then run as a decode step, or as without prunekit on an unknown cache)."""
+        turn_length = input_ids.shape[1]
+        turn_mask = None if mask is None else mask[:, -turn_length:]
+        layout = self.adapter.token_layout(self.model, input_ids, turn_mask)
+        if not bool(layout.visual.any()):
+            return None
+        if cached is None:
+            self._check_cache_and_mask(cache, mask)
+            cached = self._unpruned_cache(cache, input_ids)
+        if cached.rewrite is not None or self._vision is not None:
+            raise LayoutError(
+                f"recipe {self.recipe.name!r} has a vision stage, which prunes a conversation's first prefill only; "
+                "this turn brings new visual tokens on its cache. Use a decoder-stage recipe for chats with an "
+                "image per turn, or start each turn from an empty cache"
+            )
+        if call.get("labels") is not None:
+            raise LayoutError("labels on a later turn of a conversation (new visual tokens on a pruned cache) are "
+                              "not supported; compute the loss on a prefill from an empty cache")
+        if self.stage_layers[:1] == (0,) and (mask is None or mask.shape[-1] != cached.seen + turn_length):
+            covered = "no attention_mask" if mask is None else f"an attention_mask of {mask.shape[-1]} tokens"
+            raise LayoutError(
+                f"this turn brings {turn_length} tokens with {covered} on a cache that has seen {cached.seen}: "
+                f"recipe {self.recipe.name!r} prunes before layer 0, so the first layer's cache is shorter than the "
+                "conversation and generate() counts the new tokens from it. Call the model with only the turn's new "
+                "tokens and the 2D attention_mask of the whole conversation, or use a recipe whose first stage is "
+                "after layer 0"
+            )
+        decode = self._start_decode(cached, cache, input_ids, None, mask)  # checks the 2D mask's length
+        ctx = ForwardContext(layout=layout, stage_layers=self.stage_layers, num_layers=self.num_layers)
+        return Prefill(ctx=ctx, positions=None, visual_original=layout.visual_counts(),
+                       prompt_valid=layout.valid.sum(dim=1), prompt_length=turn_length, cache=cache,
+                       past=cached, past_mask=decode.mask_2d)
 
     @staticmethod
     def _check_cache_and_mask(cache: Any, mask: Any) -> None:
@@ -397,7 +452,9 @@ class Pruner:
             return
         self.last_report = build_report(forward, vision, self._stage_of_layer)
         cache = forward.cache if forward.cache is not None else cache_of(output)
-        if cache is not None:
+        if forward.past is not None:  # a later turn: the cache's record now covers the conversation so far
+            self._caches[cache] = forward.past.continued(forward.past_mask, forward.records)
+        elif cache is not None:
             self._caches[cache] = CacheRecord(forward.prompt_length, forward.records, seen=forward.prompt_length,
                                               rewrite=forward.rewrite)
         return self._with_loss(forward, output) if forward.labels else None

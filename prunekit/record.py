@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from prunekit.api import ForwardContext
@@ -77,16 +78,59 @@ class Prefill:
     scoring_rows: dict[int, Tensor] = field(default_factory=dict)  # id(projection) -> the token columns [n] long
     # it projects during the scoring pass (the others are zeros)
     scoring_probes: tuple[AttentionRows, ...] = ()
+    # A later turn of a conversation: the pruned cache it continues and the turn's 2D mask over the unpruned
+    # conversation [batch, past.seen + turn] bool. Its layout, records and report cover the turn's own tokens.
+    past: CacheRecord | None = None
+    past_mask: Tensor | None = None
+
+    def past_stage_mask(self, stage: int) -> Tensor | None:
+        """[batch, slots] bool: stage ``stage``'s cached slots a later turn attends to (None for a first prefill)."""
+        return None if self.past is None else self.past.stage_mask(stage, self.past_mask)
+
+    def past_shift(self, stage: int) -> Tensor | None:
+        """[batch] long: how far stage ``stage`` moved the cache's positions back (None for a first prefill)."""
+        return None if self.past is None or stage < 0 else self.past.records[stage].shift
 
 
 @dataclass
 class CacheRecord:
-    """What decode steps on a pruned KV cache need: the prompt length and each stage's slots."""
+    """What decode steps on a pruned KV cache need: the prompt length and each stage's slots.
+
+    After a conversation's later turn (new visual tokens on this cache, pruned in their turn), the
+    "prompt" is everything up to the end of that turn: each stage's slots over the whole conversation.
+    """
 
     prompt_length: int
     records: list[StageRecord]
     seen: int  # tokens the cache has seen (prompt + decoded)
     rewrite: PromptRewrite | None = None
+
+    def stage_mask(self, stage: int, mask_2d: Tensor) -> Tensor:
+        """[batch, slots]: which of stage ``stage``'s cached slots hold real tokens, given the 2D mask over
+        the unpruned sequence ``mask_2d`` [batch, >= seen] (its decoded part is kept whole)."""
+        return torch.cat([self.records[stage].valid, mask_2d[:, self.prompt_length:self.seen]], dim=1)
+
+    def continued(self, mask_2d: Tensor, turn: list[StageRecord]) -> CacheRecord:
+        """This record after a later turn whose stages left ``turn``: per stage, the cached slots, then the
+        tokens decoded since, then the turn's kept slots (indices over the whole unpruned conversation).
+
+        mask_2d: [batch, seen + turn_length] bool, the 2D mask of the turn's forward.
+        """
+        turn_length = mask_2d.shape[1] - self.seen
+        decoded = torch.arange(self.prompt_length, self.seen, device=mask_2d.device)  # [decoded]
+        records = []
+        for past, new in zip(self.records, turn):
+            batch = past.valid.shape[0]
+            decoded_index = decoded[None].expand(batch, -1)  # [batch, decoded]
+            index = torch.cat([past.original_index, decoded_index,
+                               torch.where(new.original_index >= 0, new.original_index + self.seen, -1)], dim=1)
+            records.append(StageRecord(
+                layer=past.layer, original_index=index, where=past.where, shift=new.shift,
+                visual=torch.cat([past.visual, torch.zeros_like(decoded_index, dtype=torch.bool), new.visual], dim=1),
+                valid=torch.cat([self.stage_mask(len(records), mask_2d), new.valid], dim=1),
+            ))
+        total = self.seen + turn_length
+        return CacheRecord(prompt_length=total, records=records, seen=total, rewrite=self.rewrite)
 
 
 @dataclass

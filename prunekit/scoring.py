@@ -49,6 +49,10 @@ def capture_rows(prefill: Prefill, probes: Sequence[AttentionRows], query: Tenso
     """Store each probe's rows in ``ctx.captures`` from one layer's query [batch, heads, seq, head_dim] and key."""
     ctx = prefill.ctx
     layout = ctx.layout
+    if prefill.past is not None and key.shape[2] > layout.seq_len:
+        # A later turn of a conversation is scored on its own tokens: its instruction's attention over the
+        # turn's keys (the last columns: the layer's cache comes first), as if the turn were the prompt.
+        key = key[:, :, -layout.seq_len:]
     if query.shape[2] != layout.seq_len or key.shape[2] != layout.seq_len:
         raise AdapterError(
             f"attention rows: query/key cover {query.shape[2]}/{key.shape[2]} tokens but the prefill "

@@ -44,6 +44,10 @@ def prune(prefill: Prefill, recipe: Recipe, adapter: Adapter, stage: Stage, stag
         hidden = next_hidden(hidden, plan, merged)  # a gather: gradients reach the kept tokens as in the bare model
         with torch.no_grad():
             prefill.positions = next_positions(prefill, plan, adapter, recipe.positions)
+            if prefill.past is not None:  # a later turn: continue right after this stage's cached positions
+                before = prefill.past_shift(stage_index - 1)
+                moved = prefill.past_shift(stage_index) - (0 if before is None else before)  # [batch]
+                prefill.positions = prefill.positions - moved[None, :, None]
         ctx.gather(plan.index, ~plan.from_current)
         if merged is not None:  # merged slots are visual tokens from now on
             ctx.layout.visual |= plan.merged_valid
@@ -88,18 +92,20 @@ def prefill_layer_kwargs(prefill: Prefill, adapter: Adapter, model: nn.Module, l
     kind = adapter.layer_kind(model, layer_idx)
     if kind not in prefill.layer_kwargs:
         layout = prefill.ctx.layout
+        past = prefill.past_stage_mask(len(prefill.records) - 1)  # a later turn also attends to its stage's cache
+        mask_2d = layout.valid if past is None else torch.cat([past, layout.valid], dim=1)  # [batch, kv_len]
         with timed("stage inputs"):
             prefill.layer_kwargs[kind] = adapter.stage_kwargs(
-                model, hidden, layout.valid, prefill.positions, prefill.cache, layer_idx, layout.image_index
+                model, hidden, mask_2d, prefill.positions, prefill.cache, layer_idx, layout.image_index
             )
     return prefill.layer_kwargs[kind]
 
 
 def _decode_inputs(decode: Decode, key: tuple[int, str]) -> tuple[Tensor, Tensor]:
     """The 2D mask [batch, seq_s + decoded + q] and positions [components, batch, q] of ``key``'s stage."""
-    record = decode.cached.records[key[0]]
-    mask_2d = torch.cat([record.valid, decode.mask_2d[:, decode.cached.prompt_length:]], dim=1)
-    return mask_2d, decode.positions - record.shift[None, :, None]
+    cached = decode.cached
+    mask_2d = torch.cat([cached.stage_mask(key[0], decode.mask_2d), decode.mask_2d[:, cached.seen:]], dim=1)
+    return mask_2d, decode.positions - cached.records[key[0]].shift[None, :, None]
 
 
 def decode_layer_kwargs(decode: Decode, adapter: Adapter, model: nn.Module, key: tuple[int, str], layer_idx: int,
