@@ -198,3 +198,41 @@ def test_lmms_eval_on_two_processes_gives_the_one_process_result(toy_weights, tm
     assert pruning.pop("avg_prunekit_processes") == 1 and double["throughput"].pop("avg_prunekit_processes") == 2
     assert pruning["avg_prunekit_samples"] == 10 and "avg_prunekit_kept_stage3" in pruning
     assert {k: double["throughput"][k] for k in pruning} == pytest.approx(pruning)
+
+
+@needs_lmms
+def test_multi_round_requests_answer_every_round_as_its_own_prompt(toy):
+    """lmms-eval's multi-round protocol: the task words each later round; every round is answered as
+    generate_until answers that prompt alone, and the request's answer is its tuple of rounds."""
+    docs = _docs(3, seed=11)
+    follow_ups = ToyTask(12).questions(3)  # a second question per doc, on the doc's own image
+    seen: list[tuple[int, list[str]]] = []
+
+    def doc_to_text(doc, previous_output, round_idx, previous_round_info):
+        seen.append((round_idx, list(previous_output)))
+        if round_idx == 2:
+            return None, None, True, previous_output, previous_round_info
+        index = docs.index(doc)
+        question = follow_ups[index].question.replace("?", "") + "?"
+        return [doc["image"]], question, False, previous_output, {"index": index}
+
+    gen_kwargs = {"max_new_tokens": 3, "until": ["</s>"], "temperature": 0}
+    lm = _plugin(recipe=RECIPE)
+    lm.task_dict = {"toy": {"test": docs}}
+    from lmms_eval.api.instance import Instance
+
+    requests = [Instance(request_type="generate_until_multi_round", idx=0,
+                         metadata={"task": "toy", "doc_id": i, "repeats": 1},
+                         arguments=(doc["question"], dict(gen_kwargs), lambda d: [d["image"]], doc_to_text, i, "toy",
+                                    "test"))
+                for i, doc in enumerate(docs)]
+    answers = lm.generate_until_multi_round(requests)
+    single = [(d["question"], d) for d in docs] + [(f.question.replace("?", "") + "?", d)
+                                                   for f, d in zip(follow_ups, docs)]
+    single_docs = [{"image": d["image"], "question": q} for q, d in single]
+    lm.task_dict = {"toy": {"test": single_docs}}
+    alone = lm.generate_until(_requests(single_docs, "generate_until", lambda d: dict(gen_kwargs)))
+    assert answers == [(alone[i], alone[len(docs) + i]) for i in range(len(docs))]
+    assert [r for r, _ in seen] == [1, 2] * len(docs)
+    assert seen[1][1] == list(answers[0])  # the task saw every round's answer
+    assert lm.prune_summary()["samples"] == 4 * len(docs)  # both rounds of every doc, and the lone prompts

@@ -135,25 +135,60 @@ class PrunekitLMM(lmms):
                 context, _, doc_to_visual, doc_id, task, split = requests[i].args
                 contexts.append(context)
                 visuals.append(_visuals(doc_to_visual, self.task_dict[task][split][doc_id]))
-            gen_kwargs = dict(requests[batch[0]].args[1])
-            until = gen_kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            inputs = self._to_device(self._inputs(contexts, visuals))
-            length = inputs["input_ids"].shape[1]
-            temperature = float(gen_kwargs.get("temperature", 0) or 0)
-            with torch.no_grad():
-                output = self.model.generate(
-                    **inputs, max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
-                    do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                    top_p=gen_kwargs.get("top_p") if temperature > 0 else None,
-                    num_beams=int(gen_kwargs.get("num_beams", 1)),
-                    pad_token_id=self.tokenizer.pad_token_id)
-            self._record(inputs)
-            texts = self.tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
-            for i, text in zip(batch, texts):
-                answers[i] = _cut(text, until).strip()
+            for i, text in zip(batch, self._answer(contexts, visuals, requests[batch[0]].args[1])):
+                answers[i] = text
         self._log(time.perf_counter() - start, len(requests))
         return [answers[i] for i in range(len(requests))]
+
+    def _answer(self, contexts: Sequence[str], visuals: Sequence[list], gen_kwargs: dict) -> list[str]:
+        """One batch's answers under lmms-eval's ``gen_kwargs``, cut at its ``until`` strings."""
+        gen_kwargs = dict(gen_kwargs)
+        until = gen_kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        inputs = self._to_device(self._inputs(contexts, visuals))
+        length = inputs["input_ids"].shape[1]
+        temperature = float(gen_kwargs.get("temperature", 0) or 0)
+        with torch.no_grad():
+            output = self.model.generate(
+                **inputs, max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+                do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                top_p=gen_kwargs.get("top_p") if temperature > 0 else None,
+                num_beams=int(gen_kwargs.get("num_beams", 1)),
+                pad_token_id=self.tokenizer.pad_token_id)
+        self._record(inputs)
+        texts = self.tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
+        return [_cut(text, until).strip() for text in texts]
+
+    def generate_until_multi_round(self, requests) -> list[tuple[str, ...]]:
+        """Multi-round tasks, one request at a time: each round is a prompt of its own, pruned as in
+        :meth:`generate_until`.
+
+        lmms-eval's protocol: round 0 is the request's context and visuals; before each later round the
+        task's ``doc_to_text(doc, previous_output=..., round_idx=r, previous_round_info=...)`` returns
+        ``(visuals, context, terminal, round_results, round_info)``: the next prompt (which carries the
+        conversation so far as the task words it), whether the conversation ended, and the results so far.
+        The answer of a request is its tuple of round results.
+        """
+        results = []
+        start = time.perf_counter()
+        self._call_stats = PruneStats(len(self.stats.kept))
+        for request in requests:
+            context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
+            doc = self.task_dict[task][split][doc_id]
+            visuals, outputs, info, round_idx = _visuals(doc_to_visual, doc), [], None, 0
+            while True:
+                if round_idx > 0:
+                    visuals, context, terminal, round_results, info = doc_to_text(
+                        doc, previous_output=list(outputs), round_idx=round_idx, previous_round_info=info)
+                    outputs = list(round_results)
+                    if terminal:
+                        break
+                    visuals = _rgb(visuals)
+                outputs.append(self._answer([context], [visuals], gen_kwargs)[0])
+                round_idx += 1
+            results.append(tuple(outputs))
+        self._log(time.perf_counter() - start, len(requests))
+        return results
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """Log-probability of each continuation after its context (and whether greedy decoding gives it).
@@ -193,10 +228,6 @@ class PrunekitLMM(lmms):
                             bool((logits.argmax(-1) == target).all())))
         self._log(0.0, len(requests))
         return results
-
-    def generate_until_multi_round(self, requests) -> list[str]:
-        raise NotImplementedError("prunekit's lmms-eval plugin answers single-round tasks (generate_until, "
-                                  "loglikelihood); multi-round tasks are not supported yet")
 
     def _record(self, inputs: dict[str, torch.Tensor]) -> None:
         for stats in (self.stats, self._call_stats):
@@ -305,10 +336,12 @@ def _load(pretrained: str, dtype: Any, attn: str) -> tuple[Any, Any, Callable[[A
 
 
 def _visuals(doc_to_visual: Callable | None, doc: Any) -> list:
-    if doc_to_visual is None:
-        return []
-    visuals = doc_to_visual(doc) or []
-    return [v.convert("RGB") if hasattr(v, "convert") else v for v in visuals]
+    return [] if doc_to_visual is None else _rgb(doc_to_visual(doc))
+
+
+def _rgb(visuals: Sequence | None) -> list:
+    """A request's images as RGB (None: no image)."""
+    return [v.convert("RGB") if hasattr(v, "convert") else v for v in visuals or []]
 
 
 def _gen_key(gen_kwargs: dict) -> str:
