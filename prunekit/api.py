@@ -282,9 +282,9 @@ class Adapter(ABC):
 
         hidden: ``[batch, seq, hidden]``; attention_mask_2d: ``[batch, kv_len]`` bool over the
         keys the layer will see (its cache plus this sequence); positions: ``[components, batch,
-        seq]`` as :meth:`rope_positions` returns them; blocks (prefill only): ``[batch, seq]`` the
-        visual span each token belongs to, -1 for text (for families whose images attend
-        bidirectionally).
+        seq]`` as :meth:`rope_positions` returns them; blocks (prefill only): ``[batch, kv_len]`` the
+        visual span each key belongs to, -1 for text and for the cache of a conversation's earlier
+        turns (for families whose images attend bidirectionally).
         """
 
     def layer_input(self, args: tuple, kwargs: dict) -> Tensor:

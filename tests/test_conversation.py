@@ -211,3 +211,63 @@ def test_a_recipe_that_prunes_before_layer_0_says_why_generate_cannot_continue_i
         with pytest.raises(LayoutError, match="recipe 'divprune' prunes before layer 0"):
             llava64.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
                              pixel_values=turns[1]["pixel_values"], **with_cache(llava64, cache_of(first)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Every family of the matrix: a second turn with its own image, on the cache of the first
+# ----------------------------------------------------------------------------------------------
+from prunekit.testing import MATRIX  # noqa: E402
+
+FASTV_HALF = {"name": "half-at-2", "criteria": {"fastv": {"type": "fastv_attention"}},
+              "schedule": {"type": "stages", "stages": [{"layer": 2, "keep": 0.5}]}}
+KEEP_ALL_8 = {"name": "keep-all", "criteria": {"fastv": {"type": "fastv_attention"}},
+              "schedule": {"type": "stages", "stages": [{"layer": 2, "keep": 1.0}, {"layer": 4, "keep": 1.0}]}}
+
+
+def _family_chat(model, turns: list[dict], steps: int = 2) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each turn one generate() on the cache of the last; returns the ids after every turn and every answer's
+    logits. Token-type inputs of the earlier turns are zeros (text); each turn brings its own pixel inputs."""
+    cache, ids, all_ids, all_logits = None, None, [], []
+    for turn in turns:
+        skip = 0 if ids is None else 1  # a later turn drops its leading <bos>
+        new = turn["input_ids"] if ids is None else torch.cat([ids, turn["input_ids"][:, skip:]], dim=1)
+        extra = {k: v for k, v in turn.items() if k not in ("input_ids", "attention_mask")}
+        for key in [k for k in extra if k.endswith("token_type_ids")]:
+            earlier = torch.zeros(1, new.shape[1] - turn[key].shape[1] + skip, dtype=turn[key].dtype)
+            extra[key] = torch.cat([earlier, turn[key][:, skip:]], dim=1)
+        out = model.generate(input_ids=new, attention_mask=torch.ones_like(new), max_new_tokens=steps,
+                             min_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                             **extra, **(with_cache(model, cache) if cache is not None else {}))
+        cache, ids = cache_of(out), out.sequences
+        all_ids.append(ids)
+        all_logits.append(torch.stack(out.logits))
+    return all_ids, all_logits
+
+
+@pytest.mark.parametrize("row", [r for r in MATRIX if r.reason is None], ids=lambda r: r.family)
+def test_every_family_prunes_a_later_turns_image_on_the_cache(row):
+    import re
+
+    import transformers
+
+    version = tuple(int(p) for p in re.findall(r"\d+", transformers.__version__)[:3])
+    if version < tuple(int(p) for p in row.min_transformers.split(".")):
+        pytest.skip(f"{row.family} needs transformers >= {row.min_transformers}")
+    model = tiny_family_model(row.family, num_layers=8, seed=1)
+    turns = [family_inputs(model, row.family, seed=seed) for seed in (3, 4)]
+    with torch.no_grad():
+        bare_ids, bare_logits = _family_chat(model, turns)
+        with prunekit.apply(model, KEEP_ALL_8):
+            ids, logits = _family_chat(model, turns)
+        assert all(torch.equal(a, b) for a, b in zip(ids, bare_ids)), row.family
+        assert all(torch.equal(a, b) for a, b in zip(logits, bare_logits)), row.family
+        with prunekit.apply(model, FASTV_HALF) as pruner:
+            ids, _ = _family_chat(model, turns)
+            report = pruner.last_report  # the second turn's
+    first_turn = bare_ids[0].shape[1]
+    turn_input = ids[1][0, first_turn - 1:]  # what generate passed the model in turn 2 (the last answer token first)
+    visual = report.visual_tokens.tolist()
+    assert report.stages[0].kept_counts.tolist() == [visual[0] // 2], row.family
+    kept = report.stages[0].kept[0]
+    assert visual[0] > 0 and bool((kept < turn_input.shape[0]).all())
+    assert ids[1].shape[1] == bare_ids[1].shape[1]  # the pruned turn answered as many tokens
