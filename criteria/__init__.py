@@ -7,6 +7,7 @@ from prunekit.hookspecs import hookimpl
 
 from .attention import IGA, Attention, FastVAttention, PDropAttention
 from .cdpruner import CDPruner
+from .dart import DART
 from .diversity import DivPrune, L2Norm, Redundancy
 from .pooling import GridPool, Uniform
 from .random import RandomScore
@@ -20,7 +21,7 @@ from .vispruner import ClsAttention, VisPruner
 BUILTIN_CRITERIA: list[type[Criterion]] = [
     TTV, AccumulatedTTV, IGA, Attention, FastVAttention, PDropAttention, SparseVLMRaters, DivPrune, Redundancy,
     L2Norm, RandomScore, VisionZipDominant, Uniform, ClsAttention, VisPruner,
-    CDPruner, UniformFrames, FrameDifference, DyCokeTTM,
+    CDPruner, DART, UniformFrames, FrameDifference, DyCokeTTM,
 ]
 BUILTIN_MERGERS: list[type[Merger]] = [SparseVLMRecycling, VisionZipContextual, GridPool, ToMeMerge]
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from prunekit.errors import AdapterError
 from prunekit.layout import TokenLayout
 from prunekit.probes import AttentionRows, LayerInput, ModuleIO, Probe
 
@@ -286,6 +287,14 @@ class Adapter(ABC):
         visual span each key belongs to, -1 for text and for the cache of a conversation's earlier
         turns (for families whose images attend bidirectionally).
         """
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The decoder's norm before the LM head (read by ``LayerInput(final_norm=True)`` probes)."""
+        norm = getattr(self.language_model(model), "norm", None)
+        if not isinstance(norm, nn.Module):
+            raise AdapterError(f"{type(self.language_model(model)).__name__} has no final norm module `norm`; "
+                               f"adapter {self.name!r} must override final_norm() for criteria that read it")
+        return norm
 
     def layer_input(self, args: tuple, kwargs: dict) -> Tensor:
         """The hidden states a decoder layer (or its submodule) was called with."""

@@ -22,7 +22,16 @@ from torch import Tensor, nn
 from prunekit.api import Adapter
 from prunekit.errors import RecipeError
 from prunekit.hooks import HookSet
-from prunekit.probes import AttentionRows, LayerInput, ModuleIO, Probe, VisionAttention, VisionHidden, VisionKeys
+from prunekit.probes import (
+    AttentionRows,
+    DecoderKeys,
+    LayerInput,
+    ModuleIO,
+    Probe,
+    VisionAttention,
+    VisionHidden,
+    VisionKeys,
+)
 from prunekit.record import Running
 from prunekit.scoring import ScoringPassDone, Timer, capture_rows, rows_only_hooks, scoring_pass
 
@@ -79,12 +88,38 @@ def install_module_io(site: Site, wanted: Wanted) -> None:
 
 
 def install_layer_input(site: Site, wanted: Wanted) -> None:
-    """A pre-hook on each decoder layer read: the hidden states entering it go to ``observe``."""
-    for layer, observers in _by(wanted, lambda p: p.layer).items():
-        def hook(module: nn.Module, args: tuple, kwargs: dict, observers: Wanted = observers) -> None:
-            _deliver(site, observers, site.adapter.layer_input(args, kwargs), None)
+    """A pre-hook on each decoder layer read: the hidden states entering it (through the decoder's final
+    norm for ``final_norm`` probes) go to ``observe``."""
+    final_norm = site.adapter.final_norm(site.model) if any(p.final_norm for _, p in wanted) else None
+    for (layer, normed), observers in _by(wanted, lambda p: (p.layer, p.final_norm)).items():
+        def hook(module: nn.Module, args: tuple, kwargs: dict, observers: Wanted = observers,
+                 normed: bool = normed) -> None:
+            hidden = site.adapter.layer_input(args, kwargs)  # [batch, seq, hidden]
+            if normed and site.running.prefill() is not None:
+                with torch.no_grad():
+                    hidden = final_norm(hidden)
+            _deliver(site, observers, hidden, None)
 
         site.hooks.add(site.layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
+
+
+def install_decoder_keys(site: Site, wanted: Wanted) -> None:
+    """The attention tap stores each read layer's post-RoPE keys (the turn's own columns on a later turn)."""
+    probes_of = {id(site.adapter.attention(site.layers[layer])): [p for _, p in group]
+                 for layer, group in _by(wanted, lambda p: p.layer).items()}
+
+    def on_attention(module: nn.Module, query: Tensor, key: Tensor, kwargs: dict) -> None:
+        prefill = site.running.prefill()
+        probes = probes_of.get(id(module))
+        if prefill is None or not probes or prefill.scoring_module is not None:
+            return
+        seq = prefill.ctx.layout.seq_len
+        with torch.no_grad(), site.timed("probes"):
+            keys = key[:, :, -seq:].transpose(1, 2).flatten(2)  # [batch, seq, kv_heads * head_dim]
+            for probe in probes:
+                prefill.ctx.captures[probe] = keys
+
+    site.hooks.tap(site.adapter.language_model(site.model).config, on_attention)
 
 
 def install_attention_rows(site: Site, wanted: Wanted) -> None:
@@ -176,6 +211,7 @@ INSTALLERS: dict[type, Installer] = {
     ModuleIO: install_module_io,
     LayerInput: install_layer_input,
     AttentionRows: install_attention_rows,
+    DecoderKeys: install_decoder_keys,
     VisionAttention: install_vision_attention,
     VisionKeys: install_vision_keys,
     VisionHidden: install_vision_hidden,

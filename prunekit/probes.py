@@ -74,7 +74,21 @@ class LayerInput:
     Delivered to ``Criterion.observe`` as ``inputs`` (``output`` is None). As for attention rows,
     the sequence is the one the layer receives before any pruning at that layer: at a prune layer
     the capture arrives just before the criteria score. Layer 0's input is the embeddings with the
-    projected visual features in place.
+    projected visual features in place. ``final_norm``: passed through the decoder's final norm
+    first (the norm before the LM head; DART compares tokens so).
+    """
+
+    site: ClassVar[str] = "decoder"
+    layer: int
+    final_norm: bool = False
+
+
+@dataclass(frozen=True)
+class DecoderKeys:
+    """The keys of one decoder layer after RoPE, as the layer runs in the prefill, read as
+    ``ctx.capture(probe)``: ``[batch, seq, kv_heads * head_dim]`` (heads side by side, before any
+    repeat for grouped queries). The sequence is the one the layer runs on (at a prune layer: the
+    pruned one); the capture follows the tokens through later prunes.
     """
 
     site: ClassVar[str] = "decoder"
@@ -110,4 +124,4 @@ class VisionHidden:
     layer: int
 
 
-Probe = Union[ModuleIO, AttentionRows, LayerInput, VisionAttention, VisionKeys, VisionHidden]
+Probe = Union[ModuleIO, AttentionRows, LayerInput, DecoderKeys, VisionAttention, VisionKeys, VisionHidden]
