@@ -136,12 +136,27 @@ def test_layout_without_frames_fills_minus_one_and_gathers_them():
     assert gathered.frame_index.tolist() == [[-1, 1]]
 
 
-@pytest.mark.parametrize("name", ["video_llava", "llava_onevision"])
+def next_video_inputs(model, batch: int = 2, frames: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """LLaVA-NeXT-Video prompts with one ``frames``-frame clip each (family_inputs gives it images only)."""
+    g = torch.Generator().manual_seed(seed)
+    pixel = torch.randn(batch, frames, 3, 24, 24, generator=g).to(model.dtype)
+    with torch.no_grad():
+        features = model.model.get_video_features(pixel_values_videos=pixel[:1]).pooler_output
+    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+    n = int(features.numel() // features.shape[-1])
+    ids = torch.tensor([[1, 5, 6, *([model.config.video_token_id] * n), 7, 8]] * batch)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": pixel}
+
+
+@pytest.mark.parametrize("name", ["video_llava", "llava_onevision", "llava_next_video"])
 def test_frames_of_llava_families_match_each_frame_encoded_alone(recorder, name):
     """Every video token sits at the frame and grid cell whose features it carries: the frame run alone through
     the model's own video path gives that token's embedding at the cell's place."""
     model = tiny_family_model(name, num_layers=2, seed=2, dtype=torch.float64)
-    inputs = family_inputs(model, name, batch=2, seed=1, video=True, dtype=torch.float64)
+    if name == "llava_next_video":
+        inputs = next_video_inputs(model, seed=1)
+    else:
+        inputs = family_inputs(model, name, batch=2, seed=1, video=True, dtype=torch.float64)
     layout, hidden = _recorded(model, inputs)
     pixel = inputs["pixel_values_videos"]
     frames = pixel.shape[1]
@@ -151,6 +166,7 @@ def test_frames_of_llava_families_match_each_frame_encoded_alone(recorder, name)
         for f in range(frames):
             with torch.no_grad():
                 alone = model.model.get_video_features(pixel_values_videos=pixel[b:b + 1, f:f + 1]).pooler_output
+            alone = torch.cat(list(alone)) if isinstance(alone, (list, tuple)) else alone
             alone = alone.reshape(-1, alone.shape[-1])  # [tokens of one frame (+ newline), dim]
             in_frame = video[layout.frame_index[b, video] == f]
             rows, cols = layout.grid_row[b, in_frame], layout.grid_col[b, in_frame]
