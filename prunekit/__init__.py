@@ -19,14 +19,14 @@ from prunekit.errors import (
 from prunekit.hookspecs import hookimpl
 from prunekit.plugins import get_registry, register_plugin, unregister_plugin
 from prunekit.layout import TokenLayout
-from prunekit.probes import AttentionRows, LayerInput, ModuleIO, VisionAttention, VisionHidden, VisionKeys
+from prunekit.probes import AttentionRows, DecoderKeys, LayerInput, ModuleIO, VisionAttention, VisionHidden, VisionKeys
 from prunekit.recipe import Recipe, builtin_recipe_names, load_recipe
 from prunekit.report import PruneReport, StageReport
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "AttentionRows", "Combiner", "Criterion", "ForwardContext", "LayerInput",
+    "Adapter", "AdapterError", "AttentionRows", "Combiner", "Criterion", "DecoderKeys", "ForwardContext", "LayerInput",
     "LayoutError", "Merger", "ModuleIO", "PluginError", "PruneReport", "Pruner", "PrunekitError",
     "PrunerStateError", "Recipe", "RecipeError", "Schedule", "Stage", "StageReport", "TokenLayout",
     "VisionAttention", "VisionHidden", "VisionKeys", "apply", "builtin_recipe_names", "get_registry", "hookimpl",
