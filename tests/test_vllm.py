@@ -84,18 +84,24 @@ def transformers_run(plugin, toy, questions, recipe) -> tuple[list[int], list[li
     return answers, kept, prints
 
 
-def vllm_run(plugin, tmp_path, questions, recipe: str, overrides: list[str]) -> tuple[list[int], dict[str, list[int]], int]:
-    """vLLM with the plugin: first answer token per question, kept patches by pixel fingerprint, prompt tokens."""
+def vllm_run(plugin, tmp_path, questions, recipe: str, overrides: list[str], model: str = str(WEIGHTS_DIR),
+             architecture: str | None = None, images: list | None = None, max_model_len: int = 256
+             ) -> tuple[list[int], dict[str, list[int]], list[int]]:
+    """vLLM with the plugin: first answer token per question, kept tokens by pixel fingerprint, and each
+    request's prompt length."""
     from vllm import LLM, SamplingParams
 
     record = tmp_path / "kept.jsonl"
+    record.unlink(missing_ok=True)
     os.environ[plugin.RECORD_ENV] = str(record)  # the engine process inherits it
-    llm = LLM(model=str(WEIGHTS_DIR), dtype="float32", max_model_len=256, gpu_memory_utilization=0.3,
-              hf_overrides={"architectures": [plugin.ARCHITECTURE], plugin.RECIPE_KEY: recipe,
+    llm = LLM(model=model, dtype="float32", max_model_len=max_model_len, gpu_memory_utilization=0.3,
+              hf_overrides={"architectures": [architecture or plugin.ARCHITECTURE], plugin.RECIPE_KEY: recipe,
                             plugin.OVERRIDES_KEY: overrides},
               limit_mm_per_prompt={"image": 1}, seed=0, enforce_eager=True)
     try:
-        requests = [{"prompt": prompt(q.question), "multi_modal_data": {"image": q.image}} for q in questions]
+        images = images or [q.image for q in questions]
+        requests = [{"prompt": prompt(q.question), "multi_modal_data": {"image": image}}
+                    for q, image in zip(questions, images, strict=True)]
         outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
     finally:
         del llm
@@ -103,7 +109,7 @@ def vllm_run(plugin, tmp_path, questions, recipe: str, overrides: list[str]) -> 
         os.environ.pop(plugin.RECORD_ENV, None)
     lines = [json.loads(line) for line in record.read_text().splitlines()]
     kept = {line["image"]: line["kept"] for line in lines}
-    return [o.outputs[0].token_ids[0] for o in outputs], kept, len(outputs[0].prompt_token_ids)
+    return [o.outputs[0].token_ids[0] for o in outputs], kept, [len(o.prompt_token_ids) for o in outputs]
 
 
 def agreement(a: list[int], b: list[int]) -> float:
@@ -132,7 +138,7 @@ def test_keep_everything_gives_transformers_answers(plugin, tmp_path, toy, quest
     recipe = tmp_path / "keep-all.yaml"
     recipe.write_text(yaml.safe_dump(KEEP_ALL))
     answers, kept, prompt_tokens = vllm_run(plugin, tmp_path, questions, str(recipe), [])
-    assert prompt_tokens == len(prompt(questions[0].question).split()) - 1 + PATCHES
+    assert prompt_tokens[0] == len(prompt(questions[0].question).split()) - 1 + PATCHES
     assert answers == hf_answers
     assert all(k == list(range(PATCHES)) for k in kept.values())
 
@@ -143,7 +149,7 @@ def test_pruned_vllm_keeps_the_transformers_patches(plugin, tmp_path, toy, quest
     name, overrides = recipe
     hf_answers, hf_kept, prints = transformers_run(plugin, toy, questions, (name, overrides))
     answers, kept, prompt_tokens = vllm_run(plugin, tmp_path, questions, name, overrides)
-    assert prompt_tokens == len(prompt(questions[0].question).split()) - 1 + PATCHES // 4  # 25% of the tokens
+    assert prompt_tokens[0] == len(prompt(questions[0].question).split()) - 1 + PATCHES // 4  # 25% of the tokens
     missing = [p for p in prints if p not in kept]
     assert not missing, f"{len(missing)} images have no record of kept patches in vLLM"
     # Float32 noise between vLLM's kernels and transformers' can flip a near-tie of the ranking (DivPrune's greedy
@@ -176,3 +182,88 @@ def test_recipes_vllm_cannot_run_are_refused_with_the_reason(plugin):
     plan = plugin.plan_recipe(*VISIONZIP_25, 16, 3)
     assert plan.tokens(64) == 16 and plan.tokens(576) == 16
     assert plugin.plan_recipe(*DIVPRUNE_25, 16, 3).tokens(576) == 144
+
+
+# -- LLaVA-NeXT: a layer-0 stage on each image's whole token list (tiles and image-newline tokens) ----------------
+N_NEXT = 30  # three aspect ratios, ten images each
+NEXT_KEEP_ALL = ("divprune", ["schedule.stages.0.keep=1.0"])
+
+
+@pytest.fixture(scope="module")
+def next_checkpoint(tmp_path_factory):
+    from tests.vllm_helpers import save_tiny_llava_next
+
+    return save_tiny_llava_next(tmp_path_factory.mktemp("llava-next"))
+
+
+@pytest.fixture(scope="module")
+def next_questions(questions):
+    from tests.vllm_helpers import next_images
+
+    return questions[:N_NEXT], next_images(questions[:N_NEXT])
+
+
+def transformers_next_run(plugin, folder, questions, images, recipe
+                          ) -> tuple[list[int], list[list[int]], list[str], list[int]]:
+    """prunekit's transformers path on the saved LLaVA-NeXT, one prompt at a time: first answer token, kept
+    indices within the image's token list, the base tile's fingerprint and the image's token count."""
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = LlavaNextProcessor.from_pretrained(folder)
+    image_id = model.config.image_token_id
+    answers, kept, prints, tokens = [], [], [], []
+    with prunekit.apply(model, prunekit.load_recipe(*recipe)) as pruner, torch.no_grad():
+        for q, image in zip(questions, images, strict=True):
+            batch = processor(images=[image], text=[prompt(q.question)], return_tensors="pt")
+            answers.append(int(model(**batch).logits[0, -1].argmax()))
+            ids = batch["input_ids"][0]
+            first, count = int((ids == image_id).long().argmax()), int((ids == image_id).sum())
+            stages = pruner.last_report.stages
+            if stages:  # original positions of the kept tokens, -1 pads
+                last = stages[-1].kept[0]
+                kept.append(sorted((last[last >= 0] - first).tolist()))
+            else:
+                kept.append(list(range(count)))
+            prints.append(plugin.pixel_fingerprint(batch["pixel_values"][0, 0]))
+            tokens.append(count)
+    return answers, kept, prints, tokens
+
+
+@needs_vllm
+@pytest.mark.parametrize("recipe", [NEXT_KEEP_ALL, DIVPRUNE_25], ids=["keep-all", "divprune-25%"])
+def test_llava_next_keeps_the_transformers_tokens(plugin, tmp_path, next_checkpoint, next_questions, recipe):
+    questions, images = next_questions
+    hf_answers, hf_kept, prints, hf_tokens = transformers_next_run(plugin, next_checkpoint, questions, images,
+                                                                   recipe)
+    assert len(set(hf_tokens)) == 3  # the three aspect ratios give three tile layouts
+    answers, kept, prompt_tokens = vllm_run(plugin, tmp_path, questions, *recipe, model=str(next_checkpoint),
+                                            architecture=plugin.NEXT_ARCHITECTURE, images=images, max_model_len=512)
+    keep = float(recipe[1][0].split("=")[1])
+    for q, tokens, length in zip(questions, hf_tokens, prompt_tokens, strict=True):
+        # the processor's placeholders are what the model returns: the stage's count of the image's tokens
+        assert length == len(prompt(q.question).split()) - 1 + int(keep * tokens)  # DivPrune's int(n * ratio)
+    missing = [p for p in prints if p not in kept]
+    assert not missing, f"{len(missing)} images have no record of kept tokens in vLLM"
+    served = [kept[p] for p in prints]
+    assert all(len(s) == len(h) for s, h in zip(served, hf_kept))
+    unequal = [(i, s, h) for i, (s, h) in enumerate(zip(served, hf_kept)) if s != h]
+    # DivPrune's greedy max-min order can flip on a float32 near-tie: at most one image, by one swapped pair
+    assert len(unequal) <= 1 and all(len(set(s) & set(h)) >= len(h) - 1 for _, s, h in unequal), unequal
+    if keep == 1.0:
+        assert served == [list(range(t)) for t in hf_tokens]
+        assert answers == hf_answers
+    else:
+        assert agreement(answers, hf_answers) >= 0.9
+
+
+@needs_vllm
+def test_llava_next_refuses_a_vision_block(plugin):
+    from transformers import LlavaNextConfig
+
+    config = LlavaNextConfig()
+    config.prunekit_recipe = "visionzip-64"
+    with pytest.raises(plugin.NotServableError, match="LLaVA-NeXT cannot run"):
+        plugin.plan_for_config(config)
+    config.prunekit_recipe = "divprune"
+    assert plugin.plan_for_config(config).tokens(2928) == int(2928 * 0.098)

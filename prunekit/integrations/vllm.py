@@ -18,10 +18,17 @@ merger in a decoder stage, ``positions: original``) is a :class:`NotServableErro
 The recipe comes from the model config key ``prunekit_recipe`` (``--hf-overrides``, with
 ``prunekit_overrides``: a list of dotted overrides) or from the environment variables
 ``PRUNEKIT_RECIPE`` / ``PRUNEKIT_RECIPE_OVERRIDES`` (``;``-separated). The plugin registers the
-architecture ``PrunekitLlavaForConditionalGeneration`` (LLaVA-1.5); with ``PRUNEKIT_RECIPE`` set it
-also serves every ``LlavaForConditionalGeneration`` checkpoint through it. ``PRUNEKIT_VLLM_RECORD``
-names a file that receives one JSON line per encoded image: its pixel fingerprint and kept patches.
-docs/serving.md has the commands.
+architectures ``PrunekitLlavaForConditionalGeneration`` (LLaVA-1.5) and
+``PrunekitLlavaNextForConditionalGeneration`` (LLaVA-NeXT); with ``PRUNEKIT_RECIPE`` set it also serves every
+``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration`` checkpoint through them.
+
+LLaVA-NeXT is pruned as prunekit's transformers path prunes it: its adapter has no stage before the
+projector (any-resolution tiles), so only the layer-0 stage runs, on each image's whole token list as
+the language model receives it (the base tile, the unpadded grid of the other tiles and the
+image-newline tokens).
+
+``PRUNEKIT_VLLM_RECORD`` names a file that receives one JSON line per encoded image: its pixel
+fingerprint and kept tokens. docs/serving.md has the commands.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ from prunekit.errors import PrunekitError, valid_list
 
 INSTALL_HINT = "pip install 'prunekit[vllm]'"
 ARCHITECTURE = "PrunekitLlavaForConditionalGeneration"
+NEXT_ARCHITECTURE = "PrunekitLlavaNextForConditionalGeneration"
+# vLLM's architecture each prunekit architecture serves (PRUNEKIT_RECIPE routes these checkpoints to it)
+SERVES = {ARCHITECTURE: "LlavaForConditionalGeneration", NEXT_ARCHITECTURE: "LlavaNextForConditionalGeneration"}
 RECIPE_ENV, OVERRIDES_ENV, RECORD_ENV = "PRUNEKIT_RECIPE", "PRUNEKIT_RECIPE_OVERRIDES", "PRUNEKIT_VLLM_RECORD"
 RECIPE_KEY, OVERRIDES_KEY = "prunekit_recipe", "prunekit_overrides"
 NO_PRUNING = "none"  # a recipe name that serves the model unpruned (a baseline with the same weight layout)
@@ -172,14 +182,21 @@ def recipe_source(config: Any) -> tuple[str, list[str]] | None:
 
 
 def plan_for_config(config: Any) -> ServingPlan:
-    """The serving plan a LLaVA config asks for (``prunekit_recipe`` or ``PRUNEKIT_RECIPE``)."""
+    """The serving plan a LLaVA or LLaVA-NeXT config asks for (``prunekit_recipe`` or ``PRUNEKIT_RECIPE``)."""
     named = recipe_source(config)
     if named is None:
-        raise PrunekitError(f"{ARCHITECTURE} needs a recipe: set the model config key {RECIPE_KEY!r} "
-                            f"(--hf-overrides '{{\"{RECIPE_KEY}\": \"visionzip-64\"}}') or the environment variable "
-                            f"{RECIPE_ENV}; {NO_PRUNING!r} serves the model unpruned")
-    return _cached_plan(named[0], tuple(named[1]), config.text_config.num_hidden_layers,
+        raise PrunekitError(f"prunekit's vLLM architectures ({', '.join(SERVES)}) need a recipe: set the model "
+                            f"config key {RECIPE_KEY!r} (--hf-overrides '{{\"{RECIPE_KEY}\": \"visionzip-64\"}}') or "
+                            f"the environment variable {RECIPE_ENV}; {NO_PRUNING!r} serves the model unpruned")
+    plan = _cached_plan(named[0], tuple(named[1]), config.text_config.num_hidden_layers,
                         config.vision_config.num_hidden_layers)
+    if plan.vision is not None and getattr(config, "model_type", None) == "llava_next":
+        raise NotServableError(
+            f"recipe {plan.name!r} has a 'vision:' block, which LLaVA-NeXT cannot run: its any-resolution tiles have "
+            "no stage before the projector in prunekit (the llava_next adapter names no projector, so "
+            "prunekit.apply refuses it too); serve a layer-0 stage on the projected tokens instead, e.g. "
+            "'divprune' (docs/serving.md)")
+    return plan
 
 
 @functools.lru_cache(maxsize=32)
@@ -291,7 +308,8 @@ def pixel_fingerprint(pixels: Tensor) -> str:
     return hashlib.sha1(rounded.numpy().tobytes()).hexdigest()[:16]
 
 
-def _record(pixels: Tensor, kept: Tensor, plan: ServingPlan) -> None:
+def _record(pixels: Sequence[Tensor], kept: Sequence[Tensor], plan: ServingPlan) -> None:
+    """Append one line per image (pixels ``[3, h, w]``, kept indices ``[k]``) to ``PRUNEKIT_VLLM_RECORD``."""
     path = os.environ.get(RECORD_ENV)
     if not path:
         return
@@ -302,15 +320,16 @@ def _record(pixels: Tensor, kept: Tensor, plan: ServingPlan) -> None:
 
 
 # -- the vLLM model and processor ---------------------------------------------------------------------
-# Checkpoints saved by transformers' LlavaForConditionalGeneration with a bare CLIP vision transformer as
-# the tower (prunekit's toy) name it ``vision_tower.embeddings...``; vLLM's CLIPVisionModel nests it.
+# Checkpoints saved by transformers' LlavaForConditionalGeneration / LlavaNextForConditionalGeneration with a
+# bare CLIP vision transformer as the tower (prunekit's toy, transformers 5's own saves) name it
+# ``vision_tower.embeddings...``; vLLM's CLIPVisionModel nests it.
 TOWER_PREFIXES = {f"vision_tower.{part}.": f"vision_tower.vision_model.{part}."
                   for part in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")}
 
 
 def _build_classes() -> dict[str, type]:
     """The vLLM classes; built on first use so that loading the plugin imports no model code."""
-    from vllm.model_executor.models import llava
+    from vllm.model_executor.models import llava, llava_next
     from vllm.model_executor.models.utils import WeightsMapper
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
@@ -364,15 +383,56 @@ def _build_classes() -> dict[str, type]:
             _record(pixels, kept, plan)
             return projected
 
+    class PrunekitLlavaNextProcessingInfo(llava_next.LlavaNextProcessingInfo):
+        """LLaVA-NeXT's processing with the recipe's token count per image (of its whole token list)."""
+
+        def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+            tokens = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+            return plan_for_config(self.get_hf_config()).tokens(tokens)
+
+    @MULTIMODAL_REGISTRY.register_processor(llava_next.LlavaNextMultiModalProcessor,
+                                            info=PrunekitLlavaNextProcessingInfo,
+                                            dummy_inputs=llava_next.LlavaDummyInputsBuilder)
+    class PrunekitLlavaNextForConditionalGeneration(llava_next.LlavaNextForConditionalGeneration):
+        """vLLM's LLaVA-NeXT whose images are pruned by a prunekit layer-0 recipe before the language model:
+        each image's whole token list (base tile, unpadded tiles, image-newline tokens), as prunekit's
+        transformers path prunes LLaVA-NeXT."""
+
+        hf_to_vllm_mapper = llava_next.LlavaNextForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
+            orig_to_new_prefix=TOWER_PREFIXES)
+
+        def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+            self.serving_plan = plan_for_config(vllm_config.model_config.hf_config)  # refuses before weights load
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+        def _process_image_input(self, image_input: Any) -> Tensor | list[Tensor]:
+            images = super()._process_image_input(image_input)  # per image [tokens, hidden]
+            if image_input["type"] != "pixel_values":  # precomputed embeddings: their length is their own
+                return images
+            plan, out, kept = self.serving_plan, [], []
+            for tokens in images:
+                if plan.projected is None:
+                    out.append(tokens)
+                    kept.append(torch.arange(tokens.shape[0], device=tokens.device))
+                    continue
+                pruned, index = prune_projected(plan.projected, tokens[None])  # [1, k, hidden], [1, k]
+                out.append(pruned[0])
+                kept.append(index[0])
+            base_tiles = [tiles[0] for tiles in image_input["pixel_values"]]  # [3, h, w]: unpadded in any batch
+            _record(base_tiles, kept, plan)
+            return out
+
     return {"PrunekitLlavaProcessingInfo": PrunekitLlavaProcessingInfo,
-            ARCHITECTURE: PrunekitLlavaForConditionalGeneration}
+            ARCHITECTURE: PrunekitLlavaForConditionalGeneration,
+            "PrunekitLlavaNextProcessingInfo": PrunekitLlavaNextProcessingInfo,
+            NEXT_ARCHITECTURE: PrunekitLlavaNextForConditionalGeneration}
 
 
 _CLASSES: dict[str, type] = {}
 
 
 def __getattr__(name: str) -> Any:
-    if name in (ARCHITECTURE, "PrunekitLlavaProcessingInfo"):
+    if name in (*SERVES, "PrunekitLlavaProcessingInfo", "PrunekitLlavaNextProcessingInfo"):
         if not _CLASSES:
             _CLASSES.update(_build_classes())
         return _CLASSES[name]
@@ -380,14 +440,16 @@ def __getattr__(name: str) -> Any:
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: register prunekit's LLaVA architecture in this process.
+    """The ``vllm.general_plugins`` entry point: register prunekit's architectures in this process.
 
-    With ``PRUNEKIT_RECIPE`` set, ``LlavaForConditionalGeneration`` checkpoints run through it too.
+    With ``PRUNEKIT_RECIPE`` set, ``LlavaForConditionalGeneration`` and ``LlavaNextForConditionalGeneration``
+    checkpoints run through them too.
     """
     from vllm import ModelRegistry
 
-    target = f"{__name__}:{ARCHITECTURE}"
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, target)
-    if os.environ.get(RECIPE_ENV):
-        ModelRegistry.register_model("LlavaForConditionalGeneration", target)
+    for architecture, stock in SERVES.items():
+        target = f"{__name__}:{architecture}"
+        if architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(architecture, target)
+        if os.environ.get(RECIPE_ENV):
+            ModelRegistry.register_model(stock, target)
