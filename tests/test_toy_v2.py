@@ -93,6 +93,27 @@ def test_scenes_hold_small_objects_and_distractors():
     assert all(sum(s.kind in q.question.split() or s.color == q.answer for s in q.shapes) >= 2 for q in color)
 
 
+def test_objects_sit_on_the_patch_grid_one_patch_apart():
+    """A small object inside one patch, a big one inside a 2x2 block, an empty patch between any two (pixel counts
+    from each object's own drawing); the evaluated question mix is KINDS, ALL_KINDS can all be asked."""
+    task = ToyTask(4)
+    questions = task.questions(60)
+    for q in questions:
+        blocks = []
+        for shape in q.shapes:
+            patches = _pixels_of(shape)
+            rows, columns = {p // GRID for p in patches}, {p % GRID for p in patches}
+            side = 1 if shape.size == "small" else 2
+            assert max(rows) - min(rows) < side and max(columns) - min(columns) < side, shape
+            blocks.append((min(rows), min(columns), side))
+        for i, (r1, c1, s1) in enumerate(blocks):
+            for r2, c2, s2 in blocks[i + 1:]:
+                apart = r1 + s1 < r2 or r2 + s2 < r1 or c1 + s1 < c2 or c2 + s2 < c1
+                assert apart, (r1, c1, r2, c2)
+    assert {q.kind for q in questions} == set(KINDS)
+    assert all(task.question(kind).kind == kind for kind in v2_task.ALL_KINDS)
+
+
 def test_the_prompt_is_llava_15s_chat_layout_with_the_image_first():
     assert prompt("how many red objects are there ?") == "<s> USER: <image>\nhow many red objects are there ? ASSISTANT:"
     processor = build_processor()

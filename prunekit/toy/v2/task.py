@@ -1,14 +1,19 @@
 """A seeded synthetic visual question task with ground-truth relevant patches, laid out like LLaVA-1.5.
 
-Images are 96x96 (a 12x12 grid of 8-pixel patches: 144 visual tokens). A scene holds three to six
-coloured shapes (circle, square, triangle; red, green, blue, yellow), big (14-18 pixels, about 4-9
-patches) or small (6-8 pixels, 1-4 patches), on a cluttered background; distractors share the asked
-object's colour or shape. Questions ask for
+Images are 96x96 (a 12x12 grid of 8-pixel patches: 144 visual tokens). A scene holds four to eight
+coloured shapes (circle, square, triangle; red, green, blue, yellow) laid on the patch grid: a small
+one inside one patch, a big one inside a 2x2 block of patches, one empty patch at least between two
+objects, on a cluttered background; distractors share the asked object's colour or shape. Each
+patch thus shows its own part of one object, as a real image's patch shows a part of a scene.
+Questions (``KINDS``, the mix the toy is trained and evaluated on) ask for
 
 - ``color``: the colour of an object named by its size and shape,
 - ``shape``: the shape of an object named by its size and colour,
+- ``presence``: whether an object of a colour and shape is there;
+
+``question(kind)`` also asks (``ALL_KINDS``)
+
 - ``count``: how many objects of one colour there are,
-- ``presence``: whether an object of a colour and shape is there,
 - ``relation``: where one object is relative to another (left, right, above, below).
 
 Answers are one word, drawn uniformly per kind, so without the image a model can only guess. Every
@@ -36,7 +41,8 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "big")
 COUNTS = ("one", "two", "three")
 RELATIONS = ("left", "right", "above", "below")
-KINDS = ("color", "shape", "count", "presence", "relation")
+ALL_KINDS = ("color", "shape", "count", "presence", "relation")
+KINDS = ("color", "shape", "presence")  # the questions the toy is trained and evaluated on (docs/toy.md: why)
 ANSWERS = {
     "color": tuple(COLORS), "shape": SHAPES, "count": COUNTS, "presence": ("yes", "no"), "relation": RELATIONS,
 }
@@ -115,24 +121,29 @@ class ToyTask:
                 x, y = rng.randrange(IMAGE_SIZE - 2), rng.randrange(IMAGE_SIZE - 2)
                 draw.rectangle([x, y, x + 1, y + 1], fill=tone)
         shapes: list[Shape] = []
-        for _ in range(rng.randint(3, 6)):
-            for _attempt in range(50):  # place without overlap (2 pixels apart at least)
+        taken = np.zeros((GRID + 2, GRID + 2), dtype=bool)  # occupied patches, padded by one on every side
+        for _ in range(rng.randint(4, 8)):
+            for _attempt in range(50):  # a free block of patches, one empty patch at least from the others
                 size_name = rng.choice(SIZES)
-                side = rng.randint(6, 8) if size_name == "small" else rng.randint(14, 18)
-                x0, y0 = rng.randint(1, IMAGE_SIZE - side - 2), rng.randint(1, IMAGE_SIZE - side - 2)
+                cells = 1 if size_name == "small" else 2  # patches per side
+                row, column = rng.randrange(GRID - cells + 1), rng.randrange(GRID - cells + 1)
+                if taken[row:row + cells + 2, column:column + cells + 2].any():
+                    continue
+                taken[row + 1:row + cells + 1, column + 1:column + cells + 1] = True
+                side = rng.randint(5, 7) if size_name == "small" else rng.randint(12, 15)  # pixels
+                x0 = column * PATCH + rng.randint(0, cells * PATCH - side)
+                y0 = row * PATCH + rng.randint(0, cells * PATCH - side)
                 box = (x0, y0, x0 + side - 1, y0 + side - 1)
-                if all(box[0] > s.box[2] + 2 or box[2] < s.box[0] - 2 or box[1] > s.box[3] + 2 or box[3] < s.box[1] - 2
-                       for s in shapes):
-                    shapes.append(Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), size_name, box))
-                    break
+                shapes.append(Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), size_name, box))
+                break
         for shape in shapes:
             draw_shape(draw, shape, COLORS[shape.color])
         return image, shapes
 
     def question(self, kind: str | None = None) -> Question:
         """One question of ``kind`` (random kind by default) with a uniformly drawn answer."""
-        if kind is not None and kind not in KINDS:
-            raise ValueError(f"unknown question kind {kind!r}; valid: {', '.join(KINDS)}")
+        if kind is not None and kind not in ALL_KINDS:
+            raise ValueError(f"unknown question kind {kind!r}; valid: {', '.join(ALL_KINDS)}")
         kind = kind or self.rng.choice(KINDS)
         target = self.rng.choice(ANSWERS[kind])
         for _ in range(500):  # redraw scenes until one has the drawn answer

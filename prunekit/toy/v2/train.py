@@ -95,11 +95,14 @@ def pretrain_vision(model, aux_head, captured: dict, task: ToyTask, steps: int, 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(aux=f"{loss.item():.3f}")
+        with torch.no_grad():  # share of patches whose covering object (or background) the head names right
+            labels = torch.as_tensor(np.stack([patch_labels(q.shapes)[0] for q in questions]))  # [batch, GRID*GRID]
+            named = (aux_head(captured["features"])[..., :N_CLASSES].argmax(-1) == labels).float().mean()
+        bar.set_postfix(aux=f"{loss.item():.3f}", patches=f"{named.item():.3f}")
 
 
 def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_every: int, threads: int | None,
-          aux_weight: float = 0.5, vision_steps: int = 0, describe_every: int = 4, checkpoint: Path | None = None,
+          aux_weight: float = 0.5, vision_steps: int = 0, describe_every: int = 0, checkpoint: Path | None = None,
           resume: bool = False, turns: int = 5) -> float:
     """Train from ``seed``; with ``resume``, continue from ``checkpoint`` (written at every evaluation)."""
     if threads:
@@ -179,18 +182,18 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=4500)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (the shipped weights: 1)")
-    parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1: vision tower on patch targets")
+    parser.add_argument("--vision-steps", type=int, default=1200, help="stage 1: vision tower on patch targets")
     parser.add_argument("--checkpoint", type=Path, default=Path("toy-train.ckpt"),
                         help="resumable training state, written at every evaluation")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     parser.add_argument("--turns", type=int, default=5, help="questions per training conversation (one image)")
-    parser.add_argument("--describe-every", type=int, default=4,
+    parser.add_argument("--describe-every", type=int, default=0,
                         help="every n-th sample of a batch is the describe task (0: questions only)")
     args = parser.parse_args()
     accuracy_ = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.threads,
