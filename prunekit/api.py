@@ -127,7 +127,7 @@ class Merger:
     """
 
     name: ClassVar[str] = ""
-    lead: ClassVar[int] = 0  # at a vision stage: how many merged tokens go before the kept ones
+    lead: ClassVar[int] = 0  # at a vision stage: how many merged tokens go before the kept ones (at most all)
 
     def probes(self, stage_layers: Sequence[int], num_layers: int) -> Iterable[Probe]:
         """Captures :meth:`merge` reads (from ``ctx.captures``)."""

@@ -117,7 +117,7 @@ def shorten_images(vision: VisionRecipe, features: Tensor, captures: dict, num_l
         if extra.shape[1] != merged or not bool(valid.all()):
             raise RecipeError(f"vision.merge: {type(vision.merger).__name__} made {extra.shape[1]} tokens "
                               f"per image, its count() promised {merged}")
-        lead = vision.merger.lead
+        lead = min(vision.merger.lead, extra.shape[1])  # a merger may lead with all its tokens
         out = torch.cat([extra[:, :lead].to(out.dtype), out, extra[:, lead:].to(out.dtype)], dim=1)
     return out, selection.index, lead
 
