@@ -13,7 +13,7 @@ from criteria_helpers import embeddings_with_images, inputs576
 from prunekit.flops import DecoderDims, recipe_estimate
 
 NEW_RECIPES = ["pooling-144", "pooling-64", "fastervlm-64", "fastervlm-128", "vispruner-64", "vispruner-128",
-               "cdpruner-64", "cdpruner-128", "tome-144", "tome-64"]
+               "cdpruner-64", "cdpruner-128", "tome-144", "tome-64", "dart", "mustdrop-192"]
 
 
 _inputs = inputs576
