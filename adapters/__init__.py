@@ -571,7 +571,7 @@ QWEN3_VL = DeepstackAdapter(FamilySpec(
 ))
 GEMMA3 = Gemma3Adapter(FamilySpec(
     name="gemma3",
-    model_types=("gemma3",),
+    model_types=("gemma3", "shieldgemma2"),  # ShieldGemma 2 is a Gemma3ForConditionalGeneration
     classes=("Gemma3ForConditionalGeneration",),
     projector=None, vision_layers=None,
 ))
