@@ -311,15 +311,25 @@ class Adapter(ABC):
     # -- the vision side (needed only by recipes with a ``vision`` stage) --------------------
     def projector(self, model: nn.Module) -> nn.Module:
         """The module that maps ``[n_images, tokens, vision_dim]`` features to the language model's width."""
-        raise NotImplementedError(f"adapter {self.name!r} does not support stages before the language model")
+        raise self._no_vision_stage(model)
 
     def vision_layers(self, model: nn.Module) -> Sequence[nn.Module]:
         """The vision encoder's layers."""
-        raise NotImplementedError(f"adapter {self.name!r} does not support stages before the language model")
+        raise self._no_vision_stage(model)
 
     def vision_attention(self, layer: nn.Module) -> nn.Module:
         """The attention module of a vision-encoder layer."""
-        raise NotImplementedError(f"adapter {self.name!r} does not support stages before the language model")
+        raise self._no_vision_stage(None)
+
+    def _no_vision_stage(self, model: nn.Module | None) -> AdapterError:
+        family = f"{type(model).__name__} (adapter {self.name!r})" if model is not None else f"adapter {self.name!r}"
+        return AdapterError(
+            f"{family} has no stage before the language model: prunekit runs a recipe's `vision:` block where a "
+            "projector receives each image's patches as [n_images, patches, dim] (LLaVA-1.5's layout), and this "
+            "family packs, tiles or pools its image features otherwise. A decoder-stage recipe with a stage at "
+            "layer 0 (divprune, pooling-*, cdpruner-*, tome-*) prunes the projected tokens on every family "
+            "(docs/adapters.md)"
+        )
 
     def describe(self) -> str:
         return self.name
