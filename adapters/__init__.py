@@ -309,6 +309,8 @@ class MRopeAdapter(DecoderAdapter):
         positions = lm_kwargs.get("position_ids")
         if positions is not None and positions.dim() == 3:
             positions = positions[-3:]  # [3, batch, seq]; a leading text row (4 rows) is dropped
+            if positions.shape[0] == 1:  # text positions for all three (transformers < 5.20, a later turn)
+                positions = positions.expand(3, -1, -1)
         else:
             positions = super().rope_positions(model, lm_kwargs, hidden, cache).expand(3, -1, -1)
         pending = _pending_frames(model, None)
@@ -496,6 +498,16 @@ _ATTENTION_NAMES = ("self_attn", "attn", "attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _NORM_NAMES = ("input_layernorm", "attention_norm", "ln_1", "norm1")
 _VISUAL_ID_KEYS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+# Families whose decoder looks standard but whose prefill the generic adapter's stage masks and positions would
+# not reproduce: refused by name rather than run differently from the bare model.
+_GENERIC_REFUSED = {
+    "paligemma": "prefix-LM attention (the prompt attends bidirectionally in the prefill)",
+    "gemma4": "per-layer inputs, KV-shared layers and bidirectional vision attention",
+    "gemma4_unified": "per-layer inputs, KV-shared layers and bidirectional vision attention",
+    "mllama": "the image enters through cross-attention layers, not as tokens of the sequence",
+    "qwen2_5_omni_thinker": "M-RoPE positions over interleaved audio and video",
+    "qwen3_omni_moe_thinker": "M-RoPE positions over interleaved audio and video, and deepstack features",
+}
 
 
 class GenericAdapter(DecoderAdapter):
@@ -525,6 +537,10 @@ class GenericAdapter(DecoderAdapter):
 
     def resolve(self, model: nn.Module) -> DecoderAdapter:
         config = getattr(model, "config", None)
+        refused = _GENERIC_REFUSED.get(getattr(config, "model_type", None))
+        if refused is not None:
+            raise AdapterError(f"{type(model).__name__} ({config.model_type}): {refused}; the generic adapter would "
+                               "not reproduce the bare model, and no named adapter knows it yet")
         keys = tuple(k for k in _VISUAL_ID_KEYS if getattr(config, k, None) is not None)
         if not keys:
             raise AdapterError(f"{type(model).__name__}'s config names no visual token id (looked for "
