@@ -85,10 +85,11 @@ def transformers_run(plugin, toy, questions, recipe) -> tuple[list[int], list[li
 
 
 def vllm_run(plugin, tmp_path, questions, recipe: str, overrides: list[str], model: str = str(WEIGHTS_DIR),
-             architecture: str | None = None, images: list | None = None, max_model_len: int = 256
+             architecture: str | None = None, images: list | None = None, max_model_len: int = 256,
+             make_prompt=prompt, positions: dict | None = None, on_workers=None, **engine
              ) -> tuple[list[int], dict[str, list[int]], list[int]]:
     """vLLM with the plugin: first answer token per question, kept tokens by pixel fingerprint, and each
-    request's prompt length."""
+    request's prompt length; ``positions`` receives the M-RoPE positions recorded per prompt (token ids)."""
     from vllm import LLM, SamplingParams
 
     record = tmp_path / "kept.jsonl"
@@ -97,10 +98,12 @@ def vllm_run(plugin, tmp_path, questions, recipe: str, overrides: list[str], mod
     llm = LLM(model=model, dtype="float32", max_model_len=max_model_len, gpu_memory_utilization=0.3,
               hf_overrides={"architectures": [architecture or plugin.ARCHITECTURE], plugin.RECIPE_KEY: recipe,
                             plugin.OVERRIDES_KEY: overrides},
-              limit_mm_per_prompt={"image": 1}, seed=0, enforce_eager=True)
+              limit_mm_per_prompt={"image": 1}, seed=0, enforce_eager=True, **engine)
     try:
+        if on_workers is not None:
+            assert all(llm.collective_rpc(on_workers))
         images = images or [q.image for q in questions]
-        requests = [{"prompt": prompt(q.question), "multi_modal_data": {"image": image}}
+        requests = [{"prompt": make_prompt(q.question), "multi_modal_data": {"image": image}}
                     for q, image in zip(questions, images, strict=True)]
         outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
     finally:
@@ -108,7 +111,11 @@ def vllm_run(plugin, tmp_path, questions, recipe: str, overrides: list[str], mod
         gc.collect()
         os.environ.pop(plugin.RECORD_ENV, None)
     lines = [json.loads(line) for line in record.read_text().splitlines()]
-    kept = {line["image"]: line["kept"] for line in lines}
+    kept = {line["image"]: line["kept"] for line in lines if "image" in line}
+    if positions is not None:
+        for line in lines:
+            if "positions" in line:
+                positions.setdefault(tuple(line["prompt"]), []).append(line["positions"])
     return [o.outputs[0].token_ids[0] for o in outputs], kept, [len(o.prompt_token_ids) for o in outputs]
 
 
@@ -267,3 +274,90 @@ def test_llava_next_refuses_a_vision_block(plugin):
         plugin.plan_for_config(config)
     config.prunekit_recipe = "divprune"
     assert plugin.plan_for_config(config).tokens(2928) == int(2928 * 0.098)
+
+
+# -- Qwen2.5-VL: a layer-0 stage; each kept token keeps its own (t, h, w) M-RoPE position --------------------------
+N_QWEN = 30
+
+
+@pytest.fixture(scope="module")
+def qwen_checkpoint(tmp_path_factory):
+    from tests.vllm_helpers import save_tiny_qwen2_5_vl
+
+    return save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
+
+
+def transformers_qwen_run(plugin, folder, questions, images, recipe):
+    """prunekit's transformers path on the saved Qwen2.5-VL, one prompt at a time: first answer token, kept
+    indices within the image, pixel fingerprint, image token count, and the reference M-RoPE positions of the
+    kept prompt: the unpruned prompt's positions (transformers' get_rope_index) at the kept tokens."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    from tests.vllm_helpers import qwen_prompt
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = Qwen2_5_VLProcessor.from_pretrained(folder)
+    image_id = model.config.image_token_id
+    rows = []
+    with prunekit.apply(model, prunekit.load_recipe(*recipe)) as pruner, torch.no_grad():
+        for q, image in zip(questions, images, strict=True):
+            batch = processor(images=[image], text=[qwen_prompt(q.question)], return_tensors="pt")
+            answer = int(model(**batch).logits[0, -1].argmax())
+            ids = batch["input_ids"][0]
+            is_image = ids == image_id
+            first, count = int(is_image.long().argmax()), int(is_image.sum())
+            stages = pruner.last_report.stages
+            last = stages[-1].kept[0] if stages else torch.arange(first, first + count)
+            kept = sorted((last[last >= 0] - first).tolist())
+            full, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                                 image_grid_thw=batch["image_grid_thw"])  # [3, 1, seq]
+            columns = [j for j in range(len(ids)) if not is_image[j] or (j - first) in kept]
+            pruned_ids = tuple(ids[columns].tolist())
+            rows.append((answer, kept, plugin.pixel_fingerprint(batch["pixel_values"]), count, pruned_ids,
+                         full[:, 0, columns].tolist()))
+    return rows
+
+
+@needs_vllm
+@pytest.mark.parametrize("recipe", [NEXT_KEEP_ALL, DIVPRUNE_25], ids=["keep-all", "divprune-25%"])
+def test_qwen2_5_vl_keeps_the_transformers_tokens_at_their_grid_positions(plugin, tmp_path, qwen_checkpoint,
+                                                                         questions, recipe):
+    from tests.vllm_helpers import enable_pruning_hook, qwen_images, qwen_prompt
+
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc sends the function to the workers
+    chosen = questions[:N_QWEN]
+    images = qwen_images(chosen)
+    rows = transformers_qwen_run(plugin, qwen_checkpoint, chosen, images, recipe)
+    assert len({r[3] for r in rows}) == 3  # three grids
+    positions: dict = {}
+    answers, kept, prompt_tokens = vllm_run(plugin, tmp_path, chosen, *recipe, model=str(qwen_checkpoint),
+                                            architecture=plugin.QWEN_ARCHITECTURE, images=images, max_model_len=512,
+                                            make_prompt=qwen_prompt, positions=positions, video_pruning_rate=0.5,
+                                            on_workers=enable_pruning_hook,
+                                            mm_device_do_normalize=False)  # fingerprints of the processor's pixels
+    keep = float(recipe[1][0].split("=")[1])
+    unequal = 0
+    for (hf_answer, hf_kept, fingerprint, count, pruned_ids, reference), length in zip(rows, prompt_tokens):
+        assert length == len(pruned_ids) and len(hf_kept) == int(keep * count)  # DivPrune's int(n * ratio)
+        served = kept[fingerprint]
+        if served != hf_kept:  # a float32 near-tie of DivPrune's greedy order: one swapped pair at most
+            unequal += 1
+            assert len(set(served) & set(hf_kept)) >= len(hf_kept) - 1
+            continue
+        assert reference in positions[pruned_ids], (pruned_ids, reference, positions[pruned_ids])
+    assert unequal <= 1
+    hf_answers = [r[0] for r in rows]
+    if keep == 1.0:
+        assert answers == hf_answers
+    else:
+        assert agreement(answers, hf_answers) >= 0.9
+
+
+@needs_vllm
+def test_qwen2_5_vl_refuses_a_vision_block(plugin):
+    from transformers import Qwen2_5_VLConfig
+
+    config = Qwen2_5_VLConfig()
+    config.prunekit_recipe = "visionzip-64"
+    with pytest.raises(plugin.NotServableError, match="Qwen2.5-VL .* cannot run"):
+        plugin.plan_for_config(config)

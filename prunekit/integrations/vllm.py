@@ -52,7 +52,11 @@ INSTALL_HINT = "pip install 'prunekit[vllm]'"
 ARCHITECTURE = "PrunekitLlavaForConditionalGeneration"
 NEXT_ARCHITECTURE = "PrunekitLlavaNextForConditionalGeneration"
 # vLLM's architecture each prunekit architecture serves (PRUNEKIT_RECIPE routes these checkpoints to it)
-SERVES = {ARCHITECTURE: "LlavaForConditionalGeneration", NEXT_ARCHITECTURE: "LlavaNextForConditionalGeneration"}
+QWEN_ARCHITECTURE = "PrunekitQwen2_5_VLForConditionalGeneration"
+SERVES = {ARCHITECTURE: "LlavaForConditionalGeneration", NEXT_ARCHITECTURE: "LlavaNextForConditionalGeneration",
+          QWEN_ARCHITECTURE: "Qwen2_5_VLForConditionalGeneration"}
+# families whose prunekit adapter has no stage before the projector: only a layer-0 stage is served
+NO_VISION_STAGE = {"llava_next": "LLaVA-NeXT (any-resolution tiles)", "qwen2_5_vl": "Qwen2.5-VL (merged patch grids)"}
 RECIPE_ENV, OVERRIDES_ENV, RECORD_ENV = "PRUNEKIT_RECIPE", "PRUNEKIT_RECIPE_OVERRIDES", "PRUNEKIT_VLLM_RECORD"
 RECIPE_KEY, OVERRIDES_KEY = "prunekit_recipe", "prunekit_overrides"
 NO_PRUNING = "none"  # a recipe name that serves the model unpruned (a baseline with the same weight layout)
@@ -188,14 +192,15 @@ def plan_for_config(config: Any) -> ServingPlan:
         raise PrunekitError(f"prunekit's vLLM architectures ({', '.join(SERVES)}) need a recipe: set the model "
                             f"config key {RECIPE_KEY!r} (--hf-overrides '{{\"{RECIPE_KEY}\": \"visionzip-64\"}}') or "
                             f"the environment variable {RECIPE_ENV}; {NO_PRUNING!r} serves the model unpruned")
-    plan = _cached_plan(named[0], tuple(named[1]), config.text_config.num_hidden_layers,
-                        config.vision_config.num_hidden_layers)
-    if plan.vision is not None and getattr(config, "model_type", None) == "llava_next":
+    vision = config.vision_config
+    vision_layers = getattr(vision, "num_hidden_layers", None) or vision.depth  # Qwen2.5-VL's tower has a depth
+    plan = _cached_plan(named[0], tuple(named[1]), config.text_config.num_hidden_layers, vision_layers)
+    family = getattr(config, "model_type", None)
+    if plan.vision is not None and family in NO_VISION_STAGE:
         raise NotServableError(
-            f"recipe {plan.name!r} has a 'vision:' block, which LLaVA-NeXT cannot run: its any-resolution tiles have "
-            "no stage before the projector in prunekit (the llava_next adapter names no projector, so "
-            "prunekit.apply refuses it too); serve a layer-0 stage on the projected tokens instead, e.g. "
-            "'divprune' (docs/serving.md)")
+            f"recipe {plan.name!r} has a 'vision:' block, which {NO_VISION_STAGE[family]} cannot run: prunekit has no "
+            f"stage before its projector (the {family} adapter names no projector, so prunekit.apply refuses it "
+            "too); serve a layer-0 stage on the projected tokens instead, e.g. 'divprune' (docs/serving.md)")
     return plan
 
 
@@ -303,7 +308,8 @@ _RECORD_LOCK = threading.Lock()
 
 
 def pixel_fingerprint(pixels: Tensor) -> str:
-    """A short hash of one image's pixel values ``[3, h, w]`` (rounded to 1e-4, so both processes agree)."""
+    """A short hash of one image's pixel values (``[3, h, w]``, or its rows of patches), rounded to 1e-4 so both
+    processes agree."""
     rounded = torch.round(pixels.detach().float().cpu() * 1e4).to(torch.int64).contiguous()
     return hashlib.sha1(rounded.numpy().tobytes()).hexdigest()[:16]
 
@@ -329,7 +335,9 @@ TOWER_PREFIXES = {f"vision_tower.{part}.": f"vision_tower.vision_model.{part}."
 
 def _build_classes() -> dict[str, type]:
     """The vLLM classes; built on first use so that loading the plugin imports no model code."""
-    from vllm.model_executor.models import llava, llava_next
+    from vllm.model_executor.models import llava, llava_next, qwen2_5_vl
+    from vllm.multimodal.processing import PromptReplacement
+    from vllm.multimodal.video_prune.evs import compute_mrope_for_media
     from vllm.model_executor.models.utils import WeightsMapper
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
@@ -422,7 +430,93 @@ def _build_classes() -> dict[str, type]:
             _record(base_tiles, kept, plan)
             return out
 
+    class PrunekitQwen2_5_VLMultiModalProcessor(qwen2_5_vl.Qwen2_5_VLMultiModalProcessor):
+        """Qwen2.5-VL's processing with the recipe's token count per image (videos as vLLM's own EVS does)."""
+
+        def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, Any],
+                                out_mm_kwargs: Any) -> Sequence[Any]:
+            plan = plan_for_config(self.info.get_hf_config())
+            updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
+            for i, update in enumerate(updates):
+                if update.modality == "image":
+                    full = update.replacement  # item index -> the image's placeholder ids, one per merged patch
+
+                    def pruned(item_idx: int, full: Any = full) -> list[int]:
+                        ids = full(item_idx)
+                        return ids[:plan.tokens(len(ids))]
+
+                    updates[i] = PromptReplacement(modality="image", target=update.target, replacement=pruned)
+            return updates
+
+    @MULTIMODAL_REGISTRY.register_processor(PrunekitQwen2_5_VLMultiModalProcessor,
+                                            info=qwen2_5_vl.Qwen2_5_VLProcessingInfo,
+                                            dummy_inputs=qwen2_5_vl.Qwen2_5_VLDummyInputsBuilder)
+    class PrunekitQwen2_5_VLForConditionalGeneration(qwen2_5_vl.Qwen2_5_VLForConditionalGeneration):
+        """vLLM's Qwen2.5-VL whose images are pruned by a prunekit layer-0 recipe before the language model.
+
+        Each kept token keeps its own (t, h, w) M-RoPE position and the text after an image keeps the position it
+        has unpruned, as prunekit's transformers path does (``compact`` positions on M-RoPE). vLLM numbers the
+        placeholders before the encoder has run, so the kept tokens' grid positions travel as four extra
+        channels of each image's embeddings, which vLLM's ``recompute_mrope_positions`` (its multimodal-pruning
+        interface) writes into the request's positions; vLLM calls it only with ``video_pruning_rate`` > 0,
+        so the engine needs that setting (videos are then pruned by vLLM's own EVS at that rate).
+        """
+
+        def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+            self.serving_plan = plan_for_config(vllm_config.model_config.hf_config)  # refuses before weights load
+            mm_config = vllm_config.model_config.get_multimodal_config()
+            if not mm_config.is_multimodal_pruning_enabled():
+                raise NotServableError(
+                    f"{QWEN_ARCHITECTURE} needs vLLM's multimodal-pruning path to place the kept image tokens at "
+                    "their own M-RoPE positions, which vLLM runs only when video_pruning_rate > 0 (got "
+                    f"{mm_config.video_pruning_rate!r}); start the engine with --video-pruning-rate (e.g. 0.5, "
+                    "also vLLM's EVS rate for videos) or LLM(..., video_pruning_rate=0.5)")
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+        def embed_multimodal(self, **kwargs: object) -> Any:
+            inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
+            out: tuple[Tensor, ...] = ()
+            for modality, media in inputs.items():  # the order of the keyword arguments, as vLLM's own
+                if modality == "image":
+                    out += self._prune_images(self._process_image_input(media), media)
+                if modality == "video":
+                    out += tuple(self._postprocess_video_embeds_evs(self._process_video_input(media), media))
+            return out
+
+        def recompute_mrope_positions(self, input_ids: Any, multimodal_embeddings: Sequence[Tensor],
+                                      mrope_positions: Tensor, num_computed_tokens: int) -> tuple[Any, Tensor, int]:
+            out = super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
+                                                    num_computed_tokens)
+            if os.environ.get(RECORD_ENV) and num_computed_tokens == 0:  # a whole prompt's positions
+                ids = input_ids.tolist() if isinstance(input_ids, Tensor) else list(input_ids)
+                line = json.dumps({"prompt": ids, "positions": out[1][:, :len(ids)].tolist()})
+                with _RECORD_LOCK, open(os.environ[RECORD_ENV], "a", encoding="utf-8") as handle:
+                    handle.write(line + "\n")
+            return out
+
+        def _prune_images(self, images: Sequence[Tensor], image_input: Mapping[str, Any]) -> tuple[Tensor, ...]:
+            """Each image's kept embeddings ``[kept, hidden + 4]``: the last four channels are the kept tokens'
+            (t, h, w) grid positions and the image's position span (where the text after it continues)."""
+            plan, merge = self.serving_plan, self.visual.spatial_merge_size
+            grids = image_input["image_grid_thw"].tolist()
+            out, kept = [], []
+            for tokens, grid in zip(images, grids, strict=True):  # tokens: [t * h * w / merge^2, hidden]
+                positions = compute_mrope_for_media(torch.tensor(grid), merge)  # [n, 4]: t, h, w, grid width
+                positions[:, 3] = max(grid[0], grid[1] // merge, grid[2] // merge)  # the unpruned image's span
+                index = torch.arange(tokens.shape[0], device=tokens.device)
+                if plan.projected is not None and image_input["type"] == "pixel_values":
+                    pruned, chosen = prune_projected(plan.projected, tokens[None])  # [1, k, hidden], [1, k]
+                    tokens, index = pruned[0], chosen[0]
+                kept.append(index)
+                out.append(torch.cat([tokens, positions.to(tokens.device)[index].to(tokens.dtype)], dim=1))
+            if image_input["type"] == "pixel_values" and os.environ.get(RECORD_ENV):
+                sizes = [t * h * w for t, h, w in grids]  # patch rows of each image
+                pixels = self.visual.input_norm(image_input["pixel_values"], self.visual.dtype)  # vLLM may
+                _record(pixels.split(sizes), kept, plan)  # normalize on the device (mm_device_do_normalize)
+            return tuple(out)
+
     return {"PrunekitLlavaProcessingInfo": PrunekitLlavaProcessingInfo,
+            QWEN_ARCHITECTURE: PrunekitQwen2_5_VLForConditionalGeneration,
             ARCHITECTURE: PrunekitLlavaForConditionalGeneration,
             "PrunekitLlavaNextProcessingInfo": PrunekitLlavaNextProcessingInfo,
             NEXT_ARCHITECTURE: PrunekitLlavaNextForConditionalGeneration}
