@@ -208,6 +208,14 @@ def _family_chat(model, turns: list[dict], steps: int = 2) -> tuple[list[torch.T
     return all_ids, all_logits
 
 
+def _bare_blocks_cover_the_cache(version: tuple[int, ...]) -> bool:
+    """Whether Gemma 3's own generate() hands a later turn's forward the token types from the start of the
+    conversation, so that its image blocks line up with the keys: transformers 5.24 does; 5.19 slices them to
+    the new tokens, which misplaces a later turn's image block in the bare model itself. prunekit always lays
+    the blocks over the keys, so keep-all equality is checked where the bare model does the same."""
+    return version >= (5, 24)
+
+
 @pytest.mark.parametrize("row", [r for r in MATRIX if r.reason is None], ids=lambda r: r.family)
 def test_every_family_prunes_a_later_turns_image_on_the_cache(row):
     import re
@@ -223,8 +231,9 @@ def test_every_family_prunes_a_later_turns_image_on_the_cache(row):
         bare_ids, bare_logits = _family_chat(model, turns)
         with prunekit.apply(model, KEEP_ALL_8):
             ids, logits = _family_chat(model, turns)
-        assert all(torch.equal(a, b) for a, b in zip(ids, bare_ids)), row.family
-        assert all(torch.equal(a, b) for a, b in zip(logits, bare_logits)), row.family
+        if row.family != "gemma3" or _bare_blocks_cover_the_cache(version):
+            assert all(torch.equal(a, b) for a, b in zip(ids, bare_ids)), row.family
+            assert all(torch.equal(a, b) for a, b in zip(logits, bare_logits)), row.family
         with prunekit.apply(model, FASTV_HALF) as pruner:
             ids, _ = _family_chat(model, turns)
             report = pruner.last_report  # the second turn's
