@@ -174,6 +174,22 @@ def test_pruned_vllm_keeps_the_transformers_patches(plugin, tmp_path, toy, quest
     assert abs(vllm_correct - hf_correct) / len(truth) <= wilson_half_width(hf_correct, len(truth))
 
 
+POOLING_25 = ("pooling-64", ["merge.size=4"])  # the toy's 8x8 grid pooled to 4x4
+TOME_25 = ("tome-64", ["merge.tokens=16"])
+N_MERGE = 50
+
+
+@needs_vllm
+@pytest.mark.parametrize("recipe", [POOLING_25, TOME_25], ids=["pooling-25%", "tome-25%"])
+def test_layer0_mergers_give_transformers_answers(plugin, tmp_path, toy, questions, recipe):
+    chosen = questions[:N_MERGE]
+    hf_answers, hf_kept, prints = transformers_run(plugin, toy, chosen, recipe)
+    answers, kept, prompt_tokens = vllm_run(plugin, tmp_path, chosen, *recipe)
+    assert prompt_tokens[0] == len(prompt(chosen[0].question).split()) - 1 + PATCHES // 4  # 16 merged tokens
+    assert all(k == [] for k in hf_kept) and all(kept[p] == [] for p in prints)  # every patch merged, none kept
+    assert agreement(answers, hf_answers) >= 0.95
+
+
 @needs_vllm
 def test_recipes_vllm_cannot_run_are_refused_with_the_reason(plugin):
     with pytest.raises(plugin.NotServableError, match="decoder layers \\[7, 9, 12\\]"):
@@ -182,8 +198,13 @@ def test_recipes_vllm_cannot_run_are_refused_with_the_reason(plugin):
         plugin.plan_recipe("cdpruner-64", [], 16, 3)
     with pytest.raises(plugin.NotServableError, match="decoder stages"):
         plugin.plan_recipe("visionzip+transprune", [], 16, 3)
-    with pytest.raises(plugin.NotServableError, match="merges dropped tokens"):
-        plugin.plan_recipe("pooling-64", [], 16, 3)
+    recycle = {"name": "divprune-recycle", "positions": "compact", "criteria": {"d": {"type": "divprune"}},
+               "merge": {"type": "sparsevlm_recycle", "top_fraction": 0.3, "tokens_per_cluster": 10},
+               "schedule": {"type": "stages", "stages": [{"layer": 0, "keep": 0.25}]}}
+    with pytest.raises(plugin.NotServableError, match="merges dropped tokens with 'sparsevlm_recycle'"):
+        plugin.plan_recipe(recycle, [], 16, 3)
+    assert plugin.plan_recipe("pooling-64", [], 16, 3).tokens(576) == 64  # 24x24 pooled to 8x8
+    assert plugin.plan_recipe("tome-64", [], 16, 3).tokens(576) == 64
     with pytest.raises(plugin.NotServableError, match="positions 'original'"):
         plugin.plan_recipe("divprune", ["positions=original"], 16, 3)
     plan = plugin.plan_recipe(*VISIONZIP_25, 16, 3)

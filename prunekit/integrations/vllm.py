@@ -8,11 +8,12 @@ embeddings. Those recipes are
 * a ``vision:`` block (VisionZip, FasterVLM, VisPruner, ...): the same criteria and merger code as
   prunekit's projector pre-hook, on captures of vLLM's CLIP tower (CLS attention, keys, hidden
   states), before the projector;
-* a single decoder stage at layer 0 with compact positions, no merger, and criteria that read only
-  the projected visual tokens (DivPrune, ``similarity``, ``l2_norm``, ``random``): scored on the
-  projector's output.
+* a single decoder stage at layer 0 with compact positions and criteria that read only the projected
+  visual tokens (DivPrune, ``similarity``, ``l2_norm``, ``random``, ``uniform``), optionally with a
+  merger that builds its tokens from them (``grid_pool``, ``tome``: the ``pooling-*`` / ``tome-*``
+  recipes): scored and merged on the projector's output.
 
-Anything else (a stage after layer 0, criteria that read the instruction or decoder attention, a
+Anything else (a stage after layer 0, criteria that read the instruction or decoder attention, another
 merger in a decoder stage, ``positions: original``) is a :class:`NotServableError` naming why.
 
 The recipe comes from the model config key ``prunekit_recipe`` (``--hf-overrides``, with
@@ -63,7 +64,10 @@ NO_PRUNING = "none"  # a recipe name that serves the model unpruned (a baseline 
 
 # Decoder criteria that, at layer 0, read only the visual tokens' own hidden states (the projected features).
 # A third-party criterion joins by setting the class attribute ``image_only = True``.
-IMAGE_ONLY_CRITERIA = frozenset({"divprune", "similarity", "l2_norm", "random"})
+IMAGE_ONLY_CRITERIA = frozenset({"divprune", "similarity", "l2_norm", "random", "uniform"})
+# Mergers that build their tokens from each image's own visual tokens only (pooling-*, tome-*): served in a
+# layer-0 stage on the projected tokens. A third-party merger joins by setting ``image_only = True``.
+IMAGE_ONLY_MERGERS = frozenset({"grid_pool", "tome"})
 
 
 class MissingExtraError(PrunekitError, RuntimeError):
@@ -86,7 +90,7 @@ def require_vllm() -> None:
 
 require_vllm()
 
-from prunekit.api import Combiner, Criterion, ForwardContext, Stage  # noqa: E402
+from prunekit.api import Combiner, Criterion, ForwardContext, Merger, Stage  # noqa: E402
 from prunekit.layout import TokenLayout  # noqa: E402
 from prunekit.probes import LayerInput, VisionAttention, VisionHidden, VisionKeys  # noqa: E402
 from prunekit.recipe import Recipe, VisionRecipe, collect_probes, load_recipe, resolve_stages  # noqa: E402
@@ -104,6 +108,12 @@ class ProjectedStage:
     combiner: Combiner
     stage: Stage
     num_layers: int  # the decoder's depth, as the criteria see it
+    merger: Merger | None = None  # summary tokens of the dropped ones, after the kept tokens
+
+    def tokens(self, patches: int) -> int:
+        """Tokens one image of ``patches`` projected tokens leaves: kept plus merged."""
+        kept = int(self.stage.keep_counts(torch.tensor([patches]))[0])
+        return kept + (0 if self.merger is None else int(self.merger.count(patches - kept)))
 
 
 @dataclass(frozen=True)
@@ -120,7 +130,7 @@ class ServingPlan:
             kept, merged = vision_stage_tokens(self.vision, patches)
             return kept + merged
         if self.projected is not None:
-            return int(self.projected.stage.keep_counts(torch.tensor([patches]))[0])
+            return self.projected.tokens(patches)
         return patches
 
 
@@ -147,9 +157,16 @@ def plan_recipe(source: Any, overrides: Sequence[str] | None, num_layers: int, v
     if len(stages) != 1 or stages[0].layer != 0:
         raise _refuse(recipe, f"its stages prune before decoder layers {[s.layer for s in stages]}, not once before "
                               "layer 0 (vLLM's paged KV cache keeps every prompt token at every layer)")
-    if recipe.merger is not None:
-        raise _refuse(recipe, f"its decoder stage merges dropped tokens ({type(recipe.merger).__name__}); the "
-                              "plugin runs mergers only in a 'vision:' block")
+    merger = recipe.merger
+    if merger is not None and merger.name not in IMAGE_ONLY_MERGERS and not getattr(merger, "image_only", False):
+        raise _refuse(recipe, f"its decoder stage merges dropped tokens with {merger.name!r}, which is not known to "
+                              "build its tokens from the image's own tokens alone (mergers served at layer 0: "
+                              f"{valid_list(sorted(IMAGE_ONLY_MERGERS))}; a third-party one declares image_only = "
+                              "True)")
+    if merger is not None and any(p != LayerInput(layer=0) for p in merger.probes((0,), num_layers)):
+        raise _refuse(recipe, f"its merger {merger.name!r} reads "
+                              f"{', '.join(str(p) for p in merger.probes((0,), num_layers))}, not only the projected "
+                              "visual tokens entering layer 0")
     if recipe.positions != "compact":
         raise _refuse(recipe, f"positions {recipe.positions!r} keeps gaps in the positions of the kept tokens; "
                               "vLLM numbers the prompt's placeholders contiguously (use positions: compact)")
@@ -164,7 +181,7 @@ def plan_recipe(source: Any, overrides: Sequence[str] | None, num_layers: int, v
             if probe != LayerInput(layer=0):
                 raise _refuse(recipe, f"criterion {key!r} ({criterion.name!r}) reads {probe}, not only the "
                                       "projected visual tokens entering layer 0")
-    projected = ProjectedStage(dict(recipe.criteria), recipe.combiner, stages[0], num_layers)
+    projected = ProjectedStage(dict(recipe.criteria), recipe.combiner, stages[0], num_layers, merger)
     return ServingPlan(recipe.name, projected=projected)
 
 
@@ -224,9 +241,11 @@ def prune_before_projector(vision: VisionRecipe, features: Tensor, captures: dic
 
 
 def prune_projected(stage: ProjectedStage, projected: Tensor) -> tuple[Tensor, Tensor]:
-    """Keep each image's best projected tokens, as a prunekit stage before decoder layer 0 does for one image.
+    """Keep each image's best projected tokens, as a prunekit stage before decoder layer 0 does for one image;
+    a merger's tokens follow the kept ones, where prunekit's stage places them (after the image's kept tokens).
 
-    projected: ``[n_images, patches, hidden]``. Returns ``[n_images, kept, hidden]`` and the kept indices.
+    projected: ``[n_images, patches, hidden]``. Returns ``[n_images, kept + merged, hidden]`` and the kept
+    indices ``[n_images, kept]``.
     """
     n_images, patches, _ = projected.shape
     ones = torch.ones(n_images, patches, dtype=torch.bool, device=projected.device)
@@ -242,7 +261,15 @@ def prune_projected(stage: ProjectedStage, projected: Tensor) -> tuple[Tensor, T
     ctx.keep_counts = counts
     combined = score(stage.criteria, stage.combiner, ctx)  # [n_images, patches]
     selection = select(combined, ones, counts)
-    return gather_tokens(projected, selection.index), selection.index
+    out = gather_tokens(projected, selection.index)  # [n_images, kept, hidden]
+    if stage.merger is not None:
+        merged, valid = stage.merger.merge(projected, selection.dropped, combined, ctx)  # [n_images, m, hidden]
+        expected = stage.tokens(patches) - selection.index.shape[1]
+        if merged.shape[1] != expected or not bool(valid.all()):
+            raise PrunekitError(f"merger {stage.merger.name!r} made {merged.shape[1]} tokens per image "
+                                f"({int(valid.sum())} valid), its count() promised {expected}")
+        out = torch.cat([out, merged.to(out.dtype)], dim=1)
+    return out, selection.index
 
 
 # -- captures of vLLM's CLIP tower -------------------------------------------------------------------
