@@ -255,15 +255,20 @@ def family_config(family: str, num_layers: int = 16):
             return tf.Qwen3VLConfig(text_config=qwen3_text, vision_config=vision, **ids)
         moe = dict(qwen3_text, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
         return tf.Qwen3VLMoeConfig(text_config=moe, vision_config=vision, **ids)
-    if family == "glm4v":  # GLM-4.1V: M-RoPE, grids of merged patches as Qwen2-VL
+    if family in ("glm4v", "glm46v", "glm4v_moe"):  # GLM-4.1V / 4.6V / 4.5V (MoE): M-RoPE, grids as Qwen2-VL
         rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
         glm_text = {k: v for k, v in text.items() if k not in ("bos_token_id", "eos_token_id")}
-        return tf.Glm4vConfig(text_config=dict(glm_text, rope_parameters=rope),
-                              vision_config=dict(depth=2, hidden_size=32, num_heads=4, patch_size=4, image_size=24,
-                                                 spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
-                                                 intermediate_size=64),
-                              image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, image_start_token_id=START_ID,
-                              image_end_token_id=END_ID, video_start_token_id=START_ID, video_end_token_id=END_ID)
+        glm_text["rope_parameters"] = rope
+        config_class = {"glm4v": tf.Glm4vConfig, "glm46v": tf.Glm46VConfig, "glm4v_moe": tf.Glm4vMoeConfig}[family]
+        if family == "glm4v_moe":
+            glm_text.update(head_dim=16, moe_intermediate_size=32, num_experts_per_tok=2, n_shared_experts=1,
+                            n_routed_experts=4, first_k_dense_replace=1)
+        return config_class(text_config=glm_text,
+                            vision_config=dict(depth=2, hidden_size=32, num_heads=4, patch_size=4, image_size=24,
+                                               spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                                               intermediate_size=64),
+                            image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, image_start_token_id=START_ID,
+                            image_end_token_id=END_ID, video_start_token_id=START_ID, video_end_token_id=END_ID)
     if family == "llama4":  # MoE on every other layer, chunked attention, a NoPE layer every fourth
         rope = {"rope_type": "default", "rope_theta": 10000.0}
         vision = tf.Llama4VisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -347,8 +352,9 @@ FAMILIES = ("llava_next", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5
             "qwen3_vl", "qwen3_vl_moe")
 # more families of transformers 5.x, for the family x recipe matrix (tests/test_family_matrix.py)
 MATRIX_FAMILIES = (*FAMILIES, "glm4v", "llama4", "internvl", "idefics3", "llava", "smolvlm", "mistral3", "aya_vision",
-                   "cohere2_vision", "vipllava", "shieldgemma2", "qwen3_5", "qwen3_5_moe", "minicpmv4_6", "lfm2_vl")
-_MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")
+                   "cohere2_vision", "vipllava", "glm46v", "glm4v_moe", "shieldgemma2", "qwen3_5", "qwen3_5_moe",
+                   "minicpmv4_6", "lfm2_vl")
+_MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe")
 _SINGLE_IMAGE = ("llava", "vipllava", "mistral3", "aya_vision", "cohere2_vision", "smolvlm")
 
 
@@ -545,6 +551,8 @@ MATRIX: tuple[MatrixRow, ...] = (
     MatrixRow("gemma3", "Gemma3ForConditionalGeneration", "gemma3",
               "sliding-window layers; bidirectional image blocks"),
     MatrixRow("glm4v", "Glm4vForConditionalGeneration", "generic", "M-RoPE (partial rotary)"),
+    MatrixRow("glm46v", "Glm46VForConditionalGeneration", "generic", "GLM-4.6V: M-RoPE (partial rotary)"),
+    MatrixRow("glm4v_moe", "Glm4vMoeForConditionalGeneration", "generic", "GLM-4.5V: M-RoPE, MoE decoder"),
     MatrixRow("internvl", "InternVLForConditionalGeneration", "generic", "pixel-shuffled tiles"),
     MatrixRow("idefics3", "Idefics3ForConditionalGeneration", "generic", "SmolVLM's architecture"),
     MatrixRow("smolvlm", "SmolVLMForConditionalGeneration", "generic", "pixel-shuffled tiles"),
@@ -647,8 +655,6 @@ MATRIX: tuple[MatrixRow, ...] = (
     # the generic adapter accepts the default config; no tiny model checks it yet
     _untested("kimi_k25", "Kimi_K25ForConditionalGeneration",
               "no tiny builder yet; the generic adapter accepts its default config (DeepSeek-V3 decoder: MLA, MoE)"),
-    _untested("glm4v_moe", "Glm4vMoeForConditionalGeneration"),
-    _untested("glm46v", "Glm46VForConditionalGeneration"),
     _untested("glmga", "Glm46VForConditionalGeneration"),
     _untested("glm_ocr", "GlmOcrForConditionalGeneration"),
     _untested("ovis2", "Ovis2ForConditionalGeneration"),
