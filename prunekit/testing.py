@@ -340,6 +340,16 @@ def family_config(family: str, num_layers: int = 16):
         moe = dict(q_text, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
                    num_experts_per_tok=2)
         return tf.Qwen3_5MoeConfig(text_config=moe, vision_config=vision, **ids)
+    if family == "kimi_k25":  # DeepSeek-V3 decoder (MLA, MoE), MoonViT patches merged 2x2
+        deepseek = tf.DeepseekV3Config(**dict(text, num_key_value_heads=4), moe_intermediate_size=32,
+                                       n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                       first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+                                       qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+        vision = dict(patch_size=4, pos_emb_height=8, pos_emb_width=8, num_attention_heads=4, num_hidden_layers=2,
+                      hidden_size=32, intermediate_size=64, merge_kernel_size=[2, 2])
+        return tf.Kimi_K25Config(text_config=deepseek.to_dict(), vision_config=vision, projection_hidden_size=32,
+                                 image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=START_ID,
+                                 vision_end_token_id=END_ID)
     if family == "minicpmv4_6":  # a Qwen3.5 (hybrid linear-attention) decoder
         q_text = family_config("qwen3_5", num_layers).text_config
         return tf.MiniCPMV4_6Config(text_config=q_text.to_dict(),
@@ -353,7 +363,7 @@ FAMILIES = ("llava_next", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5
 # more families of transformers 5.x, for the family x recipe matrix (tests/test_family_matrix.py)
 MATRIX_FAMILIES = (*FAMILIES, "glm4v", "llama4", "internvl", "idefics3", "llava", "smolvlm", "mistral3", "aya_vision",
                    "cohere2_vision", "vipllava", "glm46v", "glm4v_moe", "shieldgemma2", "qwen3_5", "qwen3_5_moe",
-                   "minicpmv4_6", "lfm2_vl")
+                   "minicpmv4_6", "lfm2_vl", "kimi_k25")
 _MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe")
 _SINGLE_IMAGE = ("llava", "vipllava", "mistral3", "aya_vision", "cohere2_vision", "smolvlm")
 
@@ -445,6 +455,12 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
             key = "video" if video else "image"
             extra = {f"pixel_values{'_videos' if video else ''}": pixel, f"{key}_grid_thw": grids}
             image_id = model.config.video_token_id if video else model.config.image_token_id
+        elif family == "kimi_k25":  # patches [n, 3, 4, 4] with a (1, rows, cols) grid per image
+            grids = torch.tensor([[1, h // 4, w // 4] for h, w in sizes])
+            pixel = torch.randn(int(grids.prod(dim=1).sum()), 3, 4, 4, generator=g).to(dtype)
+            counts = [int(h * w // 4) for _, h, w in grids.tolist()]
+            extra = {"pixel_values": pixel, "image_grid_thw": grids}
+            image_id = model.config.image_token_id
         elif family in ("llama4", "internvl", "idefics3"):  # one image per sample, its token count from the tower
             side = 48 if family == "internvl" else 24
             shape = (len(sizes), 1, 3, side, side) if family == "idefics3" else (len(sizes), 3, side, side)
@@ -562,6 +578,8 @@ MATRIX: tuple[MatrixRow, ...] = (
     MatrixRow("cohere2_vision", "Cohere2VisionForConditionalGeneration", "generic",
               "Cohere2 decoder: sliding-window layers"),
     MatrixRow("vipllava", "VipLlavaForConditionalGeneration", "generic", "features of several CLIP layers"),
+    MatrixRow("kimi_k25", "Kimi_K25ForConditionalGeneration", "generic",
+              "DeepSeek-V3 decoder: multi-head latent attention, MoE"),
     MatrixRow("llama4", "Llama4ForConditionalGeneration", "generic",
               "MoE every other layer, chunked attention, NoPE layers", reason=LLAMA4_BROKEN),
     MatrixRow("shieldgemma2", "Gemma3ForConditionalGeneration", "gemma3", "Gemma 3 under another model_type",
@@ -653,8 +671,6 @@ MATRIX: tuple[MatrixRow, ...] = (
     _no("hunyuan_vl", "HunYuanVLForConditionalGeneration", NO_DEFAULT),
     _no("qwen4_exp", "Qwen4ExpForConditionalGeneration", NO_DEFAULT),
     # the generic adapter accepts the default config; no tiny model checks it yet
-    _untested("kimi_k25", "Kimi_K25ForConditionalGeneration",
-              "no tiny builder yet; the generic adapter accepts its default config (DeepSeek-V3 decoder: MLA, MoE)"),
     _untested("glmga", "Glm46VForConditionalGeneration"),
     _untested("glm_ocr", "GlmOcrForConditionalGeneration"),
     _untested("ovis2", "Ovis2ForConditionalGeneration"),

@@ -27,7 +27,8 @@ SCALED = ["reference_depth=28"]  # every built-in decoder recipe's layers onto 8
 KEEP_ALL = {"name": "keep-all", "criteria": {"iga": {}, "ttv": {"type": "ttv"}},
             "combiner": {"type": "weighted_sum", "weights": {"iga": 0.5, "ttv": 0.5}},
             "schedule": {"type": "stages", "stages": [{"layer": 1, "keep": 1.0}, {"layer": 3, "keep": 1.0}]}}
-SIZES = {"glm4v": [(48, 32), (32, 32)], "glm46v": [(48, 32), (32, 32)], "glm4v_moe": [(32, 48), (24, 24)], "qwen2_vl": [(32, 48), (24, 24)], "qwen2_5_vl": [(32, 48), (24, 24)],
+SIZES = {"glm4v": [(48, 32), (32, 32)], "glm46v": [(48, 32), (32, 32)], "glm4v_moe": [(32, 48), (24, 24)],
+         "kimi_k25": [(32, 32), (24, 24)], "qwen2_vl": [(32, 48), (24, 24)], "qwen2_5_vl": [(32, 48), (24, 24)],
          "qwen3_vl": [(32, 48), (24, 24)], "qwen3_vl_moe": [(32, 48), (24, 24)]}
 DECODER_RECIPES = [name for name in builtin_recipe_names() if load_recipe(name).vision is None]
 _VERSION = tuple(int(p) for p in re.findall(r"\d+", transformers.__version__)[:3])
