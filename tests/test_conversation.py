@@ -244,3 +244,17 @@ def test_every_family_prunes_a_later_turns_image_on_the_cache(row):
     kept = report.stages[0].kept[0]
     assert visual[0] > 0 and bool((kept < turn_input.shape[0]).all())
     assert ids[1].shape[1] == bare_ids[1].shape[1]  # the pruned turn answered as many tokens
+
+
+@pytest.mark.parametrize("recipe", ["pdrop", "transprune-high", "sparsevlm-64", "dart", "l2norm"])
+def test_a_later_turn_keeps_the_counts_the_flops_model_predicts(llava64, recipe):
+    """Multi-stage recipes, a merging one (SparseVLM's recycling) and DART on the second and third turns: each
+    turn's tokens per layer are the recipe's, as for a first prefill (``prunekit flops`` counts them so)."""
+    from prunekit.flops import DecoderDims, recipe_estimate
+
+    overrides = ["reference_depth=32"] if recipe != "dart" else []
+    with prunekit.apply(llava64, recipe, overrides) as pruner:
+        chat(llava64, _turns(torch.float64), steps=2)
+        report = pruner.last_report
+    predicted = recipe_estimate(pruner.recipe, DecoderDims.from_config(llava64.config), SHAPE.visual_tokens)
+    assert report.visual_tokens_per_layer[0].tolist() == predicted.visual_tokens
