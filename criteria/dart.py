@@ -95,8 +95,8 @@ class DART(Criterion):
             chosen.update(taken)
             remaining.difference_update(taken)
             remaining_list = list(remaining)
-        kept = [p for p in image_pivots + picks]
-        if remaining_list and chosen:  # the rest, least similar to any pivot first (beyond the official count)
+        kept = image_pivots + picks
+        if remaining_list and (image_pivots or text_pivots):  # the rest, least similar to any pivot first (beyond the official count)
             pivots = hidden[[p + first for p in image_pivots + text_pivots]]  # [pivots, dim]
             rest = hidden[[r + first for r in remaining_list]]  # [rest, dim]
             closest = F.cosine_similarity(rest[:, None], pivots[None], dim=-1).amax(dim=1)  # [rest]

@@ -87,7 +87,7 @@ class MustDropMerge(Merger):
     def merge(self, hidden: Tensor, dropped: Tensor, scores: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
         n_images, patches, dim = hidden.shape
         window = window_of_patch(patches, hidden.device)  # [patches]
-        windows = (patches // 4)
+        windows = patches // 4
         dropped_windows = torch.zeros(n_images, windows, dtype=torch.long, device=hidden.device)
         dropped_windows.index_add_(1, window, dropped.long())  # [n_images, windows]: dropped patches per window
         if bool(((dropped_windows != 0) & (dropped_windows != 4)).any()):

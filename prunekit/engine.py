@@ -323,10 +323,9 @@ class Pruner:
         )
         return changed
 
-    def _unpruned_cache(self, cache: Any, input_ids: Tensor) -> CacheRecord | None:
+    def _unpruned_cache(self, cache: Any, input_ids: Tensor) -> CacheRecord:
         """The record of a cache this pruner did not fill (a shared system prompt, an unpruned first turn):
-        every layer holds the same tokens, so every stage's slots are all of them. None when the call brings
-        no visual tokens (text on an unpruned cache runs as it would without prunekit)."""
+        every layer holds the same tokens, so every stage's slots are all of them (as decoded tokens)."""
         past = cache.get_seq_length()
         lengths = {layer: cache.get_seq_length(layer) for layer in self.stage_layers}
         if any(length != past for length in lengths.values()):
@@ -371,11 +370,10 @@ class Pruner:
                 "tokens and the 2D attention_mask of the whole conversation, or use a recipe whose first stage is "
                 "after layer 0"
             )
-        decode = self._start_decode(cached, cache, input_ids, None, mask)  # checks the 2D mask's length
         ctx = ForwardContext(layout=layout, stage_layers=self.stage_layers, num_layers=self.num_layers)
         return Prefill(ctx=ctx, positions=None, visual_original=layout.visual_counts(),
                        prompt_valid=layout.valid.sum(dim=1), prompt_length=turn_length, cache=cache,
-                       past=cached, past_mask=decode.mask_2d)
+                       past=cached, past_mask=self._unpruned_mask(cached, input_ids, mask))
 
     @staticmethod
     def _check_cache_and_mask(cache: Any, mask: Any) -> None:
@@ -474,21 +472,25 @@ class Pruner:
             forward.prompt_max_position = max_position(forward.positions, forward.ctx.layout.valid)
 
     @staticmethod
-    def _start_decode(cached: CacheRecord, cache: Any, input_ids: Tensor | None, embeds: Tensor | None,
-                      mask: Tensor | None) -> Decode:
-        tokens = input_ids if input_ids is not None else embeds
+    def _unpruned_mask(cached: CacheRecord, tokens: Tensor, mask: Tensor | None) -> Tensor:
+        """[batch, seen + q] bool: the 2D mask over the unpruned sequence of a call bringing ``q`` new tokens
+        (``tokens``: [batch, q, ...]) on a cache that has seen ``cached.seen``; all ones without a mask."""
         batch, q = tokens.shape[0], tokens.shape[1]
         expected = cached.seen + q
         if mask is None:
-            mask_2d = torch.ones(batch, expected, dtype=torch.bool, device=tokens.device)
-        else:
-            mask_2d = mask.to(torch.bool)
-            if mask_2d.dim() != 2 or mask_2d.shape[1] != expected:
-                raise LayoutError(
-                    f"decode step: attention_mask has shape {tuple(mask.shape)}, expected [batch, {expected}] "
-                    f"({cached.seen} cached tokens + {q} new) as a 2D mask over the unpruned sequence"
-                )
-        return Decode(cached=cached, mask_2d=mask_2d, positions=None, cache=cache)
+            return torch.ones(batch, expected, dtype=torch.bool, device=tokens.device)
+        mask_2d = mask.to(torch.bool)
+        if mask_2d.dim() != 2 or mask_2d.shape[1] != expected:
+            raise LayoutError(
+                f"decode step: attention_mask has shape {tuple(mask.shape)}, expected [batch, {expected}] "
+                f"({cached.seen} cached tokens + {q} new) as a 2D mask over the unpruned sequence"
+            )
+        return mask_2d
+
+    def _start_decode(self, cached: CacheRecord, cache: Any, input_ids: Tensor | None, embeds: Tensor | None,
+                      mask: Tensor | None) -> Decode:
+        tokens = input_ids if input_ids is not None else embeds
+        return Decode(cached=cached, mask_2d=self._unpruned_mask(cached, tokens, mask), positions=None, cache=cache)
 
     # -- layer hooks -------------------------------------------------------------------------
     def _stage_inputs_hook(self, layer_idx: int):

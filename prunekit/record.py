@@ -87,9 +87,11 @@ class Prefill:
         """[batch, slots] bool: stage ``stage``'s cached slots a later turn attends to (None for a first prefill)."""
         return None if self.past is None else self.past.stage_mask(stage, self.past_mask)
 
-    def past_shift(self, stage: int) -> Tensor | None:
-        """[batch] long: how far stage ``stage`` moved the cache's positions back (None for a first prefill)."""
-        return None if self.past is None or stage < 0 else self.past.records[stage].shift
+    def past_moved(self, stage: int) -> Tensor:
+        """[batch] long, a later turn only: how much further back stage ``stage`` put the cache's positions
+        than the stage before it did (the turn's positions move back as much at that stage)."""
+        records = self.past.records
+        return records[stage].shift - (records[stage - 1].shift if stage > 0 else 0)
 
 
 @dataclass
@@ -119,7 +121,7 @@ class CacheRecord:
         turn_length = mask_2d.shape[1] - self.seen
         decoded = torch.arange(self.prompt_length, self.seen, device=mask_2d.device)  # [decoded]
         records = []
-        for past, new in zip(self.records, turn):
+        for stage, (past, new) in enumerate(zip(self.records, turn)):
             batch = past.valid.shape[0]
             decoded_index = decoded[None].expand(batch, -1)  # [batch, decoded]
             index = torch.cat([past.original_index, decoded_index,
@@ -127,7 +129,7 @@ class CacheRecord:
             records.append(StageRecord(
                 layer=past.layer, original_index=index, where=past.where, shift=new.shift,
                 visual=torch.cat([past.visual, torch.zeros_like(decoded_index, dtype=torch.bool), new.visual], dim=1),
-                valid=torch.cat([self.stage_mask(len(records), mask_2d), new.valid], dim=1),
+                valid=torch.cat([self.stage_mask(stage, mask_2d), new.valid], dim=1),
             ))
         total = self.seen + turn_length
         return CacheRecord(prompt_length=total, records=records, seen=total, rewrite=self.rewrite)

@@ -45,9 +45,7 @@ def prune(prefill: Prefill, recipe: Recipe, adapter: Adapter, stage: Stage, stag
         with torch.no_grad():
             prefill.positions = next_positions(prefill, plan, adapter, recipe.positions)
             if prefill.past is not None:  # a later turn: continue right after this stage's cached positions
-                before = prefill.past_shift(stage_index - 1)
-                moved = prefill.past_shift(stage_index) - (0 if before is None else before)  # [batch]
-                prefill.positions = prefill.positions - moved[None, :, None]
+                prefill.positions = prefill.positions - prefill.past_moved(stage_index)[None, :, None]
         ctx.gather(plan.index, ~plan.from_current)
         if merged is not None:  # merged slots are visual tokens from now on
             ctx.layout.visual |= plan.merged_valid

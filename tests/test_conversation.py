@@ -27,7 +27,7 @@ def _turns(dtype: torch.dtype, seeds=(3, 4, 5)) -> list[dict]:
 
 
 def chat(model, turns: list[dict], steps: int = STEPS) -> tuple[torch.Tensor, list[int], list[int], torch.Tensor]:
-    """Three generate() calls, each on the cache of the last, as a chat front-end runs them.
+    """One generate() call per turn, each on the cache of the last, as a chat front-end runs them.
 
     Returns the whole conversation's ids [seq], where each turn's forward starts, where each turn's prompt
     ends (its last token), and the logits of every answer token [turns * steps, vocab].
