@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-import prunekit
 from prunekit.bench import _kv_bytes, _peak_memory
 from prunekit.compat import cache_of
 from prunekit.testing import END_ID, START_ID, family_config
+from suite import _pruner, time_prefills  # benchmarks/suite.py: the same timing loop
 
 RECIPES = ("none", "uniform-frames", "frame-difference", "dycoke")
 
@@ -58,27 +56,15 @@ def clip_inputs(model, frames: int, side: int, seed: int = 0) -> dict[str, torch
             "mm_token_type_ids": (ids == model.config.video_token_id).long() * 2}
 
 
-def _pruner(model, name: str, measure: bool):
-    return nullcontext() if name == "none" else prunekit.apply(model, name, measure=measure)
-
-
 def run(frames: int, side: int, repeats: int) -> list[str]:
     model = qwen_video_model()
     inputs = clip_inputs(model, frames, side)
     n_visual = int((inputs["input_ids"] == model.config.video_token_id).sum())
     config = model.config.text_config
     per_token = 2 * config.num_key_value_heads * config.head_dim * model.dtype.itemsize  # K and V, one layer
-    totals: dict[str, list[float]] = {name: [] for name in RECIPES}
-    work: dict[str, list[float]] = {name: [] for name in RECIPES}
-    for repeat in range(repeats + 1):
-        for name in RECIPES:
-            with _pruner(model, name, measure=True) as pruner, torch.no_grad():
-                start = time.perf_counter()
-                model(**inputs, use_cache=True)
-                total = time.perf_counter() - start
-            if repeat:  # the first round warms up
-                totals[name].append(total)
-                work[name].append(pruner.clock.total if pruner is not None else 0.0)
+    timings = time_prefills(model, inputs, RECIPES, repeats)  # recipes interleaved per repeat, one warm-up round
+    totals = {name: timing.total for name, timing in timings.items()}
+    work = {name: timing.overhead for name, timing in timings.items()}
     base = statistics.median(totals["none"])
     lines = [f"### Video (Qwen2.5-VL-shaped, 28 layers, width 256; one clip of {frames} frames x {side // 2}x{side // 2} "
              f"= {n_visual} visual tokens, {inputs['input_ids'].shape[1]} prompt tokens; median of {repeats})", "",
