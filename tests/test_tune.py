@@ -351,13 +351,12 @@ def test_two_workers_complete_one_study_with_no_trial_lost_or_duplicated(toy_wei
     assert {r["study"] for r in reports} == {"s"} and all(r["trials"]["complete"] == 8 for r in reports)
 
 
-@pytest.mark.slow
-def test_a_killed_study_resumes(toy_weights, tmp_path):
-    url = f"sqlite:///{tmp_path / 'resume.db'}"
-    args = _command(toy_weights, tmp_path, "--json", "--heartbeat", "1", storage=url, trials=5, calibration=40)
+def _kill_mid_trial(args: list[str], tmp_path: Path, url: str) -> set[int]:
+    """Start a worker and SIGKILL it once it has scored a trial and is running the next; the numbers of the
+    trials the kill left RUNNING (empty when the running trial finished between the look and the kill)."""
     first = _worker(args, tmp_path, "first")
     state = optuna.trial.TrialState
-    for _ in range(3000):  # kill it once it has scored a trial and is running the next
+    for _ in range(3000):
         if first.poll() is not None:
             break
         try:
@@ -370,6 +369,19 @@ def test_a_killed_study_resumes(toy_weights, tmp_path):
             break
         time.sleep(0.05)
     assert first.returncode == -signal.SIGKILL, "the first run ended before it could be killed"
+    return {t.number for t in _study_trials(url, "s") if t.state == state.RUNNING}
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes(toy_weights, tmp_path):
+    state = optuna.trial.TrialState
+    for attempt in range(3):  # a kill can land just after the running trial finished: kill a fresh study again
+        url = f"sqlite:///{tmp_path / f'resume{attempt}.db'}"
+        args = _command(toy_weights, tmp_path, "--json", "--heartbeat", "1", storage=url, trials=5, calibration=40)
+        interrupted = _kill_mid_trial(args, tmp_path, url)
+        if interrupted:
+            break
+    assert interrupted, "three kills all landed between two trials"
     before = {t.number: t.values for t in _study_trials(url, "s") if t.state == state.COMPLETE}
     assert 1 <= len(before) < 5
     time.sleep(3.5)  # past the grace period (3 heartbeats): the killed trial is stale
@@ -380,8 +392,8 @@ def test_a_killed_study_resumes(toy_weights, tmp_path):
     assert len(complete) == 5 and all(complete[n] == v for n, v in before.items())  # kept, not redone
     assert not [t for t in trials if t.state == state.RUNNING]
     stale = [t for t in trials if t.state == state.FAIL]
-    assert stale  # the trial the kill interrupted, failed by its missing heartbeat ...
-    retried = [t for t in trials if t.system_attrs.get("failed_trial") in {s.number for s in stale}]
+    assert {t.number for t in stale} == interrupted  # the trial the kill interrupted, failed by its heartbeat ...
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") in interrupted]
     assert retried and all(r.params[k] == v for r in retried for s in stale  # ... and retried with the values
                            if r.system_attrs["failed_trial"] == s.number for k, v in s.params.items())  # it had
 
