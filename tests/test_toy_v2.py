@@ -37,9 +37,9 @@ def test_training_conversations_ask_new_questions_on_one_scene_and_label_every_a
     follow_ups[2] = []
     assert all(len(turns) >= 2 for i, turns in enumerate(follow_ups) if i != 2)
     for question, turns in zip(questions, follow_ups):
-        texts = [question.question] + [t for t, _ in turns]
+        texts = [question.question] + [t.question for t in turns]
         assert len(set(texts)) == len(texts)  # each question asked once
-        for text, answer in turns:  # count and presence answers recounted from the scene
+        for text, answer, _ in turns:  # count and presence answers recounted from the scene
             words = text.split()
             if text.startswith("how many"):
                 n = sum(s.color == words[2] for s in question.shapes)
@@ -56,7 +56,7 @@ def test_training_conversations_ask_new_questions_on_one_scene_and_label_every_a
         if row == 1:  # the describe task: the description and its end
             assert words == v2_task.description(question.shapes).split() + ["</s>"]
         else:
-            assert words == [w for a in [question.answer] + [a for _, a in turns] for w in (a, "</s>")]
+            assert words == [w for a in [question.answer] + [t.answer for t in turns] for w in (a, "</s>")]
         text = " ".join(processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][row].tolist()))
         assert text.count("USER:") == (1 if row == 1 else 1 + len(turns))
 

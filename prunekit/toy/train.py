@@ -51,7 +51,12 @@ def per_sample_loss(model, batch: dict) -> torch.Tensor:
     the descriptions drown the questions).
     """
     labels = batch.pop("labels")
-    logits = model(**batch).logits[:, :-1]  # [batch, seq - 1, vocab] predicts tokens 1..
+    return answer_loss(model(**batch).logits, labels)
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`per_sample_loss` on a forward's logits (``[batch, seq, vocab]``) and labels (``[batch, seq]``)."""
+    logits = logits[:, :-1]  # [batch, seq - 1, vocab] predicts tokens 1..
     target = labels[:, 1:]
     token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(),
                                                    ignore_index=-100, reduction="none").view_as(target)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -81,6 +82,14 @@ class Question:
     kind: str
     relevant: list[int] = field(default_factory=list)  # patch indices (row-major, 0..GRID*GRID-1)
     shapes: list[Shape] = field(default_factory=list)
+
+
+class Turn(NamedTuple):
+    """A later question on a question's scene: its text, answer and relevant patches."""
+
+    question: str
+    answer: str
+    relevant: list[int]
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill) -> None:
@@ -200,10 +209,10 @@ class ToyTask:
     def questions(self, n: int) -> list[Question]:
         return [self.question() for _ in range(n)]
 
-    def follow_ups(self, question: Question, n: int) -> list[tuple[str, str]]:
-        """Up to ``n`` more (question, answer) pairs on ``question``'s scene, each asked once: the later turns
-        of a training conversation (answers are not uniform here, the first question's is)."""
-        turns: list[tuple[str, str]] = []
+    def follow_ups(self, question: Question, n: int) -> list[Turn]:
+        """Up to ``n`` more turns (question, answer, relevant patches) on ``question``'s scene, each asked once:
+        the later turns of a training conversation (answers are not uniform here, the first question's is)."""
+        turns: list[Turn] = []
         asked = {question.question}
         for _ in range(8 * n):
             if len(turns) == n:
@@ -213,7 +222,7 @@ class ToyTask:
             made = self._ask(kind, target, question.shapes)
             if made is not None and made[0] not in asked:
                 asked.add(made[0])
-                turns.append((made[0], target))
+                turns.append(Turn(made[0], target, sorted({p for s in made[1] for p in shape_patches(s)})))
         return turns
 
 

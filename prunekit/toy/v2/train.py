@@ -20,13 +20,16 @@ from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration
 
 from prunekit.toy import train as toy_v1_train
-from prunekit.toy.train import per_sample_loss
+from prunekit.toy.train import answer_loss
 from prunekit.toy.v2.model import WEIGHTS_DIR, build_config, build_processor
-from prunekit.toy.v2.task import GRID, N_PATCH_CLASSES, ToyTask, description, patch_labels, prompt
+from prunekit.toy.v2.task import GRID, N_PATCH_CLASSES, ToyTask, Turn, description, patch_labels, prompt
 
 N_CLASSES = N_PATCH_CLASSES  # background, or one size-colour-shape triple
 PATCH_ROW = torch.arange(GRID).repeat_interleave(GRID)[None]  # [1, GRID*GRID] row of each patch
 PATCH_COLUMN = torch.arange(GRID).repeat(GRID)[None]  # [1, GRID*GRID] column of each patch
+READING_LAYERS = (10, 13)  # decoder layers whose first READING_HEADS heads learn where each answer's evidence lies
+READING_HEADS = 2
+LATE_FROM = 7  # before this layer (TransPrune's first stage) the question is taught not to read the image
 
 
 # Evaluation batches, the per-sample loss and the held-out accuracy are the first toy's, on this task's prompt.
@@ -34,7 +37,7 @@ make_batch = partial(toy_v1_train.make_batch, task_prompt=prompt, task_descripti
 accuracy = partial(toy_v1_train.accuracy, make=make_batch)
 
 
-def conversation_batch(processor, questions, follow_ups: list[list[tuple[str, str]]], describe: list[bool]) -> dict:
+def conversation_batch(processor, questions, follow_ups: list[list[Turn]], describe: list[bool]) -> dict:
     """Training batches: LLaVA-1.5 multi-turn conversations on one image, labels on every answer.
 
     Sample i is ``<s> USER: <image>\n{q} ASSISTANT: {a} </s> USER: {q2} ASSISTANT: {a2} </s> ...`` with the
@@ -48,7 +51,7 @@ def conversation_batch(processor, questions, follow_ups: list[list[tuple[str, st
             texts.append(f"{prompt('describe ?')} {description(question.shapes)} </s>")
             continue
         text = f"{prompt(question.question)} {question.answer} </s>"
-        texts.append(text + "".join(f" USER: {q} ASSISTANT: {a} </s>" for q, a in turns))
+        texts.append(text + "".join(f" USER: {t.question} ASSISTANT: {t.answer} </s>" for t in turns))
     batch = processor(images=[q.image for q in questions], text=texts, return_tensors="pt", padding=True)
     ids = batch["input_ids"]  # [batch, seq], left-padded
     tokenizer = processor.tokenizer
@@ -80,6 +83,40 @@ def aux_loss(aux_head: torch.nn.Module, features: torch.Tensor, questions) -> to
             + 0.5 * ce(columns, PATCH_COLUMN.expand(batch, -1).flatten()))
 
 
+def attention_losses(attentions: tuple[torch.Tensor, ...], input_ids: torch.Tensor, image_token_id: int,
+                     answer_open_id: int, relevant: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-only shaping of where the decoder reads the image (the shipped model stays a plain LLaVA).
+
+    ``attentions``: per decoder layer ``[batch, heads, seq, seq]`` (eager attention); ``relevant[row]``: the
+    relevant patches of each of the row's turns, in order (empty for a row without questions). Returns
+
+    - ``reading``: -log of the attention mass that each turn's ``ASSISTANT:`` token puts on the turn's relevant
+      patches, in the first ``READING_HEADS`` heads of each ``READING_LAYERS`` layer, averaged: the answer
+      token learns where the evidence lies, late in the decoder as in LLaVA-1.5, where the instruction reads
+      the image late;
+    - ``early``: the mean attention mass that text tokens after the image put on the image in layers before
+      ``LATE_FROM``: the evidence stays in the image tokens until the layers where pruning criteria act.
+    """
+    is_image = input_ids == image_token_id  # [batch, seq]
+    after_image = (is_image.long().cumsum(1) > 0) & ~is_image  # [batch, seq] text after the image
+    image_mass = [(a * is_image[:, None, None, :]).sum(-1) for a in attentions]  # per layer [batch, heads, seq]
+    early = torch.stack([(m.mean(1) * after_image).sum() / after_image.sum().clamp(min=1)
+                         for m in image_mass[:LATE_FROM]]).mean()
+    terms = []
+    for row, turns in enumerate(relevant):
+        if not turns:
+            continue
+        image_positions = is_image[row].nonzero().squeeze(1)  # [GRID*GRID] patch k at image_positions[k]
+        openers = (input_ids[row] == answer_open_id).nonzero().squeeze(1)  # [turns]
+        for opener, patches in zip(openers.tolist(), turns):
+            keys = image_positions[torch.as_tensor(patches, dtype=torch.long)]  # [relevant]
+            for layer in READING_LAYERS:
+                mass = attentions[layer][row, :READING_HEADS, opener, keys].sum(-1)  # [heads]
+                terms.append(-torch.log(mass + 1e-6))
+    reading = torch.cat(terms).mean() if terms else early.new_zeros(())
+    return reading, early
+
+
 def pretrain_vision(model, aux_head, captured: dict, task: ToyTask, steps: int, batch_size: int, lr: float) -> None:
     """Stage 1: the vision tower and projector alone learn the dense patch targets (cheap: no decoder)."""
     image_processor = build_processor().image_processor
@@ -103,13 +140,16 @@ def pretrain_vision(model, aux_head, captured: dict, task: ToyTask, steps: int, 
 
 def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_every: int, threads: int | None,
           aux_weight: float = 0.5, vision_steps: int = 0, describe_every: int = 0, checkpoint: Path | None = None,
-          resume: bool = False, turns: int = 5) -> float:
+          resume: bool = False, turns: int = 5, reading_weight: float = 0.5, early_weight: float = 1.0) -> float:
     """Train from ``seed``; with ``resume``, continue from ``checkpoint`` (written at every evaluation)."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     processor = build_processor()
     model = LlavaForConditionalGeneration(build_config())
+    if reading_weight > 0 or early_weight > 0:
+        model.set_attn_implementation("eager")  # training reads attention probabilities; the saved config keeps sdpa
+    answer_open = processor.tokenizer.convert_tokens_to_ids("ASSISTANT:")
     task = ToyTask(seed)
     held_out = ToyTask(seed + 10_000).questions(500)
     # Training only: a linear head on the projected image tokens predicts what covers each patch and where it is.
@@ -149,14 +189,26 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
         describe = [describe_every > 0 and i % describe_every == 1 for i in range(batch_size)]
         follow_ups = [[] if d else task.follow_ups(q, turns - 1) for q, d in zip(questions, describe)]
         batch = conversation_batch(processor, questions, follow_ups, describe)
-        loss = per_sample_loss(model, batch)
+        labels = batch.pop("labels")
+        outputs = model(**batch, output_attentions=reading_weight > 0 or early_weight > 0)
+        loss = answer_loss(outputs.logits, labels)
         aux = aux_loss(aux_head, captured["features"], questions)
-        (loss + aux_weight * aux).backward()
+        total = loss + aux_weight * aux
+        if reading_weight > 0 or early_weight > 0:
+            relevant = [[] if d else [q.relevant] + [t.relevant for t in turns]
+                        for q, turns, d in zip(questions, follow_ups, describe)]
+            reading, early = attention_losses(outputs.attentions, batch["input_ids"], model.config.image_token_id,
+                                              answer_open, relevant)
+            total = total + reading_weight * reading + early_weight * early
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}", aux=f"{aux.item():.3f}")
+        postfix = {"loss": f"{loss.item():.3f}", "aux": f"{aux.item():.3f}"}
+        if reading_weight > 0 or early_weight > 0:
+            postfix.update(reading=f"{reading.item():.3f}", early=f"{early.item():.3f}")
+        bar.set_postfix(postfix)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             model.eval()
             kinds: dict[str, float] = {}
@@ -193,12 +245,17 @@ def main() -> None:
                         help="resumable training state, written at every evaluation")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     parser.add_argument("--turns", type=int, default=5, help="questions per training conversation (one image)")
+    parser.add_argument("--reading-weight", type=float, default=0.5,
+                        help="weight of the loss teaching layers %s to read each answer's relevant patches" % (READING_LAYERS,))
+    parser.add_argument("--early-weight", type=float, default=1.0,
+                        help="weight of the loss keeping the question from reading the image before layer %d" % LATE_FROM)
     parser.add_argument("--describe-every", type=int, default=0,
                         help="every n-th sample of a batch is the describe task (0: questions only)")
     args = parser.parse_args()
     accuracy_ = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.threads,
                       vision_steps=args.vision_steps, checkpoint=args.checkpoint, resume=args.resume,
-                      describe_every=args.describe_every, turns=args.turns)
+                      describe_every=args.describe_every, turns=args.turns, reading_weight=args.reading_weight,
+                      early_weight=args.early_weight)
     print(f"held-out accuracy: {accuracy_:.3f}; weights in {args.out}")
 
 
