@@ -239,30 +239,32 @@ def mask_maker(kind: str, layer_idx: int, model_name: str) -> Any:
 def compact_mrope(positions: Tensor, valid: Tensor, visual: Tensor) -> Tensor:
     """M-RoPE re-indexing after a prune: ``[3, batch, seq]`` -> the same shape.
 
-    Every token moves down by how much the largest position before it (before its image, for an
-    image token) shrank, so text continues right after the largest kept position and each image
-    keeps its grid offsets.
+    Positions close up the gaps pruning left: a text token comes right after the largest position
+    before it, and a run of visual tokens moves as one block so that its smallest position (over the
+    three components: the image's base) comes right after the largest position before it; each image
+    thus keeps its grid offsets, and the text after it continues at its largest kept position + 1.
+    Padding (``valid`` False) keeps its positions. Unpruned prompts come out unchanged.
     """
     out = positions.clone()
     for b in range(positions.shape[1]):  # sequential by nature: plain integers, a few thousand steps at most
         old = positions[:, b].tolist()  # [3][seq]
-        new = [row[:] for row in old]
         is_valid, is_visual = valid[b].tolist(), visual[b].tolist()
-        old_max = new_max = None
-        shift, in_run = 0, False
-        for j, real in enumerate(is_valid):
-            if not real:
-                in_run = False
-                continue
-            if not (is_visual[j] and in_run):  # a text token, or the first token of a visual run
-                shift = 0 if old_max is None else old_max - new_max
-            in_run = is_visual[j]
-            top = max(old[0][j], old[1][j], old[2][j])
-            for c in range(3):
-                new[c][j] = old[c][j] - shift
-            old_max = top if old_max is None else max(old_max, top)
-            new_max = top - shift if new_max is None else max(new_max, top - shift)
-        out[:, b] = torch.tensor(new, dtype=positions.dtype, device=positions.device)
+        real = [j for j, ok in enumerate(is_valid) if ok]
+        runs: list[list[int]] = []  # one text token alone, or a maximal run of adjacent visual tokens
+        for j in real:
+            if runs and is_visual[j] and is_visual[runs[-1][-1]] and runs[-1][-1] == j - 1:
+                runs[-1].append(j)
+            else:
+                runs.append([j])
+        new_max = None  # the largest new position so far
+        for run in runs:
+            low = min(old[c][j] for c in range(3) for j in run)
+            shift = 0 if new_max is None else low - (new_max + 1)
+            for j in run:
+                for c in range(3):
+                    out[c, b, j] = old[c][j] - shift
+            top = max(old[c][j] for c in range(3) for j in run) - shift
+            new_max = top if new_max is None else max(new_max, top)
     return out
 
 

@@ -63,27 +63,21 @@ def compact_1d(n: int) -> Tensor:
 
 
 def compact_mrope(positions: Tensor, visual: Tensor) -> Tensor:
-    """Close the gaps pruning left, image run by image run: text continues right after the largest kept
-    position; each image keeps its grid offsets from where the previous token ends."""
-    out = positions.clone()
-    runs = []  # (start, end) of contiguous token groups: a text token alone, or a visual run
-    j = 0
+    """Close the gaps pruning left (one sample's kept tokens, ``[3, n]``): token groups (a text token alone, or
+    a run of visual tokens) are laid one after another, each starting right after the largest position laid so
+    far: a text token at that + 1, an image shifted as one block so that its base (its smallest position) is
+    there; the text after an image continues at its largest kept position + 1."""
+    out = torch.empty_like(positions)
     n = positions.shape[1]
-    while j < n:
-        end = j + 1
-        if visual[j]:
-            while end < n and visual[end]:
-                end += 1
-        runs.append((j, end))
-        j = end
-    old_before = new_before = None
-    for start, end in runs:
-        shift = 0 if old_before is None else old_before - new_before
-        out[:, start:end] = positions[:, start:end] - shift
-        old_top = int(positions[:, start:end].max())
-        new_top = int(out[:, start:end].max())
-        old_before = old_top if old_before is None else max(old_before, old_top)
-        new_before = new_top if new_before is None else max(new_before, new_top)
+    start, next_free = 0, None
+    while start < n:
+        end = start + 1
+        while visual[start] and end < n and visual[end]:
+            end += 1
+        group = positions[:, start:end]
+        out[:, start:end] = group if next_free is None else group - group.min() + next_free
+        next_free = int(out[:, :end].max()) + 1
+        start = end
     return out
 
 

@@ -171,3 +171,35 @@ def test_doctor_explains_why_no_adapter_fits(tmp_path, capsys):
     assert main(["doctor", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "none fits" in out and "names no visual token id" in out and "'llama' is not one of ['llava']" in out
+
+
+def _qwen_positions(base: int, grid_h: int, grid_w: int, text_after: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[3, n] M-RoPE positions of `base` text tokens, one image of grid_h x grid_w merged tokens, then text, as
+    Qwen2-VL's get_rope_index lays them (written out by hand), and the visual mask [n]."""
+    text_before = [[p, p, p] for p in range(base)]
+    image = [[base, base + h, base + w] for h in range(grid_h) for w in range(grid_w)]
+    after = base + max(grid_h, grid_w)
+    text = [[p, p, p] for p in range(after, after + text_after)]
+    rows = text_before + image + text
+    visual = torch.tensor([False] * base + [True] * len(image) + [False] * text_after)
+    return torch.tensor(rows).T, visual
+
+
+def test_compact_mrope_moves_the_text_after_a_pruned_image_to_its_largest_kept_position_plus_one():
+    from prunekit.adapters import compact_mrope
+
+    positions, visual = _qwen_positions(3, 2, 2, 2)  # text 0-2, image at base 3 on a 2x2 grid, text at 5, 6
+    valid = torch.ones_like(visual)
+    assert torch.equal(compact_mrope(positions[:, None], valid[None], visual[None])[:, 0], positions)  # unpruned
+    keep = torch.tensor([0, 1, 2, 3, 7, 8])  # the image's first token only
+    out = compact_mrope(positions[:, keep][:, None], valid[keep][None], visual[keep][None])[:, 0]
+    assert out.T.tolist() == [[0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 3, 3], [4, 4, 4], [5, 5, 5]]
+    keep = torch.tensor([0, 1, 2, 6, 7, 8])  # the last token (h 1, w 1): the image still starts at its base
+    out = compact_mrope(positions[:, keep][:, None], valid[keep][None], visual[keep][None])[:, 0]
+    assert out.T.tolist() == [[0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 4, 4], [5, 5, 5], [6, 6, 6]]
+    positions, visual = _qwen_positions(2, 3, 4, 1)  # image tokens 2-13 at base 2; text at 6
+    keep = torch.tensor([0, 1, 2, 5, 14])  # (0,0), (0,3): the widest kept offset is 3, the text goes to 6
+    padded = torch.cat([torch.zeros(3, 2, dtype=torch.long), positions[:, keep]], dim=1)  # two left pads
+    mask = torch.tensor([False, False] + [True] * 5)
+    out = compact_mrope(padded[:, None], mask[None], torch.cat([torch.zeros(2, dtype=torch.bool), visual[keep]])[None])
+    assert out[:, 0].T.tolist() == [[0, 0, 0], [0, 0, 0], [0, 0, 0], [1, 1, 1], [2, 2, 2], [2, 2, 5], [6, 6, 6]]

@@ -311,9 +311,11 @@ def qwen_checkpoint(tmp_path_factory):
 def transformers_qwen_run(plugin, folder, questions, images, recipe):
     """prunekit's transformers path on the saved Qwen2.5-VL, one prompt at a time: first answer token, kept
     indices within the image, pixel fingerprint, image token count, and the reference M-RoPE positions of the
-    kept prompt: the unpruned prompt's positions (transformers' get_rope_index) at the kept tokens."""
+    kept prompt: the unpruned prompt's positions (transformers' get_rope_index) at the kept tokens, the gaps
+    closed (compact: the text after the image continues after its largest kept position)."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
+    from tests.family_reference import compact_mrope
     from tests.vllm_helpers import qwen_prompt
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
@@ -334,8 +336,9 @@ def transformers_qwen_run(plugin, folder, questions, images, recipe):
                                                  image_grid_thw=batch["image_grid_thw"])  # [3, 1, seq]
             columns = [j for j in range(len(ids)) if not is_image[j] or (j - first) in kept]
             pruned_ids = tuple(ids[columns].tolist())
+            reference = compact_mrope(full[:, 0, columns], is_image[columns])  # [3, kept prompt]
             rows.append((answer, kept, plugin.pixel_fingerprint(batch["pixel_values"]), count, pruned_ids,
-                         full[:, 0, columns].tolist()))
+                         reference.tolist()))
     return rows
 
 

@@ -481,8 +481,8 @@ def _build_classes() -> dict[str, type]:
     class PrunekitQwen2_5_VLForConditionalGeneration(qwen2_5_vl.Qwen2_5_VLForConditionalGeneration):
         """vLLM's Qwen2.5-VL whose images are pruned by a prunekit layer-0 recipe before the language model.
 
-        Each kept token keeps its own (t, h, w) M-RoPE position and the text after an image keeps the position it
-        has unpruned, as prunekit's transformers path does (``compact`` positions on M-RoPE). vLLM numbers the
+        Each kept token keeps its own (t, h, w) M-RoPE offsets in its image and the text after an image continues
+        right after the image's largest kept position, as prunekit's transformers path does (``compact``). vLLM numbers the
         placeholders before the encoder has run, so the kept tokens' grid positions travel as four extra
         channels of each image's embeddings, which vLLM's ``recompute_mrope_positions`` (its multimodal-pruning
         interface) writes into the request's positions; vLLM calls it only with ``video_pruning_rate`` > 0,
@@ -523,19 +523,20 @@ def _build_classes() -> dict[str, type]:
 
         def _prune_images(self, images: Sequence[Tensor], image_input: Mapping[str, Any]) -> tuple[Tensor, ...]:
             """Each image's kept embeddings ``[kept, hidden + 4]``: the last four channels are the kept tokens'
-            (t, h, w) grid positions and the image's position span (where the text after it continues)."""
+            (t, h, w) grid positions and where the text after the image continues (its largest kept position + 1)."""
             plan, merge = self.serving_plan, self.visual.spatial_merge_size
             grids = image_input["image_grid_thw"].tolist()
             out, kept = [], []
             for tokens, grid in zip(images, grids, strict=True):  # tokens: [t * h * w / merge^2, hidden]
                 positions = compute_mrope_for_media(torch.tensor(grid), merge)  # [n, 4]: t, h, w, grid width
-                positions[:, 3] = max(grid[0], grid[1] // merge, grid[2] // merge)  # the unpruned image's span
                 index = torch.arange(tokens.shape[0], device=tokens.device)
                 if plan.projected is not None and image_input["type"] == "pixel_values":
                     pruned, chosen = prune_projected(plan.projected, tokens[None])  # [1, k, hidden], [1, k]
                     tokens, index = pruned[0], chosen[0]
                 kept.append(index)
-                out.append(torch.cat([tokens, positions.to(tokens.device)[index].to(tokens.dtype)], dim=1))
+                positions = positions.to(tokens.device)[index]  # [k, 4]
+                positions[:, 3] = positions[:, :3].max() + 1  # compact: the text after continues after the kept
+                out.append(torch.cat([tokens, positions.to(tokens.dtype)], dim=1))
             if image_input["type"] == "pixel_values" and os.environ.get(RECORD_ENV):
                 sizes = [t * h * w for t, h, w in grids]  # patch rows of each image
                 pixels = self.visual.input_norm(image_input["pixel_values"], self.visual.dtype)  # vLLM may
