@@ -239,32 +239,37 @@ def mask_maker(kind: str, layer_idx: int, model_name: str) -> Any:
 def compact_mrope(positions: Tensor, valid: Tensor, visual: Tensor) -> Tensor:
     """M-RoPE re-indexing after a prune: ``[3, batch, seq]`` -> the same shape.
 
-    Positions close up the gaps pruning left: a text token comes right after the largest position
-    before it, and a run of visual tokens moves as one block so that its smallest position (over the
-    three components: the image's base) comes right after the largest position before it; each image
-    thus keeps its grid offsets, and the text after it continues at its largest kept position + 1.
-    Padding (``valid`` False) keeps its positions. Unpruned prompts come out unchanged.
+    Each run of visual tokens keeps its grid offsets from its base (the position after the token before
+    it); the text after it moves down by how much the run's extent shrank: it continues right after the
+    run's largest kept position, never further than the model put it unpruned (transformers >= 5.20 puts
+    the text after a video at the base + the spatial grid side, below the video's temporal positions).
+    Every later token moves down as much. Padding (``valid`` False) keeps its positions; an unpruned
+    prompt comes out unchanged.
     """
     out = positions.clone()
     for b in range(positions.shape[1]):  # sequential by nature: plain integers, a few thousand steps at most
         old = positions[:, b].tolist()  # [3][seq]
         is_valid, is_visual = valid[b].tolist(), visual[b].tolist()
-        real = [j for j, ok in enumerate(is_valid) if ok]
-        runs: list[list[int]] = []  # one text token alone, or a maximal run of adjacent visual tokens
-        for j in real:
-            if runs and is_visual[j] and is_visual[runs[-1][-1]] and runs[-1][-1] == j - 1:
-                runs[-1].append(j)
+        shift = 0  # how far every token from here on moves down
+        base = top = None  # the current visual run's base and largest position (originals), None in text
+        previous = None  # the last real token's position (original, a text token's)
+        for j, real in enumerate(is_valid):
+            if not real:
+                continue
+            here = (old[0][j], old[1][j], old[2][j])
+            if is_visual[j]:
+                if base is None:  # a run starts right after the token before it
+                    base = previous + 1 if previous is not None else min(here)
+                    top = base - 1
+                top = max(top, *here)
             else:
-                runs.append([j])
-        new_max = None  # the largest new position so far
-        for run in runs:
-            low = min(old[c][j] for c in range(3) for j in run)
-            shift = 0 if new_max is None else low - (new_max + 1)
-            for j in run:
-                for c in range(3):
-                    out[c, b, j] = old[c][j] - shift
-            top = max(old[c][j] for c in range(3) for j in run) - shift
-            new_max = top if new_max is None else max(new_max, top)
+                if base is not None:  # the first text token after a run: the run's extent shrank
+                    extent = here[0] - base
+                    shift += extent - min(extent, top - base + 1)
+                    base = None
+                previous = here[0]
+            for c in range(3):
+                out[c, b, j] = here[c] - shift
     return out
 
 

@@ -63,20 +63,25 @@ def compact_1d(n: int) -> Tensor:
 
 
 def compact_mrope(positions: Tensor, visual: Tensor) -> Tensor:
-    """Close the gaps pruning left (one sample's kept tokens, ``[3, n]``): token groups (a text token alone, or
-    a run of visual tokens) are laid one after another, each starting right after the largest position laid so
-    far: a text token at that + 1, an image shifted as one block so that its base (its smallest position) is
-    there; the text after an image continues at its largest kept position + 1."""
-    out = torch.empty_like(positions)
+    """Close the gaps pruning left (one sample's kept tokens, ``[3, n]``), group by group: the text after a
+    visual run continues where its kept tokens end (largest kept offset from the run's base + 1), but no
+    further than the unpruned prompt put it; everything after moves down by what the runs before it lost."""
+    out = positions.clone()
     n = positions.shape[1]
-    start, next_free = 0, None
+    lost, start = 0, 0
     while start < n:
-        end = start + 1
-        while visual[start] and end < n and visual[end]:
+        if not visual[start]:
+            out[:, start] = positions[:, start] - lost
+            start += 1
+            continue
+        end = start
+        while end < n and visual[end]:
             end += 1
-        group = positions[:, start:end]
-        out[:, start:end] = group if next_free is None else group - group.min() + next_free
-        next_free = int(out[:, :end].max()) + 1
+        base = int(positions[0, start - 1]) + 1 if start else int(positions[:, start].min())
+        out[:, start:end] = positions[:, start:end] - lost
+        if end < n:  # the unpruned span to the text after, against where the kept tokens end
+            span, kept = int(positions[0, end]) - base, int(positions[:, start:end].max()) - base + 1
+            lost += span - min(span, kept)
         start = end
     return out
 

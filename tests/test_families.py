@@ -203,3 +203,32 @@ def test_compact_mrope_moves_the_text_after_a_pruned_image_to_its_largest_kept_p
     mask = torch.tensor([False, False] + [True] * 5)
     out = compact_mrope(padded[:, None], mask[None], torch.cat([torch.zeros(2, dtype=torch.bool), visual[keep]])[None])
     assert out[:, 0].T.tolist() == [[0, 0, 0], [0, 0, 0], [0, 0, 0], [1, 1, 1], [2, 2, 2], [2, 2, 5], [6, 6, 6]]
+
+
+def test_compact_mrope_never_moves_text_past_where_the_model_put_it_and_carries_each_loss_forward():
+    from prunekit.adapters import compact_mrope
+
+    # a 2-frame video at base 2 on a 2x2 grid, frames 4 apart in time: t offsets 0 and 4, text after it at base + 2
+    # (transformers >= 5.20 advances by the grid side only), then a 1x3 image at base 5, then text at 8
+    text0 = [[0, 0, 0], [1, 1, 1]]
+    video = [[2 + 4 * t, 2 + h, 2 + w] for t in range(2) for h in range(2) for w in range(2)]
+    image = [[5, 5, 5 + w] for w in range(3)]
+    rows = text0 + video + [[4, 4, 4]] + image + [[8, 8, 8]]
+    positions = torch.tensor(rows).T[:, None]  # [3, 1, 15]
+    visual = torch.tensor([False] * 2 + [True] * 8 + [False] + [True] * 3 + [False])[None]
+
+    def compact(keep: list[int]) -> list[list[int]]:
+        index = torch.tensor(keep)
+        return compact_mrope(positions[:, :, index], torch.ones(1, len(keep), dtype=torch.bool),
+                             visual[:, index])[:, 0].T.tolist()
+
+    assert compact(list(range(15))) == rows  # unpruned: unchanged
+    # a kept token of the second frame reaches t = 6, past the text (4): the text stays at 4, nothing moves
+    assert compact([0, 1, 6, 10, 11, 12, 13, 14]) == [[0, 0, 0], [1, 1, 1], [6, 2, 2], [4, 4, 4], [5, 5, 5],
+                                                       [5, 5, 6], [5, 5, 7], [8, 8, 8]]
+    # only the video's first token: the text comes down to 3, the image with it; the image keeps its widest token
+    assert compact([0, 1, 2, 10, 11, 13, 14]) == [[0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 3, 3], [4, 4, 4],
+                                                   [4, 4, 6], [7, 7, 7]]
+    # ... or loses it: the text after the image comes down one more
+    assert compact([0, 1, 2, 10, 11, 12, 14]) == [[0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 3, 3], [4, 4, 4],
+                                                   [4, 4, 5], [6, 6, 6]]
