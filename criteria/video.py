@@ -172,7 +172,9 @@ class DyCokeTTM(_OnLayerInput):
     token of similarity rank ``r`` (ascending, ties to the earlier token) scores ``2 - r / n``; tokens of
     whole frames (and tokens in no frame) score higher. A stage that keeps DyCoke's own count (whole
     frames plus ``int((1 - k) * n)`` per pruned frame, :func:`dycoke_keep_count`) keeps exactly the
-    official set, in sequence order; other counts take ranks evenly across the pruned frames.
+    official set, in sequence order; other counts take ranks evenly across the pruned frames. With
+    ``own_count: true`` the tokens DyCoke drops score -inf, so a stage keeping 1.0 keeps DyCoke's own
+    count on every clip, whatever its frames and grid (recipe ``dycoke-own-count``).
 
     Two differences from the official code: the kept tokens stay in their original order (the
     official code orders a pruned frame's kept tokens by similarity), and with an odd number of frames
@@ -187,10 +189,13 @@ class DyCokeTTM(_OnLayerInput):
 
     name: ClassVar[str] = "dycoke_ttm"
     k: float = 0.7  # the official dycoke_k: the share of a pruned frame's tokens that go
+    own_count: bool = False  # score the tokens DyCoke drops -inf: each clip keeps DyCoke's own count (stage keep 1)
 
     def validate(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not 0 <= self.k < 1:
             raise ValueError(f"k (the share of a pruned frame's tokens DyCoke drops) must be in [0, 1), got {self.k!r}")
+        if not isinstance(self.own_count, bool):
+            raise ValueError(f"own_count must be true or false, got {self.own_count!r}")
 
     def score(self, ctx: ForwardContext) -> Tensor:
         layout = ctx.layout
@@ -214,6 +219,8 @@ class DyCokeTTM(_OnLayerInput):
                     rank = torch.empty_like(mine)
                     rank[torch.sort(similarity, stable=True).indices] = torch.arange(len(mine), device=mine.device)
                     score[b, mine] = 2 - rank.to(torch.float64) / len(mine)
+                    if self.own_count:  # the official count: the int((1 - k) * n) least similar stay
+                        score[b, mine[rank >= int((1 - self.k) * len(mine))]] = float("-inf")
         return score.masked_fill(~layout.visual, 0)
 
 

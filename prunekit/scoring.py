@@ -141,7 +141,19 @@ def scoring_pass(adapter: Adapter, layer: nn.Module, hidden: Tensor, kwargs: dic
 
 
 def score(criteria: Mapping[str, Criterion], combiner: Combiner, ctx: ForwardContext) -> Tensor:
-    """[batch, seq]: every criterion's score of the current sequence, merged by the combiner."""
+    """[batch, seq]: every criterion's score of the current sequence, merged by the combiner.
+
+    A visual token that any criterion scores -inf is one the criterion drops whatever the stage's count
+    (a count of its own, e.g. DyCoke's per clip): it scores -inf in the result, and the combiner sees the
+    other visual tokens only (so normalisations are over those).
+    """
     with torch.no_grad():
         scores = {key: criterion.score(ctx) for key, criterion in criteria.items()}
-        return combiner.combine(scores, ctx.layout.visual)
+        visual = ctx.layout.visual  # [batch, seq]
+        dropped = torch.zeros_like(visual)
+        for value in scores.values():
+            dropped |= visual & (value == float("-inf"))
+        if not bool(dropped.any()):
+            return combiner.combine(scores, visual)
+        scores = {key: value.masked_fill(dropped, 0) for key, value in scores.items()}
+        return combiner.combine(scores, visual & ~dropped).masked_fill(dropped, float("-inf"))

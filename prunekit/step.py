@@ -33,6 +33,10 @@ def prune(prefill: Prefill, recipe: Recipe, adapter: Adapter, stage: Stage, stag
     ctx.keep_counts = counts
     with timed("scoring"):
         combined = score(recipe.criteria, recipe.combiner, ctx)  # [batch, seq], detached: scoring stays out of the graph
+    dropped_by_criteria = (ctx.layout.visual & (combined == float("-inf"))).sum(dim=1)  # [batch]
+    if bool(dropped_by_criteria.any()):  # a criterion's own count: at most the tokens it did not drop
+        counts = torch.minimum(counts, ctx.layout.visual_counts() - dropped_by_criteria)
+        ctx.keep_counts = counts
     with timed("selection"):
         with torch.no_grad():
             selection = select(combined, ctx.layout.visual, counts)

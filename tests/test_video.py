@@ -21,7 +21,7 @@ from prunekit.testing import END_ID, START_ID, family_inputs, forward_context, t
 
 from prunekit.criteria.video import DyCokeTTM, FrameDifference, UniformFrames, dycoke_keep_count
 
-VIDEO_RECIPES = ("uniform-frames", "frame-difference", "dycoke")
+VIDEO_RECIPES = ("uniform-frames", "frame-difference", "dycoke", "dycoke-own-count")
 FAMILIES = ("video_llava", "llava_onevision", "qwen2_5_vl")
 RECIPES_DIR = prunekit.__path__[0] + "/recipes"
 
@@ -343,6 +343,56 @@ def test_dycoke_on_tiny_onevision_keeps_the_official_tokens_of_its_video_feature
     assert kept.tolist() == sorted(expect)
 
 
+def test_dycoke_own_count_scores_minus_inf_exactly_what_the_official_ttm_drops():
+    """``own_count``: the tokens the official loop drops score -inf, whatever the clip's frames and grid; with a
+    second criterion the combiner normalises over the other visual tokens only."""
+    from prunekit.criteria.combiners import WeightedSum
+    from prunekit.scoring import score
+
+    def scored(criterion: DyCokeTTM, key: str, layout: TokenLayout, hidden: torch.Tensor) -> torch.Tensor:
+        criterion.key = key
+        return criterion.score(forward_context(layout, stage_layers=(0,), buffers={f"{key}/hidden0": hidden}))[0]
+
+    torch.manual_seed(3)
+    for frames, rows, cols, k in [(8, 3, 3, 0.7), (5, 2, 4, 0.5), (2, 3, 3, 0.7), (12, 2, 2, 0.25)]:
+        layout = _clip_layout(frames, rows, cols)
+        hidden = torch.randn(1, layout.seq_len, 6, dtype=torch.float64)
+        video = layout.visual[0].nonzero().flatten()
+        expect = set(video[official_dycoke_ttm(hidden[0, video], rows * cols, k)].tolist())
+        if frames % 2:  # an odd clip's last frame stays whole here (the official loop leaves it out)
+            expect |= set(video[-rows * cols:].tolist())
+        own = scored(DyCokeTTM(k=k, own_count=True), "own", layout, hidden)  # [seq]
+        dropped = (own == float("-inf")).nonzero().flatten().tolist()
+        assert dropped == sorted(set(video.tolist()) - expect)
+        plain = scored(DyCokeTTM(k=k), "plain", layout, hidden)
+        own_criterion, plain_criterion = DyCokeTTM(k=k, own_count=True), DyCokeTTM(k=k)
+        own_criterion.key, plain_criterion.key = "own", "plain"
+        ctx = forward_context(layout, stage_layers=(0,), buffers={"own/hidden0": hidden, "plain/hidden0": hidden})
+        combiner = WeightedSum(weights={"own": 1.0, "plain": 1.0}, normalize="sum")
+        combined = score({"own": own_criterion, "plain": plain_criterion}, combiner, ctx)[0]
+        kept = sorted(expect)
+        assert (combined[dropped] == float("-inf")).all()
+        expected = own[kept] / own[kept].sum() + plain[kept] / plain[kept].sum()  # sums over the kept tokens only
+        torch.testing.assert_close(combined[kept], expected, rtol=1e-12, atol=0)
+
+
+def test_dycoke_own_count_on_tiny_onevision_keeps_the_official_tokens_of_each_clip_of_a_batch():
+    model = tiny_family_model("llava_onevision", num_layers=4, seed=5, dtype=torch.float64)
+    inputs = family_inputs(model, "llava_onevision", batch=2, seed=4, video=True, dtype=torch.float64)
+    with torch.no_grad():
+        features = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"]).pooler_output
+    per_frame = (features.shape[1] - 1) // 8
+    with prunekit.apply(model, "dycoke-own-count") as pruner, torch.no_grad():
+        model(**inputs)
+    report = pruner.last_report[0]
+    for row in range(2):
+        video = (inputs["input_ids"][row] == model.config.video_token_id).nonzero().flatten()
+        expect = video[official_dycoke_ttm(features[row, :-1], per_frame, 0.7)].tolist() + [int(video[-1])]
+        kept = report.kept[row]
+        assert kept[kept >= 0].tolist() == sorted(expect)
+    assert report.kept_counts.tolist() == [dycoke_keep_count(8, per_frame, 0.7, tail=1)] * 2
+
+
 def test_recipe_parameters_are_checked():
     with pytest.raises(prunekit.RecipeError, match="metric"):
         prunekit.load_recipe({"name": "x", "criteria": {"d": {"type": "frame_difference", "metric": "l1"}},
@@ -350,6 +400,9 @@ def test_recipe_parameters_are_checked():
     with pytest.raises(prunekit.RecipeError, match="k "):
         prunekit.load_recipe({"name": "x", "criteria": {"d": {"type": "dycoke_ttm", "k": 1.0}},
                               "schedule": {"type": "stages", "stages": [{"layer": 0, "keep": 0.5}]}})
+    with pytest.raises(prunekit.RecipeError, match="own_count"):
+        prunekit.load_recipe({"name": "x", "criteria": {"d": {"type": "dycoke_ttm", "own_count": "maybe"}},
+                              "schedule": {"type": "stages", "stages": [{"layer": 0, "keep": 1.0}]}})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +416,10 @@ def test_video_recipes_generate_and_keep_everything_is_identical(family, recipe)
     with torch.no_grad():
         bare_logits = model(**inputs).logits
         bare = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    with prunekit.apply(model, _with_keep(recipe, keep=1.0)) as pruner, torch.no_grad():
+    keep_all = _with_keep(recipe, keep=1.0)
+    for criterion in keep_all["criteria"].values():
+        criterion.pop("own_count", None)  # a criterion's own count drops whatever the stage keeps
+    with prunekit.apply(model, keep_all) as pruner, torch.no_grad():
         logits = model(**inputs).logits
         ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert int(pruner.last_report[0].kept_counts[0]) == n_video
