@@ -9,6 +9,7 @@ from .attention import IGA, Attention, FastVAttention, PDropAttention
 from .cdpruner import CDPruner
 from .dart import DART
 from .diversity import DivPrune, L2Norm, Redundancy
+from .fastvid import FastVID, FastVIDMerge
 from .mustdrop import MustDropMerge, MustDropWindows
 from .pooling import GridPool, Uniform
 from .random import RandomScore
@@ -22,9 +23,11 @@ from .vispruner import ClsAttention, VisPruner
 BUILTIN_CRITERIA: list[type[Criterion]] = [
     TTV, AccumulatedTTV, IGA, Attention, FastVAttention, PDropAttention, SparseVLMRaters, DivPrune, Redundancy,
     L2Norm, RandomScore, VisionZipDominant, Uniform, ClsAttention, VisPruner,
-    CDPruner, DART, MustDropWindows, UniformFrames, FrameDifference, DyCokeTTM,
+    CDPruner, DART, MustDropWindows, UniformFrames, FrameDifference, DyCokeTTM, FastVID,
 ]
-BUILTIN_MERGERS: list[type[Merger]] = [SparseVLMRecycling, VisionZipContextual, GridPool, ToMeMerge, MustDropMerge]
+BUILTIN_MERGERS: list[type[Merger]] = [
+    SparseVLMRecycling, VisionZipContextual, GridPool, ToMeMerge, MustDropMerge, FastVIDMerge,
+]
 
 
 @hookimpl
