@@ -68,27 +68,30 @@ def frame_context_counts(sizes: Sequence[int], context: int, period: int) -> lis
 
 
 def density_scores(x: Tensor) -> Tensor:
-    """DPC-kNN as FastVID uses it: ``[m]`` scores of the ``m`` tokens ``x`` ``[m, dim]`` (higher: a better centre).
+    """DPC-kNN as FastVID uses it: ``[..., m]`` scores of the ``m`` tokens ``x`` ``[..., m, dim]`` (higher: a better
+    centre), each group of ``m`` on its own.
 
     ``d_ij = |x_i - x_j| / sqrt(dim)``; the density ``rho_i = exp(-mean(d_ij^2))`` over the ``k = 4``
     nearest tokens (``i`` itself included; fewer when ``m < 4``); ``delta_i`` the distance to the nearest
-    token of higher density (the largest ``d`` of the frame for the densest); score ``rho_i * delta_i``.
+    token of higher density (the largest ``d`` of the group for the densest); score ``rho_i * delta_i``.
     """
-    m, dim = x.shape
+    m, dim = x.shape[-2:]
     x = x.to(torch.float64)
-    distance = torch.cdist(x[None], x[None])[0] / dim ** 0.5  # [m, m]
-    nearest = torch.topk(distance, k=min(_NEIGHBOURS, m), dim=-1, largest=False).values  # [m, k]
-    density = torch.exp(-(nearest ** 2).mean(dim=-1))  # [m]
-    higher = density[None, :] > density[:, None]  # [m, m]: j denser than i
-    delta = torch.where(higher, distance, distance.max()).min(dim=-1).values  # [m]
+    distance = torch.cdist(x, x) / dim ** 0.5  # [..., m, m]
+    nearest = torch.topk(distance, k=min(_NEIGHBOURS, m), dim=-1, largest=False).values  # [..., m, k]
+    density = torch.exp(-(nearest ** 2).mean(dim=-1))  # [..., m]
+    higher = density[..., None, :] > density[..., :, None]  # [..., m, m]: j denser than i
+    top = distance.flatten(-2).max(dim=-1).values[..., None, None]  # [..., 1, 1]
+    delta = torch.where(higher, distance, top).min(dim=-1).values  # [..., m]
     return delta * density
 
 
 def salient_weights(x: Tensor) -> Tensor:
-    """``[n]``: the stand-in for ATS's attention weights on one frame's tokens ``x`` ``[n, dim]``: the softmax of
-    the frame's mean token (its global feature) against each token, ``<g, x_i> / sqrt(dim)``."""
+    """``[..., n]``: the stand-in for ATS's attention weights on one frame's tokens ``x`` ``[..., n, dim]``: the softmax
+    of the frame's mean token (its global feature) against each token, ``<g, x_i> / sqrt(dim)``."""
     x = x.to(torch.float64)
-    return torch.softmax(x @ x.mean(dim=0) / x.shape[-1] ** 0.5, dim=0)
+    logits = (x @ x.mean(dim=-2)[..., None])[..., 0] / x.shape[-1] ** 0.5  # [..., n]
+    return torch.softmax(logits, dim=-1)
 
 
 @dataclass
@@ -123,16 +126,19 @@ def plan_clip(frames: Tensor, retention: float, segments: int, tau: float, d: fl
     density = torch.zeros(n_frames, n, dtype=torch.float64, device=frames.device)
     segment = torch.repeat_interleave(torch.arange(len(sizes), device=frames.device),
                                       torch.tensor(sizes, device=frames.device))[:, None].expand(n_frames, n)
-    for f in range(n_frames):
-        order = torch.sort(salient_weights(frames[f]), descending=True, stable=True).indices
-        salient[f, order[:salient_count]] = True
-        rest = (~salient[f]).nonzero().flatten()  # [n - S] in order
-        if counts[f] < context or context == 0 or rest.numel() == 0:
-            continue  # not an anchor frame
-        density[f, rest] = density_scores(frames[f, rest])
-        k = min(counts[f], rest.numel())
-        chosen = rest[torch.sort(density[f, rest], descending=True, stable=True).indices[:k]]
-        centre[f, chosen] = SINGLE if counts[f] == context else MULTI
+    order = torch.sort(salient_weights(frames), dim=1, descending=True, stable=True).indices  # [F, n]
+    salient.scatter_(1, order[:, :salient_count], True)
+    rest = (~salient).nonzero()[:, 1].reshape(n_frames, n - salient_count)  # [F, n - S] in order
+    anchors = [f for f in range(n_frames) if context > 0 and counts[f] >= context and n > salient_count]
+    if anchors:
+        chosen_frames = torch.tensor(anchors, device=frames.device)
+        rest_a = rest[chosen_frames]  # [A, n - S]
+        scores = density_scores(frames[chosen_frames[:, None], rest_a])  # [A, n - S]
+        density[chosen_frames[:, None], rest_a] = scores
+        best = torch.sort(scores, dim=1, descending=True, stable=True).indices  # [A, n - S]
+        for a, f in enumerate(anchors):
+            k = min(counts[f], n - salient_count)
+            centre[f, rest_a[a, best[a, :k]]] = SINGLE if counts[f] == context else MULTI
     return ClipPlan(salient, centre, density, segment.clone(), sizes)
 
 
