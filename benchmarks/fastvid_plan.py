@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 
 import torch
-
 from prunekit.criteria.fastvid import FastVID, FastVIDMerge
+
 from prunekit.layout import layout_from_ids
 from prunekit.testing import forward_context
 

@@ -10,6 +10,7 @@ the segment's non-salient tokens (DTM). The formulas follow the official LLaVA-O
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -49,7 +50,7 @@ def segment_sizes(global_features: Tensor, segments: int, tau: float) -> list[in
     smallest = torch.sort(similarity, stable=True).indices[: max(segments - 1, 0)]
     cuts = sorted(set(smallest.tolist()) | set((similarity < tau).nonzero().flatten().tolist()))
     bounds = [-1, *cuts, frames - 1]
-    return [b - a for a, b in zip(bounds, bounds[1:])]
+    return [b - a for a, b in itertools.pairwise(bounds)]
 
 
 def frame_context_counts(sizes: Sequence[int], context: int, period: int) -> list[int]:

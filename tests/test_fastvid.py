@@ -6,13 +6,25 @@ import math
 
 import pytest
 import torch
+from prunekit.criteria.fastvid import (
+    MULTI,
+    SINGLE,
+    FastVID,
+    FastVIDMerge,
+    density_scores,
+    plan_clip,
+    segment_sizes,
+)
 
 import prunekit
 from prunekit.layout import TokenLayout, layout_from_ids
-from prunekit.testing import END_ID, START_ID, family_inputs, forward_context, tiny_family_model
-
-from prunekit.criteria.fastvid import (MULTI, SINGLE, FastVID, FastVIDMerge, density_scores, plan_clip,
-                                       segment_sizes)
+from prunekit.testing import (
+    END_ID,
+    START_ID,
+    family_inputs,
+    forward_context,
+    tiny_family_model,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +170,7 @@ CASES = [  # frames, tokens per frame, dim, scenes, retention, c, tau, d, p
 
 @pytest.mark.parametrize("case", CASES)
 def test_segments_and_density_equal_the_official_loop(case):
-    frames, n, dim, scenes, retention, c, tau, d, p = case
+    frames, n, dim, scenes, _, c, tau, _, _ = case
     clip = scene_clip(frames, n, dim, scenes, seed=frames + n)
     as_lists = clip.tolist()
     assert segment_sizes(clip.mean(dim=1), c, tau) == loop_segments(as_lists, c, tau)
@@ -406,6 +418,5 @@ def test_bad_merger_parameters_and_stages_are_named(onevision):
     recipe = _recipe(**MERGING)
     recipe["merge"]["criterion"] = "nope"
     inputs = family_inputs(onevision, "llava_onevision", batch=1, seed=2, video=True, dtype=torch.float64)
-    with pytest.raises(ValueError, match="'nope'"):
-        with prunekit.apply(onevision, recipe), torch.no_grad():
-            onevision(**inputs)
+    with pytest.raises(ValueError, match="'nope'"), prunekit.apply(onevision, recipe), torch.no_grad():
+        onevision(**inputs)
