@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import math
-import threading
-import weakref
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +29,7 @@ from prunekit.api import Adapter
 from prunekit.compat import MASK_CACHE_KWARG
 from prunekit.errors import AdapterError
 from prunekit.hookspecs import hookimpl
-from prunekit.layout import TokenLayout, frames_from_mrope, frames_from_runs, layout_from_ids
+from prunekit.layout import TokenLayout, frames_from_grids, frames_from_mrope, frames_from_runs, layout_from_ids
 
 
 @dataclass(frozen=True)
@@ -200,23 +198,28 @@ class DecoderAdapter(Adapter):
         rotary = _get(decoder, self.spec.rotary, "rotary embedding")
         text_positions = positions[0]  # [batch, seq]
         return {
-            "attention_mask": self.stage_mask(model, hidden, attention_mask_2d, text_positions, cache, layer_idx),
+            "attention_mask": self.stage_mask(model, hidden, attention_mask_2d, text_positions, cache, layer_idx,
+                                              blocks),
             "position_ids": text_positions,
             "position_embeddings": rotary(hidden, text_positions),
         }
 
     def stage_mask(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, text_positions: Tensor,
-                   cache: Any, layer_idx: int) -> Any:
-        """The attention mask transformers builds for layer ``layer_idx``'s kind over the current sequence."""
-        make_mask = mask_maker(self.layer_kind(model, layer_idx), layer_idx, type(model).__name__)
-        return make_mask(
-            config=self.language_model(model).config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask_2d,
-            **{MASK_CACHE_KWARG: cache},
-            position_ids=text_positions,
-            layer_idx=layer_idx,
-        )
+                   cache: Any, layer_idx: int, blocks: Tensor | None = None) -> Any:
+        """The attention mask transformers builds for layer ``layer_idx``'s kind over the current sequence;
+        with ``blocks`` (``[batch, kv_len]``, the layout's ``attention_block``) holding a block (>= 0), the
+        tokens of each block also attend to each other both ways (transformers' ``block_sequence_ids``:
+        OR-ed with the causal, or sliding-window causal, mask)."""
+        kind = self.layer_kind(model, layer_idx)
+        make_mask = mask_maker(kind, layer_idx, type(model).__name__)
+        common = dict(config=self.language_model(model).config, inputs_embeds=hidden, attention_mask=attention_mask_2d,
+                      **{MASK_CACHE_KWARG: cache}, position_ids=text_positions, layer_idx=layer_idx)
+        if blocks is None or not bool((blocks >= 0).any()):
+            return make_mask(**common)
+        if kind not in ("full_attention", "sliding_attention"):
+            raise AdapterError(f"{type(model).__name__} layer {layer_idx}: bidirectional blocks on a {kind!r} layer "
+                               "are not built (full and sliding attention only)")
+        return make_mask(**common, block_sequence_ids=blocks)
 
 
 _MASK_MAKERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask,
@@ -273,26 +276,9 @@ def compact_mrope(positions: Tensor, valid: Tensor, visual: Tensor) -> Tensor:
     return out
 
 
-_PENDING = threading.local()  # per thread: model -> (the prefill layout awaiting frames, its video mask)
-
-
-def _pending_frames(model: nn.Module, value: tuple[TokenLayout, Tensor] | None) -> tuple[TokenLayout, Tensor] | None:
-    """Hand a prefill's layout from the model pre-hook (``token_layout``) to the decoder stack's pre-hook
-    (``rope_positions``) of the same forward in the same thread: M-RoPE families carry their video grids
-    (``video_grid_thw``) into the positions only. With ``value`` None, take (and forget) the pending one."""
-    table = getattr(_PENDING, "table", None)
-    if table is None:
-        table = _PENDING.table = weakref.WeakKeyDictionary()
-    if value is not None:
-        table[model] = value
-        return None
-    return table.pop(model, None)
-
-
 def _mrope_frames(model: nn.Module) -> bool:
-    """Whether the frames of the model's videos are read from M-RoPE positions: Qwen2-VL and Qwen2.5-VL put a
-    whole video in one run of video tokens, frame-major (Qwen3-VL puts each frame in a run of its own, between
-    timestamps; its frames are not filled yet)."""
+    """Whether the model's videos are whole grids in one run of video tokens, frame-major (Qwen2-VL and
+    Qwen2.5-VL; Qwen3-VL puts each frame in a run of its own, between timestamps: its frames are not filled)."""
     return getattr(getattr(model, "config", None), "model_type", None) in ("qwen2_vl", "qwen2_5_vl")
 
 
@@ -305,11 +291,22 @@ class MRopeAdapter(DecoderAdapter):
     position before it (or before its image) shrank.
     """
 
-    def token_layout(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> TokenLayout:
-        layout = super().token_layout(model, input_ids, attention_mask)
-        video = _video_mask(model, input_ids) if _mrope_frames(model) else None
-        if video is not None and bool((video & layout.valid).any()):  # frames come with the stack's positions
-            _pending_frames(model, (layout, video))
+    def read_call(self, model: nn.Module, layout: TokenLayout, call: Any) -> TokenLayout:
+        """Frames of the videos: from ``video_grid_thw`` (a plain forward), else from the 3-D ``position_ids``
+        (generate passes the positions it computed, and encoded videos instead of their grids)."""
+        input_ids = call.get("input_ids")
+        if input_ids is None or not _mrope_frames(model):
+            return layout
+        video = _video_mask(model, input_ids[:, -layout.seq_len:])
+        if video is None or not bool((video & layout.valid).any()):
+            return layout
+        grids, positions = call.get("video_grid_thw"), call.get("position_ids")
+        if grids is not None:
+            merge = int(getattr(model.config.vision_config, "spatial_merge_size", 1))
+            shapes = [(t, h // merge, w // merge) for t, h, w in grids.tolist()]  # temporal patches x merged grid
+            return frames_from_grids(layout, video, shapes)
+        if positions is not None and positions.dim() == 3 and positions.shape[0] >= 3:
+            return frames_from_mrope(layout, video, positions[-3:, :, -layout.seq_len:])
         return layout
 
     def rope_positions(self, model: nn.Module, lm_kwargs: dict, hidden: Tensor, cache: Any) -> Tensor:
@@ -320,16 +317,13 @@ class MRopeAdapter(DecoderAdapter):
                 positions = positions.expand(3, -1, -1)
         else:
             positions = super().rope_positions(model, lm_kwargs, hidden, cache).expand(3, -1, -1)
-        pending = _pending_frames(model, None)
-        if pending is not None and pending[0].visual.shape == positions.shape[1:]:
-            frames_from_mrope(pending[0], pending[1], positions)  # the prefill's layout, before any prune
         return positions
 
     def describe_frames(self, model: nn.Module) -> str | None:
         if not _mrope_frames(model):
             return None
         return ("temporal patches x (height / merge) x (width / merge) tokens per video, frame-major, read from "
-                "the M-RoPE positions (video_grid_thw; second_per_grid_ts spaces the temporal positions)")
+                "the call's video_grid_thw (or, under generate, its M-RoPE position_ids)")
 
     def compact_positions(self, positions: Tensor, valid: Tensor, visual: Tensor) -> Tensor:
         return compact_mrope(positions, valid, visual)
@@ -440,32 +434,54 @@ class Gemma3Adapter(DecoderAdapter):
 
     fed_layer_kinds = ("full_attention", "sliding_attention")
 
+    def token_layout(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> TokenLayout:
+        layout = super().token_layout(model, input_ids, attention_mask)
+        layout.attention_block = layout.image_index.clone()  # each image is a bidirectional block
+        return layout
+
     def stage_kwargs(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, positions: Tensor,
                      cache: Any, layer_idx: int, blocks: Tensor | None = None) -> dict[str, Any]:
-        decoder = self.language_model(model)
-        config = decoder.config
-        kind = self.layer_kind(model, layer_idx)
         text_positions = positions[0]
-        common = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask_2d, **{MASK_CACHE_KWARG: cache},
-                      position_ids=text_positions, layer_idx=layer_idx)  # sized against this layer's own cache
-        if blocks is None:  # decode: plain causal (sliding for local layers), as the model does
-            maker = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-            mask = maker(**common)
-        elif kind == "full_attention":  # prefill: OR(causal, bidirectional image blocks)
-            mask = create_causal_mask(**common, block_sequence_ids=blocks)
-        else:  # prefill, local layer: AND(sliding window, OR(causal, image blocks))
-            early_exit, _, _, _, kv_length, _, kv_offset = _preprocess_mask_arguments(
-                config, hidden, attention_mask_2d, cache, text_positions, layer_idx
-            )
-            padded = blocks if early_exit else maybe_pad_block_sequence_ids(blocks, attention_mask_2d, kv_length,
-                                                                             kv_offset)
-            mask = create_causal_mask(**common, or_mask_function=blockwise_overlay(padded),
-                                      and_mask_function=sliding_window_overlay(config.sliding_window))
         return {
-            "attention_mask": mask,
+            "attention_mask": self.stage_mask(model, hidden, attention_mask_2d, text_positions, cache, layer_idx,
+                                              blocks),
             "position_ids": text_positions,
-            "position_embeddings": decoder.rotary_emb(hidden, text_positions, kind),
+            "position_embeddings": self.language_model(model).rotary_emb(hidden, text_positions,
+                                                                         self.layer_kind(model, layer_idx)),
         }
+
+    def stage_mask(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, text_positions: Tensor,
+                   cache: Any, layer_idx: int, blocks: Tensor | None = None) -> Any:
+        """Gemma 3's prefill masks: a local layer keeps its window over the image blocks too (AND(sliding
+        window, OR(causal, image blocks))); decode steps and global layers as transformers builds them."""
+        if blocks is None or self.layer_kind(model, layer_idx) != "sliding_attention":
+            return super().stage_mask(model, hidden, attention_mask_2d, text_positions, cache, layer_idx, blocks)
+        config = self.language_model(model).config
+        early_exit, _, _, _, kv_length, _, kv_offset = _preprocess_mask_arguments(
+            config, hidden, attention_mask_2d, cache, text_positions, layer_idx
+        )
+        padded = blocks if early_exit else maybe_pad_block_sequence_ids(blocks, attention_mask_2d, kv_length, kv_offset)
+        return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask_2d,
+                                  **{MASK_CACHE_KWARG: cache}, position_ids=text_positions, layer_idx=layer_idx,
+                                  or_mask_function=blockwise_overlay(padded),
+                                  and_mask_function=sliding_window_overlay(config.sliding_window))
+
+
+class PrefixLMAdapter(DecoderAdapter):
+    """PaliGemma (prefix-LM): in the prefill, the tokens the call's ``token_type_ids`` mark as prefix (0: the
+    image and the prompt) attend to each other both ways, the suffix (1) causally; without
+    ``token_type_ids`` the model, and prunekit, attend causally. Decode steps are causal."""
+
+    def read_call(self, model: nn.Module, layout: TokenLayout, call: Any) -> TokenLayout:
+        token_types = call.get("token_type_ids")
+        if token_types is None:
+            return layout
+        token_types = token_types[:, -layout.seq_len:]  # a later turn: its own tokens
+        if token_types.shape != layout.valid.shape:
+            raise AdapterError(f"token_type_ids of shape {tuple(token_types.shape)} do not cover the prompt "
+                               f"{tuple(layout.valid.shape)}; pass the processor's token_type_ids")
+        layout.attention_block = torch.where(token_types == 0, 0, -1)  # padding too, as the model: no empty rows
+        return layout
 
 
 LLAVA = DecoderAdapter(FamilySpec(
@@ -508,7 +524,6 @@ _VISUAL_ID_KEYS = ("image_token_id", "image_token_index", "video_token_id", "vid
 # Families whose decoder looks standard but whose prefill the generic adapter's stage masks and positions would
 # not reproduce: refused by name rather than run differently from the bare model.
 _GENERIC_REFUSED = {
-    "paligemma": "prefix-LM attention (the prompt attends bidirectionally in the prefill)",
     "gemma4": "per-layer inputs, KV-shared layers and bidirectional vision attention",
     "gemma4_unified": "per-layer inputs, KV-shared layers and bidirectional vision attention",
     "mllama": "the image enters through cross-attention layers, not as tokens of the sequence",
@@ -599,11 +614,18 @@ GEMMA3 = Gemma3Adapter(FamilySpec(
     projector=None, vision_layers=None,
 ))
 
+PALIGEMMA = PrefixLMAdapter(FamilySpec(
+    name="paligemma",
+    model_types=("paligemma",),
+    classes=("PaliGemmaForConditionalGeneration",),
+    projector=None, vision_layers=None,
+))
+
 GENERIC = GenericAdapter()
 
 # Named rows first; the generic adapter is the fallback (the registry tries adapters in this order).
 BUILTIN_ADAPTERS: list[Adapter] = [LLAVA, LLAVA_NEXT, VIDEO_LLAVA, LLAVA_ONEVISION, QWEN2_VL, QWEN3_VL, GEMMA3,
-                                   GENERIC]
+                                   PALIGEMMA, GENERIC]
 
 
 @hookimpl

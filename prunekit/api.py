@@ -241,6 +241,12 @@ class Adapter(ABC):
     def token_layout(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> TokenLayout:
         """Find the visual tokens and the instruction in a prompt."""
 
+    def read_call(self, model: nn.Module, layout: TokenLayout, call: Mapping[str, Any]) -> TokenLayout:
+        """Complete a prefill's layout with what the forward's keyword arguments say (``call``: the call's
+        arguments by name, e.g. ``video_grid_thw``, ``token_type_ids``); by default nothing. Runs right after
+        :meth:`token_layout` on a first prefill and on a later turn's tokens (whose ``call`` is the turn's)."""
+        return layout
+
     def rope_positions(self, model: nn.Module, lm_kwargs: dict, hidden: Tensor, cache: Any) -> Tensor:
         """The RoPE positions the decoder stack uses for this call: ``[components, batch, seq]`` long.
 

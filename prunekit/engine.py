@@ -292,7 +292,7 @@ class Pruner:
             )
         if past > 0:
             return None  # text continuing an unpruned cache: nothing to do
-        layout = self.adapter.token_layout(self.model, input_ids, mask)
+        layout = self.adapter.read_call(self.model, self.adapter.token_layout(self.model, input_ids, mask), call)
         if not bool(layout.visual.any()):
             raise LayoutError(
                 f"the prompt has no visual tokens (looked for {self.adapter.describe_visual(self.model)} in input_ids "
@@ -349,6 +349,7 @@ class Pruner:
         layout = self.adapter.token_layout(self.model, input_ids, turn_mask)
         if not bool(layout.visual.any()):
             return None
+        layout = self.adapter.read_call(self.model, layout, call)
         if cached is None:
             self._check_cache_and_mask(cache, mask)
             cached = self._unpruned_cache(cache, input_ids)

@@ -27,9 +27,11 @@ class TokenLayout:
     # text, still images and video tokens that sit in no frame (OneVision's closing newline)
     grid_row: Tensor | None = None  # [batch, seq] long: row of the token's cell in its frame's grid; -1 off grids
     grid_col: Tensor | None = None  # [batch, seq] long: column of the token's cell; -1 off grids (a frame's CLS)
+    attention_block: Tensor | None = None  # [batch, seq] long: in the prefill, tokens of one block (>= 0) attend
+    # to each other both ways (Gemma 3's images, PaliGemma's prefix); -1: causal only
 
     def __post_init__(self) -> None:
-        for name in ("frame_index", "grid_row", "grid_col"):
+        for name in ("frame_index", "grid_row", "grid_col", "attention_block"):
             if getattr(self, name) is None:
                 setattr(self, name, torch.full_like(self.original_index, -1))
 
@@ -134,6 +136,22 @@ def frames_from_runs(layout: TokenLayout, video: Tensor, per_frame: int, cols: i
             layout.frame_index[b, start:start + framed] = k // per_frame
             layout.grid_row[b, start:start + framed] = torch.where(cell >= 0, cell // cols, -1)
             layout.grid_col[b, start:start + framed] = torch.where(cell >= 0, cell % cols, -1)
+    return layout
+
+
+def frames_from_grids(layout: TokenLayout, video: Tensor, grids: list[tuple[int, int, int]]) -> TokenLayout:
+    """Fill the frame fields for prompts whose video spans are whole ``frames x rows x cols`` grids, frame-major
+    (Qwen2-VL / Qwen2.5-VL: ``video_grid_thw`` after the spatial merge), one grid per run of ``video`` tokens
+    (``[batch, seq]`` bool) in batch order. A run whose length is not its grid's size is left at -1. Returns
+    ``layout``, filled in place."""
+    runs = [(b, start, end) for b in range(video.shape[0]) for start, end in _runs((video & layout.valid)[b])]
+    for (b, start, end), (frames, rows, cols) in zip(runs, grids):
+        if end - start != frames * rows * cols:
+            continue
+        k = torch.arange(end - start, device=video.device)  # [run] place in the run
+        layout.frame_index[b, start:end] = k // (rows * cols)
+        layout.grid_row[b, start:end] = k % (rows * cols) // cols
+        layout.grid_col[b, start:end] = k % cols
     return layout
 
 

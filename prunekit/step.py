@@ -95,7 +95,7 @@ def prefill_layer_kwargs(prefill: Prefill, adapter: Adapter, model: nn.Module, l
     if kind not in prefill.layer_kwargs:
         layout = prefill.ctx.layout
         past = prefill.past_stage_mask(len(prefill.records) - 1)  # a later turn also attends to its stage's cache
-        mask_2d, blocks = layout.valid, layout.image_index  # [batch, kv_len] each
+        mask_2d, blocks = layout.valid, layout.attention_block  # [batch, kv_len] each
         if past is not None:  # keys: the cached slots (text to the turn's image blocks), then the turn's tokens
             mask_2d = torch.cat([past, layout.valid], dim=1)
             blocks = torch.cat([torch.full_like(past, -1, dtype=blocks.dtype), blocks], dim=1)

@@ -314,6 +314,11 @@ def family_config(family: str, num_layers: int = 16):
     if family == "smolvlm":
         return tf.SmolVLMConfig(vision_config=tf.SmolVLMVisionConfig(**_VISION), text_config=tf.LlamaConfig(**text),
                                 image_token_id=IMAGE_ID, scale_factor=2)
+    if family == "paligemma":  # PaliGemma 2: a Gemma 2 decoder (sliding and global layers), prefix-LM attention
+        gemma2 = tf.Gemma2Config(**dict(text, bos_token_id=2, eos_token_id=1), head_dim=16, sliding_window=16,
+                                 layer_types=["sliding_attention", "full_attention"] * (num_layers // 2))
+        return tf.PaliGemmaConfig(vision_config=tf.SiglipVisionConfig(**_VISION, projection_dim=64),
+                                  text_config=gemma2, image_token_id=IMAGE_ID, projection_dim=64)
     if family == "shieldgemma2":  # Gemma 3 under another model_type
         config = family_config("gemma3", num_layers)
         return tf.ShieldGemma2Config(text_config=config.text_config, vision_config=config.vision_config,
@@ -359,7 +364,7 @@ def family_config(family: str, num_layers: int = 16):
 
 
 FAMILIES = ("llava_next", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "llava_next_video",
-            "qwen3_vl", "qwen3_vl_moe")
+            "qwen3_vl", "qwen3_vl_moe", "paligemma")
 # more families of transformers 5.x, for the family x recipe matrix (tests/test_family_matrix.py)
 MATRIX_FAMILIES = (*FAMILIES, "glm4v", "llama4", "internvl", "idefics3", "llava", "smolvlm", "mistral3", "aya_vision",
                    "cohere2_vision", "vipllava", "glm46v", "glm4v_moe", "shieldgemma2", "qwen3_5", "qwen3_5_moe",
@@ -370,8 +375,12 @@ _SINGLE_IMAGE = ("llava", "vipllava", "mistral3", "aya_vision", "cohere2_vision"
 
 def tiny_family_model(family: str, num_layers: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32,
                       attn_implementation: str = "sdpa"):
-    """A random-weight model of ``family``, saved and reloaded with ``from_pretrained``."""
+    """A random-weight model of ``family``, saved and reloaded with ``from_pretrained`` (PaliGemma 2's Gemma 2
+    decoder, which has no SDPA path, with eager attention)."""
     from transformers import AutoModelForImageTextToText
+
+    if family == "paligemma":
+        attn_implementation = "eager"
 
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(family_config(family, num_layers))
@@ -481,6 +490,11 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
             features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
             counts = [int(features.numel() // features.shape[-1])] * len(sizes)
             image_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
+        elif family == "paligemma":  # the patch grid of the tower: 36 tokens an image
+            pixel = torch.randn(len(sizes), 3, 24, 24, generator=g).to(dtype)
+            counts = [(24 // 4) ** 2] * len(sizes)
+            extra = {"pixel_values": pixel}
+            image_id = model.config.image_token_id
         elif family in ("gemma3", "shieldgemma2"):
             pixel = torch.randn(len(sizes), 3, 24, 24, generator=g).to(dtype)
             counts = [model.config.mm_tokens_per_image] * len(sizes)
@@ -488,7 +502,7 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
             image_id = model.config.image_token_id
         else:
             raise ValueError(f"unknown family {family!r}")
-    bos = 2 if family in ("gemma3", "shieldgemma2") else 1
+    bos = 2 if family in ("gemma3", "shieldgemma2", "paligemma") else 1
     for count in counts:
         image = [image_id] * count
         if family in ("qwen3_vl", "qwen3_vl_moe") and video:  # one run per frame, a text (timestamp) token between
@@ -503,6 +517,9 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
         out["mm_token_type_ids"] = (input_ids == image_id).long() * (2 if video else 1)
     if family in ("gemma3", "shieldgemma2"):
         out["token_type_ids"] = (input_ids == image_id).long()
+    if family == "paligemma":  # prefix (0): the image and the prompt; suffix (1): each row's last two tokens
+        out["token_type_ids"] = torch.zeros_like(input_ids)
+        out["token_type_ids"][:, -2:] = 1
     return out
 
 
@@ -566,6 +583,8 @@ MATRIX: tuple[MatrixRow, ...] = (
               "M-RoPE, deepstack, MoE decoder"),
     MatrixRow("gemma3", "Gemma3ForConditionalGeneration", "gemma3",
               "sliding-window layers; bidirectional image blocks"),
+    MatrixRow("paligemma", "PaliGemmaForConditionalGeneration", "paligemma",
+              "PaliGemma 2 (Gemma 2 decoder): prefix-LM, the prompt (token_type_ids 0) one bidirectional block"),
     MatrixRow("glm4v", "Glm4vForConditionalGeneration", "generic", "M-RoPE (partial rotary)"),
     MatrixRow("glm46v", "Glm46VForConditionalGeneration", "generic", "GLM-4.6V: M-RoPE (partial rotary)"),
     MatrixRow("glm4v_moe", "Glm4vMoeForConditionalGeneration", "generic", "GLM-4.5V: M-RoPE, MoE decoder"),
@@ -636,10 +655,6 @@ MATRIX: tuple[MatrixRow, ...] = (
     _no("instructblip", "InstructBlipForConditionalGeneration", NO_ID, "no decoder stack"),
     _no("instructblipvideo", "InstructBlipVideoForConditionalGeneration", NO_ID, "names no visual token id"),
     # the generic adapter would accept these, but would not reproduce the model: known gaps
-    _no("paligemma", "PaliGemmaForConditionalGeneration",
-        "prefix-LM attention: the whole prompt (token_type_ids 0) attends bidirectionally in the prefill, which "
-        "the generic adapter's causal stage masks do not rebuild: refused by name (needs an adapter with the prefix "
-        "as one block)", GENERIC_REFUSED),
     _no("gemma4", "Gemma4ForConditionalGeneration",
         "not Gemma-3-like: per-layer inputs (hidden_size_per_layer_input), KV-shared layers and bidirectional "
         "vision attention, which no adapter slices or rebuilds yet: refused by name", GENERIC_REFUSED),

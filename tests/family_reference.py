@@ -11,6 +11,8 @@ rotary embedding and the inputs the decoder receives (captured from an unhooked 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -86,16 +88,21 @@ def compact_mrope(positions: Tensor, visual: Tensor) -> Tensor:
     return out
 
 
-def build_mask(n: int, kind: str, window: int | None, blocks: Tensor | None, dtype) -> Tensor:
-    """Additive [1, 1, n, n] mask: causal, then sliding window, then image blocks (bidirectional)."""
+def build_mask(n: int, kind: str, window: int | None, blocks: Tensor | None, dtype, window_over_blocks: bool = True
+               ) -> Tensor:
+    """Additive [1, 1, n, n] mask: causal, bidirectional blocks, and on sliding layers the window: over the
+    blocks too (Gemma 3: AND(window, OR(causal, blocks))) or not (PaliGemma: OR(AND(window, causal), blocks))."""
     q = torch.arange(n)[:, None]
     k = torch.arange(n)[None, :]
     allowed = k <= q
+    in_window = (q - k < window) if kind == "sliding_attention" and window is not None else torch.ones_like(allowed)
+    same_block = torch.zeros_like(allowed)
     if blocks is not None:
         same_block = (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
-        allowed = allowed | same_block
-    if kind == "sliding_attention" and window is not None:
-        allowed = allowed & (q - k < window)
+    if window_over_blocks:
+        allowed = (allowed | same_block) & in_window
+    else:
+        allowed = (allowed & in_window) | same_block
     mask = torch.zeros(n, n, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
 
@@ -110,8 +117,9 @@ def run_family_reference(model, family: str, inputs: dict, visual_id: list[int],
         inputs["input_ids"] = torch.cat([inputs["input_ids"], decoded[None]], dim=1)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         for key in ("mm_token_type_ids", "token_type_ids"):
-            if key in inputs:
-                inputs[key] = torch.cat([inputs[key], torch.zeros_like(decoded)[None]], dim=1)
+            if key in inputs:  # a decoded token is text (Gemma 3), or suffix (PaliGemma: 1)
+                kind = 1 if family == "paligemma" else 0
+                inputs[key] = torch.cat([inputs[key], torch.full_like(decoded, kind)[None]], dim=1)
     embeds, positions, deepstack = decoder_inputs(model, inputs)
     ids = inputs["input_ids"][0]
     visual = torch.isin(ids, torch.tensor(visual_id))
@@ -121,6 +129,7 @@ def run_family_reference(model, family: str, inputs: dict, visual_id: list[int],
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * len(lm.layers)
     window = getattr(config, "sliding_window", None)
     gemma = family == "gemma3"
+    prefix = inputs["token_type_ids"][0] == 0 if family == "paligemma" and "token_type_ids" in inputs else None
     mrope = positions.shape[0] == 3
     index = torch.arange(len(ids))
     h = embeds[None]
@@ -131,14 +140,17 @@ def run_family_reference(model, family: str, inputs: dict, visual_id: list[int],
             keep = ~visual[index] | torch.isin(index, kept[s])
             h, index, pos = h[:, keep], index[keep], pos[:, keep]
             if policy == "compact":
-                pos = compact_mrope(pos, visual[index]) if mrope else compact_1d(len(index))
+                # 1-D: consecutive from the first position (PaliGemma counts from 1)
+                pos = compact_mrope(pos, visual[index]) if mrope else compact_1d(len(index)) + pos[:, :1]
         vis_now = visual[index]
         blocks = None
         if gemma:  # one block per contiguous run of image tokens in the current sequence
             starts = vis_now & ~torch.nn.functional.pad(vis_now[:-1], (1, 0), value=False)
             blocks = torch.where(vis_now, starts.long().cumsum(0) - 1, torch.full_like(index, -1))
+        if prefix is not None:  # PaliGemma: the prompt's prefix is one block (decoded tokens are suffix)
+            blocks = torch.where(prefix[index], 0, -1)
         kind = layer_types[i]
-        mask = build_mask(len(index), kind, window, blocks, h.dtype)
+        mask = build_mask(len(index), kind, window, blocks, h.dtype, window_over_blocks=gemma)
         if mrope:
             pe = lm.rotary_emb(h, pos[:, None])
             position_ids = None
@@ -154,4 +166,8 @@ def run_family_reference(model, family: str, inputs: dict, visual_id: list[int],
             h = h.clone()
             h[0, vis_now] = h[0, vis_now] + deepstack[i][index[vis_now]]
     with torch.no_grad():
-        return model.lm_head(lm.norm(h))[0]
+        logits = model.lm_head(lm.norm(h))[0]
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2 (PaliGemma 2): tanh capping of the logits,
+    if cap is None or "final_logit_softcapping" not in inspect.getsource(type(model).forward):  # where the model
+        return logits  # applies it (PaliGemma's forward does from transformers 5.2x on, not on 5.19)
+    return torch.tanh(logits / cap) * cap
