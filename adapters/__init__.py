@@ -29,7 +29,8 @@ from prunekit.api import Adapter
 from prunekit.compat import MASK_CACHE_KWARG
 from prunekit.errors import AdapterError
 from prunekit.hookspecs import hookimpl
-from prunekit.layout import TokenLayout, frames_from_grids, frames_from_mrope, frames_from_runs, layout_from_ids
+from prunekit.layout import (TokenLayout, frames_from_frame_runs, frames_from_grids, frames_from_mrope,
+                             frames_from_runs, layout_from_ids)
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,7 @@ def compact_mrope(positions: Tensor, valid: Tensor, visual: Tensor) -> Tensor:
 
 def _mrope_frames(model: nn.Module) -> bool:
     """Whether the model's videos are whole grids in one run of video tokens, frame-major (Qwen2-VL and
-    Qwen2.5-VL; Qwen3-VL puts each frame in a run of its own, between timestamps: its frames are not filled)."""
+    Qwen2.5-VL; Qwen3-VL puts each frame in a run of its own, between timestamps: ``DeepstackAdapter``)."""
     return getattr(getattr(model, "config", None), "model_type", None) in ("qwen2_vl", "qwen2_5_vl")
 
 
@@ -418,6 +419,26 @@ class DeepstackAdapter(MRopeAdapter):
     visual token gets its own features, dropped ones none, merged summary tokens none (images and
     videos alike; decode steps carry no deepstack inputs).
     """
+
+    def read_call(self, model: nn.Module, layout: TokenLayout, call: Any) -> TokenLayout:
+        """Frames of the videos: each frame is a run of its own between timestamps; the call's
+        ``video_grid_thw`` groups the runs into videos (generate passes 3-D ``position_ids`` instead: then the
+        runs a sample holds with text only between form one clip)."""
+        input_ids = call.get("input_ids")
+        video = None if input_ids is None else _video_mask(model, input_ids[:, -layout.seq_len:])
+        if video is None or not bool((video & layout.valid).any()):
+            return layout
+        grids, positions = call.get("video_grid_thw"), call.get("position_ids")
+        if grids is not None:
+            merge = int(getattr(model.config.vision_config, "spatial_merge_size", 1))
+            return frames_from_frame_runs(layout, video, [(t, h // merge, w // merge) for t, h, w in grids.tolist()])
+        if positions is not None and positions.dim() == 3 and positions.shape[0] >= 3:
+            return frames_from_frame_runs(layout, video, positions=positions[-3:, :, -layout.seq_len:])
+        return layout
+
+    def describe_frames(self, model: nn.Module) -> str | None:
+        return ("one run of (height / merge) x (width / merge) tokens per frame, between timestamps; the call's "
+                "video_grid_thw groups the runs into videos (under generate: the runs with text only between)")
 
     def rope_positions(self, model: nn.Module, lm_kwargs: dict, hidden: Tensor, cache: Any) -> Tensor:
         embeds, mask = lm_kwargs.get("deepstack_visual_embeds"), lm_kwargs.get("visual_pos_masks")

@@ -155,6 +155,46 @@ def frames_from_grids(layout: TokenLayout, video: Tensor, grids: list[tuple[int,
     return layout
 
 
+def frames_from_frame_runs(layout: TokenLayout, video: Tensor, grids: list[tuple[int, int, int]] | None = None,
+                           positions: Tensor | None = None) -> TokenLayout:
+    """Fill the frame fields for prompts that put each frame of a video in a run of its own, between timestamps
+    (Qwen3-VL). ``video``: ``[batch, seq]`` bool. With ``grids`` (the ``(frames, rows, cols)`` of each video in
+    batch order, merged grid) each video is its next ``frames`` runs; without, every run that follows another
+    of its sample with text only between (timestamps, vision start / end) continues the clip, and each run's
+    cells are read from the M-RoPE ``positions`` (``[3, batch, seq]``, as :func:`frames_from_mrope`). The
+    frames of one video share the ``image_index`` of its first run, so criteria see one clip. A run whose
+    length does not fit its grid is left at -1. Returns ``layout``, filled in place."""
+    video = video & layout.valid
+    if grids is None:
+        if positions is None:
+            return layout
+        frames_from_mrope(layout, video, positions)  # each run: one frame, its cells from its own positions
+    per_video = iter([frames for frames, _, _ in grids or []])
+    cells = iter([(rows, cols) for frames, rows, cols in grids or [] for _ in range(frames)])
+    for b in range(video.shape[0]):
+        runs = _runs(video[b])
+        remaining, frame, span = 0, 0, -1
+        for index, (start, end) in enumerate(runs):
+            if grids is not None:
+                if remaining == 0:
+                    remaining, frame, span = next(per_video, 0), 0, int(layout.image_index[b, start])
+                remaining -= 1
+                rows, cols = next(cells, (0, 0))
+                if rows * cols != end - start:
+                    layout.frame_index[b, start:end] = -1
+                    frame += 1
+                    continue
+                k = torch.arange(end - start, device=video.device)
+                layout.grid_row[b, start:end] = k // cols
+                layout.grid_col[b, start:end] = k % cols
+            elif index == 0 or bool(layout.visual[b, runs[index - 1][1]:start].any()):  # a new clip
+                frame, span = 0, int(layout.image_index[b, start])
+            layout.frame_index[b, start:end] = frame
+            layout.image_index[b, start:end] = span
+            frame += 1
+    return layout
+
+
 def frames_from_mrope(layout: TokenLayout, video: Tensor, positions: Tensor) -> TokenLayout:
     """Fill the frame fields from M-RoPE positions (Qwen2-VL / Qwen2.5-VL): ``positions`` ``[3, batch, seq]``.
 

@@ -22,7 +22,7 @@ from prunekit.testing import END_ID, START_ID, family_inputs, forward_context, t
 from prunekit.criteria.video import DyCokeTTM, FrameDifference, UniformFrames, dycoke_keep_count
 
 VIDEO_RECIPES = ("uniform-frames", "frame-difference", "dycoke", "dycoke-own-count")
-FAMILIES = ("video_llava", "llava_onevision", "qwen2_5_vl")
+FAMILIES = ("video_llava", "llava_onevision", "qwen2_5_vl", "qwen3_vl")
 RECIPES_DIR = prunekit.__path__[0] + "/recipes"
 
 
@@ -222,6 +222,30 @@ def _clip_layout(frames: int, rows: int, cols: int, text: int = 2, lead: int = 0
                 layout.grid_row[0, position], layout.grid_col[0, position] = divmod(j - lead, cols)
             position += 1
     return layout
+
+
+def test_qwen3_vl_frames_are_their_own_runs_grouped_into_one_clip(recorder):
+    """Qwen3-VL puts each frame in a run of its own between timestamps: a plain forward groups the runs by the
+    call's video_grid_thw, generate (which passes positions instead of grids) by the text-only gaps; both give
+    every run its frame number and grid cell and the clip one span."""
+    model = tiny_family_model("qwen3_vl", num_layers=4, seed=1, dtype=torch.float64)
+    inputs = family_inputs(model, "qwen3_vl", batch=2, seed=3, video=True, dtype=torch.float64)
+    grids = inputs["video_grid_thw"].tolist()  # [[frames, h, w]] in patches, merged 2x2 in the decoder
+    layouts = [_recorded(model, inputs)[0]]
+    recipe = {"name": "record", "criteria": {"rec": {"type": _RecordLayout.name}},
+              "schedule": {"type": "stages", "stages": [{"layer": 0, "keep": 1.0}]}}
+    with prunekit.apply(model, recipe), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    layouts.append(_RecordLayout.seen[-1][0])
+    for layout in layouts:
+        for b, (frames, h, w) in enumerate(grids):
+            video = (inputs["input_ids"][b] == model.config.video_token_id).nonzero().flatten()
+            per_frame, cols = (h // 2) * (w // 2), w // 2
+            expect = [(j // per_frame, j % per_frame // cols, j % cols) for j in range(frames * per_frame)]
+            got = list(zip(layout.frame_index[b, video].tolist(), layout.grid_row[b, video].tolist(),
+                           layout.grid_col[b, video].tolist()))
+            assert got == expect
+            assert len(set(layout.image_index[b, video].tolist())) == 1  # one clip across the timestamp tokens
 
 
 def test_uniform_frames_keeps_whole_evenly_spaced_frames():
