@@ -44,12 +44,13 @@ def main() -> None:
             start = time.perf_counter()
             score = criterion.score(ctx)  # [batch, seq]
             planned = time.perf_counter()
-            _, valid = merger.merge(hidden, layout.visual & (score == float("-inf")), score, ctx)
+            merger.merge_into_kept(hidden, layout.visual & (score > float("-inf")), score, ctx)
             plan.append(planned - start)
             merge.append(time.perf_counter() - planned)
         kept = int((layout.visual & (score > float("-inf"))).sum())
+        centres = int((ctx.buffers["fastvid/centre"] > 0).sum())
         print(f"retention {retention}: plan {1e3 * min(plan):.0f} ms, merge {1e3 * min(merge):.0f} ms (1 CPU thread); "
-              f"kept {kept} + merged {int(valid.sum())} of {n_video + 1} visual tokens")
+              f"kept {kept} of {n_video + 1} visual tokens ({centres} of them centres merged into in place)")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ from torch import Tensor
 
 from prunekit.api import ForwardContext, Merger
 from prunekit.probes import Probe
-from prunekit.sequence import pad_rows
 
 from .video import _OnLayerInput, video_spans
 
 _OUTSIDE = 3.0  # visual tokens in no frame (still images, OneVision's newline): always kept
 _SALIENT = 2.0
+_CENTRE = 1.0  # a density-peak centre: kept, its row replaced by its merged token (fastvid_merge)
 _NEIGHBOURS = 4  # the official DPC-kNN's k (the token itself included)
 
 # a token's role in the plan (the ``<key>/centre`` buffer)
@@ -170,8 +170,9 @@ class FastVID(_OnLayerInput):
     below ``tau`` and at the ``segments - 1`` least similar pairs; each frame keeps ``S = R - int(R * d)``
     salient tokens of ``R = int(n * retention)`` (score 2); the ``C = R - S`` context tokens per frame
     go to the anchor frames of each segment (its last frame and every ``p``-th before) as density-peak
-    (DPC-kNN) centres; every non-salient frame token scores -inf (dropped whatever the stage keeps:
-    run it on a stage keeping 1.0) and the ``fastvid_merge`` merger adds the centres' merged tokens.
+    (DPC-kNN) centres, kept (score 1) for the ``fastvid_merge`` merger to merge their segment's tokens
+    into, in place; every other frame token scores -inf (dropped whatever the stage keeps: run it on a
+    stage keeping 1.0).
     Tokens in no frame (still images, OneVision's newline) are kept. ``retention: 1.0, d: 0`` keeps
     every token. Defaults: the official lmms-eval entry (``retention`` the paper's 25% setting).
 
@@ -242,7 +243,8 @@ class FastVID(_OnLayerInput):
                 density[b, positions] = plan.density.flatten()
                 segment[b, positions] = plan.segment.flatten() + first_segment
                 first_segment += len(plan.sizes)
-                score[b, positions] = torch.where(plan.salient.flatten(), _SALIENT, float("-inf")).to(score.dtype)
+                kept_score = torch.where(plan.centre.flatten() > 0, _CENTRE, float("-inf"))
+                score[b, positions] = torch.where(plan.salient.flatten(), _SALIENT, kept_score).to(score.dtype)
         ctx.buffers.update({f"{self.key}/salient": salient, f"{self.key}/centre": centre,
                             f"{self.key}/density": density, f"{self.key}/segment": segment})
         return score.masked_fill(~layout.visual, 0)
@@ -255,9 +257,8 @@ class FastVIDMerge(Merger):
     Reads the plan the criterion keyed ``criterion`` left in its buffers. A ``SINGLE`` centre's members
     are its frame's non-salient tokens, a ``MULTI`` centre's those of every frame of its segment; each
     group of centres (one frame's) is merged by :func:`merge_into_centres` with ``beta`` on the stage's
-    input (before layer 0: the projected tokens). The merged tokens follow in the order of their
-    centres, right after the sample's kept visual tokens (the official code puts each at its centre's
-    place); ``count()`` (the FLOPs model) is an upper bound, every dropped token.
+    input (before layer 0: the projected tokens). Each merged token replaces its centre's row (an
+    ``in_place`` merger), so it sits at its centre's place and position, as in the official code.
 
     Example::
 
@@ -275,10 +276,12 @@ class FastVIDMerge(Merger):
         if not _is_number(self.beta) or not 0 <= self.beta <= 1:
             raise ValueError(f"beta (DTM's least weight of a centre) must be in [0, 1], got {self.beta!r}")
 
-    def count(self, dropped: int) -> int:
-        return max(dropped, 0)
+    in_place: ClassVar[bool] = True
 
-    def merge(self, hidden: Tensor, dropped: Tensor, scores: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
+    def count(self, dropped: int) -> int:
+        return 0  # merged into the kept centres: no token added
+
+    def merge_into_kept(self, hidden: Tensor, kept: Tensor, scores: Tensor, ctx: ForwardContext) -> Tensor:
         names = [f"{self.criterion}/{part}" for part in ("salient", "centre", "density", "segment")]
         missing = [name for name in names if name not in ctx.buffers]
         if missing:
@@ -288,10 +291,9 @@ class FastVIDMerge(Merger):
         salient, centre, density, segment = (ctx.buffers[name] for name in names)
         layout = ctx.layout
         work = hidden if hidden.dtype in (torch.float32, torch.float64) else hidden.float()
-        rows = []
+        out = hidden.clone()  # [batch, seq, dim]
         for b in range(hidden.shape[0]):
             framed = layout.visual[b] & (layout.frame_index[b] >= 0) & ~salient[b]  # [seq]: non-salient frame tokens
-            placed, tokens = [], []
             is_centre = centre[b] > 0
             for span, frame in {(int(layout.image_index[b, j]), int(layout.frame_index[b, j]))
                                 for j in is_centre.nonzero().flatten().tolist()}:
@@ -303,11 +305,5 @@ class FastVIDMerge(Merger):
                     members &= layout.frame_index[b] == frame
                 else:
                     members &= segment[b] == segment[b, mine[0]]
-                placed.append(mine)
-                tokens.append(merge_into_centres(work[b, mine], work[b, members], self.beta))
-            if not placed:
-                rows.append(hidden.new_zeros(0, hidden.shape[-1]))
-                continue
-            where, merged = torch.cat(placed), torch.cat(tokens)
-            rows.append(merged[torch.sort(where).indices].to(hidden.dtype))  # in the order of their centres
-        return pad_rows(rows, hidden)  # [batch, merged, dim], [batch, merged]
+                out[b, mine] = merge_into_centres(work[b, mine], work[b, members], self.beta).to(hidden.dtype)
+        return out

@@ -128,6 +128,7 @@ class Merger:
 
     name: ClassVar[str] = ""
     lead: ClassVar[int] = 0  # at a vision stage: how many merged tokens go before the kept ones (at most all)
+    in_place: ClassVar[bool] = False  # merges into kept tokens (:meth:`merge_into_kept`) instead of adding tokens
 
     def probes(self, stage_layers: Sequence[int], num_layers: int) -> Iterable[Probe]:
         """Captures :meth:`merge` reads (from ``ctx.captures``)."""
@@ -142,6 +143,13 @@ class Merger:
         ``[batch, seq]`` the combined score. Returns merged ``[batch, n_merged, dim]`` and their
         validity ``[batch, n_merged]`` bool (samples may merge fewer tokens than others)."""
         raise NotImplementedError
+
+    def merge_into_kept(self, hidden: Tensor, kept: Tensor, scores: Tensor, ctx: ForwardContext) -> Tensor:
+        """An ``in_place`` merger's work: the stage's input ``hidden`` ``[batch, seq, dim]`` with the rows of some
+        kept visual tokens (``kept`` ``[batch, seq]`` bool) replaced by what the dropped ones merge into them
+        (FastVID's density-peak centres, ToMe's destinations); the engine then gathers the kept rows, so each
+        merged token sits at its kept token's place and position. ``count()`` is then 0."""
+        raise NotImplementedError(f"merger {self.name!r} sets in_place but has no merge_into_kept")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming a bad parameter; called once when the recipe is built."""

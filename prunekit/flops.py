@@ -112,14 +112,16 @@ def prefill_flops(tokens_per_layer: Sequence[float], dims: DecoderDims) -> float
 def visual_tokens_per_layer(stages: Sequence[Stage], num_layers: int, n_visual: int, merger: Any = None) -> list[int]:
     """Visual tokens each layer runs on under a schedule (counts relative to the original ``n_visual``).
 
-    A ``merger`` with a ``count(n_dropped)`` method adds the summary tokens it makes at each stage.
+    A ``merger`` with a ``count(n_dropped)`` method adds the summary tokens it makes at each stage (an
+    ``in_place`` merger adds none: it merges into kept tokens).
     """
     counts, current = [], n_visual
     boundaries = {stage.layer: stage for stage in stages}
     for layer in range(num_layers):
         if layer in boundaries:
             kept = min(current, int(boundaries[layer].keep_counts(torch.tensor([n_visual]))[0]))
-            merged = merger.count(current - kept) if merger is not None and hasattr(merger, "count") else 0
+            adds = merger is not None and hasattr(merger, "count") and not getattr(merger, "in_place", False)
+            merged = merger.count(current - kept) if adds else 0
             current = kept + merged
         counts.append(current)
     return counts

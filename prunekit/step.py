@@ -41,7 +41,9 @@ def prune(prefill: Prefill, recipe: Recipe, adapter: Adapter, stage: Stage, stag
         with torch.no_grad():
             selection = select(combined, ctx.layout.visual, counts)
         merged, merged_valid = None, None
-        if recipe.merger is not None:  # merged tokens are built from the hidden states, in the graph
+        if recipe.merger is not None and recipe.merger.in_place:  # merged into kept tokens, in the graph
+            hidden = recipe.merger.merge_into_kept(hidden, ctx.layout.visual & ~selection.dropped, combined, ctx)
+        elif recipe.merger is not None:  # merged tokens are built from the hidden states, in the graph
             merged, merged_valid = recipe.merger.merge(hidden, selection.dropped, combined, ctx)
         with torch.no_grad():
             plan = assemble(selection, last_index(ctx.layout.visual), merged_valid)

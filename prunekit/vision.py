@@ -44,7 +44,7 @@ def vision_stage_tokens(vision: Any, patches: int) -> tuple[int, int]:
     tokens, e.g. VisionZip's CLS) leaves it whole instead: ``(patches, 0)``.
     """
     kept = int(vision.stage.keep_counts(torch.tensor([patches]))[0])
-    merged = 0 if vision.merger is None else int(vision.merger.count(patches - kept))
+    merged = 0 if vision.merger is None or vision.merger.in_place else int(vision.merger.count(patches - kept))
     return (patches, 0) if kept + merged > patches else (kept, merged)
 
 
@@ -110,9 +110,11 @@ def shorten_images(vision: VisionRecipe, features: Tensor, captures: dict, num_l
     combined = score(vision.criteria, vision.combiner, ctx)  # [n_images, patches]
     with torch.no_grad():
         selection = select(combined, ones, counts)  # index [n_images, kept], in patch order
+    if vision.merger is not None and vision.merger.in_place:  # merged into kept patches, in the graph
+        features = vision.merger.merge_into_kept(features, ~selection.dropped, combined, ctx)
     out = gather_tokens(features, selection.index)  # [n_images, kept, dim]
     lead = 0
-    if vision.merger is not None:  # merged tokens are built from the features, in the graph
+    if vision.merger is not None and not vision.merger.in_place:  # merged tokens built from the features
         extra, valid = vision.merger.merge(features, selection.dropped, combined, ctx)  # [n_images, merged, dim]
         if extra.shape[1] != merged or not bool(valid.all()):
             raise RecipeError(f"vision.merge: {type(vision.merger).__name__} made {extra.shape[1]} tokens "

@@ -208,14 +208,14 @@ def test_plan_and_merged_tokens_equal_the_official_loop(case):
     score = criterion.score(ctx)[0]
     video = torch.arange(text, text + frames * n)
     kept = (score[video] > float("-inf")).nonzero().flatten().tolist()
-    assert kept == salient
+    assert kept == sorted(salient + list(path))  # the salient tokens and the centres (merged into in place)
     assert float(score[text + frames * n]) > float(score[video].max())  # the token in no frame stays
-    dropped = layout.visual & (score[None] == float("-inf"))
-    tokens, valid = FastVIDMerge(criterion="fv", beta=beta).merge(hidden, dropped, score[None], ctx)
-    order = sorted(merged)
-    assert valid.tolist() == [[True] * len(order)]
-    expect = torch.tensor([merged[j] for j in order], dtype=torch.float64).reshape(len(order), dim)
-    torch.testing.assert_close(tokens[0], expect, rtol=1e-10, atol=1e-12)
+    kept_mask = layout.visual & (score[None] > float("-inf"))
+    out = FastVIDMerge(criterion="fv", beta=beta).merge_into_kept(hidden, kept_mask, score[None], ctx)
+    expect = hidden.clone()
+    for j, token in merged.items():  # each centre's row becomes its merged token; every other row stays
+        expect[0, text + j] = torch.tensor(token, dtype=torch.float64)
+    torch.testing.assert_close(out, expect, rtol=1e-10, atol=1e-12)
 
 
 def test_a_multi_frame_segment_holds_its_context_on_anchor_frames():
@@ -277,13 +277,13 @@ def test_tiny_onevision_keeps_and_merges_the_official_tokens_of_its_video_featur
     assert MULTI in path.values()
     pruned, report = _layer0_inputs(model, _recipe(**MERGING), inputs)
     stage = report[0]
-    assert stage.kept[0].tolist() == video[salient].tolist() + [int(video[-1])]
-    assert int(stage.merged_counts[0]) == len(merged)
-    # expected layer-0 input: text, the salient tokens, the newline, the merged tokens (centre order), text
+    kept = sorted(salient + list(merged))  # the salient tokens and the centres, in clip order
+    assert stage.kept[0].tolist() == video[kept].tolist() + [int(video[-1])]
+    assert int(stage.merged_counts[0]) == 0  # merged in place: no token added
+    # expected layer-0 input: text, the kept tokens (each centre's row its merged token), the newline, text
     first, last = int(video[0]), int(video[-1])
-    expect = torch.cat([bare[0, :first], bare[0, video[salient]], bare[0, last:last + 1],
-                        torch.tensor([merged[j] for j in sorted(merged)], dtype=torch.float64),
-                        bare[0, last + 1:]])
+    clip_rows = [torch.tensor(merged[j], dtype=torch.float64) if j in merged else bare[0, video[j]] for j in kept]
+    expect = torch.cat([bare[0, :first], torch.stack(clip_rows), bare[0, last:]])
     torch.testing.assert_close(pruned[0], expect, rtol=1e-10, atol=1e-12)
 
 
@@ -361,7 +361,7 @@ def test_a_padded_batch_of_two_qwen_clips_of_different_lengths_equals_the_lone_r
             pad = int((inputs["attention_mask"][row] == 0).sum())
             kept = batch_report.kept[row]
             assert torch.equal(kept[kept >= 0] - pad, pruner.last_report[0].kept[0])
-            assert int(batch_report.merged_counts[row]) == int(pruner.last_report[0].merged_counts[0]) > 0
+            assert int(batch_report.kept_counts[row]) == int(pruner.last_report[0].kept_counts[0])
             assert batch_out[row, inputs["input_ids"].shape[1]:].tolist() == out[0, alone["input_ids"].shape[1]:].tolist()
 
 
@@ -380,9 +380,7 @@ def test_recipes_generate_on_video_families(name, recipe):
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape == bare.shape
     stage = pruner.last_report[0]
-    assert 0 < int(stage.kept_counts[0]) < n_video
-    if recipe == "merging":
-        assert int(stage.merged_counts[0]) > 0
+    assert 0 < int(stage.kept_counts[0]) < n_video and int(stage.merged_counts[0]) == 0  # merged in place
 
 
 def test_still_images_are_kept_whole():
