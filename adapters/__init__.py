@@ -550,6 +550,7 @@ _GENERIC_REFUSED = {
     "mllama": "the image enters through cross-attention layers, not as tokens of the sequence",
     "qwen2_5_omni_thinker": "M-RoPE positions over interleaved audio and video",
     "qwen3_omni_moe_thinker": "M-RoPE positions over interleaved audio and video, and deepstack features",
+    "granite_docling": "deepstack features added at the prompt's visual positions after the first decoder layers",
 }
 
 

@@ -15,6 +15,7 @@ other architectures from the transformers config classes; every builder saves ra
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -255,11 +256,13 @@ def family_config(family: str, num_layers: int = 16):
             return tf.Qwen3VLConfig(text_config=qwen3_text, vision_config=vision, **ids)
         moe = dict(qwen3_text, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
         return tf.Qwen3VLMoeConfig(text_config=moe, vision_config=vision, **ids)
-    if family in ("glm4v", "glm46v", "glm4v_moe"):  # GLM-4.1V / 4.6V / 4.5V (MoE): M-RoPE, grids as Qwen2-VL
+    if family in ("glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr"):  # GLM-4.1V / 4.6V / 4.5V (MoE), GLM-OCR:
+        # M-RoPE, grids as Qwen2-VL
         rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
         glm_text = {k: v for k, v in text.items() if k not in ("bos_token_id", "eos_token_id")}
         glm_text["rope_parameters"] = rope
-        config_class = {"glm4v": tf.Glm4vConfig, "glm46v": tf.Glm46VConfig, "glm4v_moe": tf.Glm4vMoeConfig}[family]
+        config_class = {"glm4v": tf.Glm4vConfig, "glm46v": tf.Glm46VConfig, "glm4v_moe": tf.Glm4vMoeConfig,
+                        "glmga": tf.GlmgaConfig, "glm_ocr": tf.GlmOcrConfig}[family]
         if family == "glm4v_moe":
             glm_text.update(head_dim=16, moe_intermediate_size=32, num_experts_per_tok=2, n_shared_experts=1,
                             n_routed_experts=4, first_k_dense_replace=1)
@@ -283,6 +286,11 @@ def family_config(family: str, num_layers: int = 16):
         return tf.InternVLConfig(vision_config=tf.InternVLVisionConfig(**dict(_VISION, image_size=48)),
                                  text_config=tf.Qwen2Config(**text), image_token_id=IMAGE_ID, image_seq_length=9,
                                  downsample_ratio=0.5)
+    if family == "qianfan_ocr":  # InternViT-like tower, pixel shuffle (as InternVL), a Qwen3 decoder
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=48,
+                      patch_size=4, drop_path_rate=0.0)
+        return tf.QianfanOCRConfig(vision_config=vision, text_config=tf.Qwen3Config(**text, head_dim=16).to_dict(),
+                                   image_token_id=IMAGE_ID, image_seq_length=36, downsample_ratio=0.5)
     if family == "idefics3":
         return tf.Idefics3Config(vision_config=tf.Idefics3VisionConfig(**_VISION), text_config=tf.LlamaConfig(**text),
                                  image_token_id=IMAGE_ID, scale_factor=2)
@@ -360,6 +368,73 @@ def family_config(family: str, num_layers: int = 16):
         return tf.MiniCPMV4_6Config(text_config=q_text.to_dict(),
                                     vision_config=dict(_VISION, model_type="minicpmv4_6_vision"),
                                     image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, image_size=24, patch_size=4)
+    if family == "idefics2":  # SigLIP-like tower, a perceiver resampler (16 latents an image)
+        perceiver = dict(hidden_size=64, resampler_n_latents=16, resampler_depth=1, resampler_n_heads=4,
+                         resampler_head_dim=16, num_key_value_heads=2)
+        return tf.Idefics2Config(vision_config=dict(_VISION), perceiver_config=perceiver,
+                                 text_config=tf.MistralConfig(**text, head_dim=16), image_token_id=IMAGE_ID)
+    if family == "aria":  # Idefics3 tower, cross-attention projector (36 patches -> 16 queries), MoE decoder
+        aria_text = tf.AriaTextConfig(**dict(text, intermediate_size=32), moe_num_experts=4, moe_topk=2,
+                                      moe_num_shared_experts=1)
+        return tf.AriaConfig(vision_config=dict(_VISION, model_type="idefics3_vision"), text_config=aria_text,
+                             projector_patch_to_query_dict={36: 16}, image_token_index=IMAGE_ID)
+    if family in ("got_ocr2", "pp_chart2table"):  # SAM-like windowed tower, two stride-2 convolutions: 64x64 -> 16
+        vision = dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+                      patch_size=4, window_size=4, global_attn_indexes=[1], mlp_dim=64)
+        config_class = tf.GotOcr2Config if family == "got_ocr2" else tf.PPChart2TableConfig
+        return config_class(vision_config=vision, text_config=tf.Qwen2Config(**text).to_dict(),
+                            image_token_index=IMAGE_ID, image_seq_length=16)
+    if family == "lighton_ocr":  # Pixtral tower, patch merger, a Qwen3 decoder
+        pixtral = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, head_dim=8, image_size=24, patch_size=4)
+        return tf.LightOnOcrConfig(vision_config=pixtral, text_config=tf.Qwen3Config(**text, head_dim=16).to_dict(),
+                                   image_token_id=IMAGE_ID, spatial_merge_size=2)
+    if family == "deepseek_vl":  # SigLIP tower, MLP aligner
+        return tf.DeepseekVLConfig(vision_config=dict(_VISION, model_type="siglip_vision_model"),
+                                   text_config=tf.LlamaConfig(**text).to_dict(), image_token_id=IMAGE_ID)
+    if family == "deepseek_vl_hybrid":  # a SigLIP tower (24x24) and a SAM tower (48x48), features concatenated
+        sam = dict(model_type="sam_vision_model", hidden_size=32, output_channels=16, num_hidden_layers=2,
+                   num_attention_heads=4, image_size=48, patch_size=4, window_size=4, global_attn_indexes=[1],
+                   mlp_dim=64)
+        return tf.DeepseekVLHybridConfig(vision_config=dict(_VISION, model_type="siglip_vision_model"),
+                                         high_res_vision_config=sam, text_config=tf.LlamaConfig(**text).to_dict(),
+                                         image_token_id=IMAGE_ID)
+    if family == "fuyu":  # no vision tower: pixel patches projected linearly; a Persimmon decoder (partial rotary)
+        persimmon = dict(model_type="persimmon", vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=num_layers, num_attention_heads=4, max_position_embeddings=4096,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        top = {k: v for k, v in persimmon.items() if k != "model_type"}  # transformers 5.19 reads these at the top
+        return tf.FuyuConfig(text_config=persimmon, image_size=24, patch_size=4, image_token_id=IMAGE_ID, **top)
+    if family == "granite_docling":  # SigLIP-like tower, pixel shuffle by 4, deepstack into decoder layers 0-2
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                      patch_size=4, out_hidden_size=64, scale_factor=4, deepstack_visual_indexes=[0, 1, 2])
+        granite = dict(text, pad_token_id=0)
+        return tf.GraniteDoclingConfig(vision_config=vision, text_config=granite, image_token_id=IMAGE_ID,
+                                       pad_token_id=0)
+    if family == "janus":  # SigLIP-like tower and aligner for understanding; a VQ model for generation (unused here)
+        vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=24, patch_size=4,
+                      projection_dim=64, num_image_tokens=36)
+        vq = dict(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32, channel_multiplier=[1, 1],
+                  num_res_blocks=1, num_patches=6, projection_dim=64, image_token_embed_dim=64)
+        return tf.JanusConfig(vision_config=vision, vq_config=vq, text_config=tf.LlamaConfig(**text).to_dict(),
+                              image_token_id=IMAGE_ID)
+    if family == "video_llama_3":  # a SigLIP-like tower over Qwen2-VL-style patch grids, a plain Qwen2 decoder
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=4)
+        return tf.VideoLlama3Config(vision_config=vision, text_config=tf.Qwen2Config(**text).to_dict(),
+                                    image_token_id=IMAGE_ID, video_token_id=VIDEO_ID)
+    if family == "paddleocr_vl":  # NaViT-style tower over patch grids, M-RoPE (Ernie 4.5 decoder)
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        paddle_text = dict(text, head_dim=16, rope_parameters=rope)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=24,
+                      patch_size=4, spatial_merge_size=2)
+        return tf.PaddleOCRVLConfig(vision_config=vision, text_config=paddle_text, image_token_id=IMAGE_ID,
+                                    video_token_id=VIDEO_ID, vision_start_token_id=START_ID, vision_end_token_id=END_ID)
+    if family == "ovis2":  # AIMv2-like tower, a visual vocabulary (soft tokens) embedded by its own table
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=24,
+                      patch_size=4, vocab_size=64, hidden_stride=1)
+        return tf.Ovis2Config(vision_config=vision, text_config=tf.Qwen2Config(**text).to_dict(),
+                              image_token_id=IMAGE_ID, visual_indicator_token_ids=[247, 248, 249, 250, 251],
+                              vocab_size=256, hidden_size=64)
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -368,18 +443,25 @@ FAMILIES = ("llava_next", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5
 # more families of transformers 5.x, for the family x recipe matrix (tests/test_family_matrix.py)
 MATRIX_FAMILIES = (*FAMILIES, "glm4v", "llama4", "internvl", "idefics3", "llava", "smolvlm", "mistral3", "aya_vision",
                    "cohere2_vision", "vipllava", "glm46v", "glm4v_moe", "shieldgemma2", "qwen3_5", "qwen3_5_moe",
-                   "minicpmv4_6", "lfm2_vl", "kimi_k25")
-_MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe")
-_SINGLE_IMAGE = ("llava", "vipllava", "mistral3", "aya_vision", "cohere2_vision", "smolvlm")
+                   "minicpmv4_6", "lfm2_vl", "kimi_k25", "idefics2", "aria", "got_ocr2", "lighton_ocr", "deepseek_vl",
+                   "janus", "glmga", "glm_ocr", "pp_chart2table", "qianfan_ocr", "ovis2", "video_llama_3",
+                   "paddleocr_vl", "deepseek_vl_hybrid", "fuyu")
+_MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr")
+_SINGLE_IMAGE = ("llava", "vipllava", "mistral3", "aya_vision", "cohere2_vision", "smolvlm", "idefics2", "aria",
+                 "got_ocr2", "pp_chart2table", "lighton_ocr", "deepseek_vl", "deepseek_vl_hybrid", "janus", "ovis2")
+# a sample's pixel_values where not [3, 24, 24] (one image a sample)
+_PIXEL_SHAPE = {"smolvlm": (1, 3, 24, 24), "idefics2": (1, 3, 24, 24), "got_ocr2": (3, 64, 64),
+                "pp_chart2table": (3, 64, 64)}
+_EAGER = ("paligemma", "got_ocr2", "pp_chart2table")  # no SDPA path in transformers
 
 
 def tiny_family_model(family: str, num_layers: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32,
                       attn_implementation: str = "sdpa"):
     """A random-weight model of ``family``, saved and reloaded with ``from_pretrained`` (PaliGemma 2's Gemma 2
-    decoder, which has no SDPA path, with eager attention)."""
+    decoder and GOT-OCR2, which have no SDPA path, with eager attention)."""
     from transformers import AutoModelForImageTextToText
 
-    if family == "paligemma":
+    if family in _EAGER:
         attn_implementation = "eager"
 
     torch.manual_seed(seed)
@@ -464,14 +546,24 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
             key = "video" if video else "image"
             extra = {f"pixel_values{'_videos' if video else ''}": pixel, f"{key}_grid_thw": grids}
             image_id = model.config.video_token_id if video else model.config.image_token_id
+        elif family in ("video_llama_3", "paddleocr_vl"):  # patches of (1, rows, cols) grids, merged 2x2
+            grids = torch.tensor([[1, h // 4, w // 4] for h, w in sizes])
+            patches = int(grids.prod(dim=1).sum())
+            shape = (patches, 3 * 4 * 4) if family == "video_llama_3" else (patches, 3, 4, 4)
+            pixel = torch.randn(*shape, generator=g).to(dtype)
+            counts = [int(h * w // 4) for _, h, w in grids.tolist()]
+            extra = {"pixel_values": pixel, "image_grid_thw": grids}
+            if family == "video_llama_3":
+                extra["image_merge_sizes"] = torch.full((len(sizes),), 2, dtype=torch.long)
+            image_id = model.config.image_token_id
         elif family == "kimi_k25":  # patches [n, 3, 4, 4] with a (1, rows, cols) grid per image
             grids = torch.tensor([[1, h // 4, w // 4] for h, w in sizes])
             pixel = torch.randn(int(grids.prod(dim=1).sum()), 3, 4, 4, generator=g).to(dtype)
             counts = [int(h * w // 4) for _, h, w in grids.tolist()]
             extra = {"pixel_values": pixel, "image_grid_thw": grids}
             image_id = model.config.image_token_id
-        elif family in ("llama4", "internvl", "idefics3"):  # one image per sample, its token count from the tower
-            side = 48 if family == "internvl" else 24
+        elif family in ("llama4", "internvl", "idefics3", "qianfan_ocr"):  # one image a sample, counted by the tower
+            side = 48 if family in ("internvl", "qianfan_ocr") else 24
             shape = (len(sizes), 1, 3, side, side) if family == "idefics3" else (len(sizes), 3, side, side)
             pixel = torch.randn(*shape, generator=g).to(dtype)
             features = model.get_image_features(pixel_values=pixel[:1])
@@ -481,15 +573,29 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
             extra = {"pixel_values": pixel}
             image_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
         elif family in _SINGLE_IMAGE:  # one image per sample, its token count from the model's own features
-            shape = (len(sizes), 1, 3, 24, 24) if family == "smolvlm" else (len(sizes), 3, 24, 24)
-            pixel = torch.randn(*shape, generator=g).to(dtype)
+            pixel = torch.randn(len(sizes), *_PIXEL_SHAPE.get(family, (3, 24, 24)), generator=g).to(dtype)
             extra = {"pixel_values": pixel}
-            if family == "mistral3":
+            if family == "deepseek_vl_hybrid":  # the high-resolution view of each image
+                extra["high_res_pixel_values"] = torch.randn(len(sizes), 3, 48, 48, generator=g).to(dtype)
+            if family in ("mistral3", "lighton_ocr"):
                 extra["image_sizes"] = torch.tensor([[24, 24]] * len(sizes))
             features = model.model.get_image_features(**{k: v[:1] for k, v in extra.items()}).pooler_output
             features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
             counts = [int(features.numel() // features.shape[-1])] * len(sizes)
             image_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
+        elif family == "granite_docling":  # one 32x32 tile a sample, 2x2 tokens after the pixel shuffle
+            pixel = torch.randn(len(sizes), 1, 3, 32, 32, generator=g).to(dtype)
+            tiles = torch.ones(len(sizes), 1, dtype=torch.bool)
+            features = model.model.get_image_features(pixel_values=pixel[:1], pixel_attention_mask=tiles[:1])
+            counts = [int(features.pooler_output[0].shape[0])] * len(sizes)
+            extra = {"pixel_values": pixel, "pixel_attention_mask": tiles}
+            image_id = model.config.image_token_id
+        elif family == "fuyu":  # 36 flattened 4x4 patches an image, one token each
+            pixel = torch.randn(len(sizes), 36, 4 * 4 * 3, generator=g).to(dtype)
+            counts = [36] * len(sizes)
+            named = inspect.signature(model.model.forward).parameters  # image_patches, pixel_values from 5.24 on
+            extra = {"pixel_values" if "pixel_values" in named else "image_patches": pixel}
+            image_id = model.config.image_token_id
         elif family == "paligemma":  # the patch grid of the tower: 36 tokens an image
             pixel = torch.randn(len(sizes), 3, 24, 24, generator=g).to(dtype)
             counts = [(24 // 4) ** 2] * len(sizes)
@@ -508,12 +614,12 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
         if family in ("qwen3_vl", "qwen3_vl_moe") and video:  # one run per frame, a text (timestamp) token between
             frame = count // 2
             image = [START_ID, *([image_id] * frame), END_ID, 3, START_ID, *([image_id] * frame), END_ID]
-        elif family in _MROPE:
+        elif family in (*_MROPE, "paddleocr_vl"):
             image = [START_ID, *image, END_ID]
         rows.append([bos, *words(2, 5), *image, *words(3, 8)])
     input_ids, attention_mask = _left_pad(rows)
     out = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
-    if family in _MROPE:
+    if family in (*_MROPE, "paddleocr_vl"):
         out["mm_token_type_ids"] = (input_ids == image_id).long() * (2 if video else 1)
     if family in ("gemma3", "shieldgemma2"):
         out["token_type_ids"] = (input_ids == image_id).long()
@@ -604,6 +710,36 @@ MATRIX: tuple[MatrixRow, ...] = (
     MatrixRow("shieldgemma2", "Gemma3ForConditionalGeneration", "gemma3", "Gemma 3 under another model_type",
               reason="transformers does not reload a saved tiny ShieldGemma 2 (its weights come back unexpected); "
                      "on a model built from config the gemma3 adapter's keep-all is identical and fastv prunes (tested)"),
+    MatrixRow("idefics2", "Idefics2ForConditionalGeneration", "generic",
+              "perceiver resampler: a fixed count of latents an image"),
+    MatrixRow("aria", "AriaForConditionalGeneration", "generic",
+              "cross-attention projector (patches to queries), MoE decoder"),
+    MatrixRow("deepseek_vl", "DeepseekVLForConditionalGeneration", "generic", "SigLIP tower, MLP aligner"),
+    MatrixRow("janus", "JanusForConditionalGeneration", "generic",
+              "understanding path (SigLIP tower, aligner); the VQ image generator is not run"),
+    MatrixRow("got_ocr2", "GotOcr2ForConditionalGeneration", "generic",
+              "SAM-like windowed tower, two stride-2 convolutions; eager attention (no SDPA path)"),
+    MatrixRow("lighton_ocr", "LightOnOcrForConditionalGeneration", "generic",
+              "Pixtral tower, patch merger, Qwen3 decoder"),
+    MatrixRow("glmga", "Glm46VForConditionalGeneration", "generic",
+              "GLM-4.1V text and vision under its own model_type: M-RoPE (partial rotary)"),
+    MatrixRow("glm_ocr", "GlmOcrForConditionalGeneration", "generic", "M-RoPE (partial rotary), grids as Qwen2-VL"),
+    MatrixRow("pp_chart2table", "GotOcr2ForConditionalGeneration", "generic",
+              "GOT-OCR2's architecture; eager attention (no SDPA path)"),
+    MatrixRow("qianfan_ocr", "QianfanOCRForConditionalGeneration", "generic",
+              "InternViT-like tower, pixel shuffle, Qwen3 decoder"),
+    MatrixRow("ovis2", "Ovis2ForConditionalGeneration", "generic",
+              "visual vocabulary: the tower's soft tokens embedded through its own table"),
+    MatrixRow("video_llama_3", "VideoLlama3ForConditionalGeneration", "generic",
+              "patch grids merged per image (image_merge_sizes), a plain 1-D RoPE Qwen2 decoder"),
+    MatrixRow("paddleocr_vl", "PaddleOCRVLForConditionalGeneration", "generic",
+              "NaViT-style tower over patch grids, M-RoPE"),
+    MatrixRow("deepseek_vl_hybrid", "DeepseekVLHybridForConditionalGeneration", "generic",
+              "a SigLIP and a SAM (high-resolution) tower, features concatenated per token"),
+    MatrixRow("fuyu", "FuyuForCausalLM", "generic",
+              "no vision tower: pixel patches projected linearly; Persimmon decoder (partial rotary, QK norm)",
+              recipe_reasons=(("dart", "DART reads the final norm, which Persimmon names final_layernorm: the generic "
+                                       "adapter finds no `norm` and raises AdapterError"),)),
     # refused with a clear AdapterError (tested)
     _no("qwen3_5", "Qwen3_5ForConditionalGeneration", LINEAR, "decoder layer 0 is a 'linear_attention' layer"),
     _no("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", LINEAR, "decoder layer 0 is a 'linear_attention' layer"),
@@ -672,6 +808,10 @@ MATRIX: tuple[MatrixRow, ...] = (
     _no("qwen3_omni_moe_thinker", "Qwen3OmniMoeThinkerForConditionalGeneration",
         "M-RoPE over interleaved audio and video, and deepstack; no adapter knows both: refused by name",
         GENERIC_REFUSED),
+    _no("granite_docling", "GraniteDoclingForConditionalGeneration",
+        "deepstack as Qwen3-VL's (features added to the visual tokens after decoder layers 0-2) on a 1-D RoPE "
+        "decoder: no adapter moves them with the kept tokens (a stage before the last one crashes): refused by name",
+        GENERIC_REFUSED, _LATER),
     _no("diffusion_gemma", "DiffusionGemmaForBlockDiffusion",
         NO_DEFAULT + "; block diffusion, not autoregressive generate (prunekit's stages assume a causal prefill)"),
     _no("chameleon", "ChameleonForConditionalGeneration",
@@ -686,23 +826,7 @@ MATRIX: tuple[MatrixRow, ...] = (
     _no("hunyuan_vl", "HunYuanVLForConditionalGeneration", NO_DEFAULT),
     _no("qwen4_exp", "Qwen4ExpForConditionalGeneration", NO_DEFAULT),
     # the generic adapter accepts the default config; no tiny model checks it yet
-    _untested("glmga", "Glm46VForConditionalGeneration"),
-    _untested("glm_ocr", "GlmOcrForConditionalGeneration"),
-    _untested("ovis2", "Ovis2ForConditionalGeneration"),
     _untested("molmo2", "Molmo2ForConditionalGeneration", min_transformers=_LATER),
-    _untested("idefics2", "Idefics2ForConditionalGeneration"),
-    _untested("aria", "AriaForConditionalGeneration"),
-    _untested("deepseek_vl", "DeepseekVLForConditionalGeneration"),
-    _untested("deepseek_vl_hybrid", "DeepseekVLHybridForConditionalGeneration"),
-    _untested("janus", "JanusForConditionalGeneration"),
-    _untested("fuyu", "FuyuForCausalLM"),
-    _untested("got_ocr2", "GotOcr2ForConditionalGeneration"),
-    _untested("pp_chart2table", "GotOcr2ForConditionalGeneration"),
-    _untested("lighton_ocr", "LightOnOcrForConditionalGeneration"),
-    _untested("qianfan_ocr", "QianfanOCRForConditionalGeneration"),
-    _untested("paddleocr_vl", "PaddleOCRVLForConditionalGeneration"),
-    _untested("granite_docling", "GraniteDoclingForConditionalGeneration", min_transformers=_LATER),
-    _untested("video_llama_3", "VideoLlama3ForConditionalGeneration"),
     _untested("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration"),
     _untested("hyperclovax_vision_v2", "HyperCLOVAXVisionV2ForConditionalGeneration"),
     _untested("minimax_m3_vl", "MiniMaxM3SparseForConditionalGeneration"),
