@@ -551,6 +551,8 @@ _GENERIC_REFUSED = {
     "qwen2_5_omni_thinker": "M-RoPE positions over interleaved audio and video",
     "qwen3_omni_moe_thinker": "M-RoPE positions over interleaved audio and video, and deepstack features",
     "granite_docling": "deepstack features added at the prompt's visual positions after the first decoder layers",
+    "cosmos3_omni": "Qwen3-VL's deepstack features added at the prompt's visual positions after the first decoder "
+                    "layers",
 }
 
 

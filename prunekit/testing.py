@@ -243,7 +243,7 @@ def family_config(family: str, num_layers: int = 16):
                                                       fullatt_block_indexes=[1], window_size=16),
                                    text_config=dict(text, rope_parameters=rope), image_token_id=IMAGE_ID,
                                    video_token_id=VIDEO_ID, vision_start_token_id=START_ID, vision_end_token_id=END_ID)
-    if family in ("qwen3_vl", "qwen3_vl_moe"):  # M-RoPE (interleaved) and three deepstack layers, as released
+    if family in ("qwen3_vl", "qwen3_vl_moe", "cosmos3_omni"):  # M-RoPE (interleaved) and three deepstack layers, as released
         rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0, "mrope_interleaved": True}
         qwen3_text = {k: v for k, v in text.items() if k not in ("bos_token_id", "eos_token_id")}
         qwen3_text.update(head_dim=16, rope_parameters=rope)
@@ -254,6 +254,9 @@ def family_config(family: str, num_layers: int = 16):
                    vision_end_token_id=END_ID)
         if family == "qwen3_vl":
             return tf.Qwen3VLConfig(text_config=qwen3_text, vision_config=vision, **ids)
+        if family == "cosmos3_omni":  # Qwen3-VL's text and vision under its own model_type
+            return tf.Cosmos3OmniConfig(text_config=dict(qwen3_text, model_type="qwen3_vl_text"),
+                                        vision_config=dict(vision, model_type="qwen3_vl_vision"), **ids)
         moe = dict(qwen3_text, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
         return tf.Qwen3VLMoeConfig(text_config=moe, vision_config=vision, **ids)
     if family in ("glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr"):  # GLM-4.1V / 4.6V / 4.5V (MoE), GLM-OCR:
@@ -411,6 +414,12 @@ def family_config(family: str, num_layers: int = 16):
         granite = dict(text, pad_token_id=0)
         return tf.GraniteDoclingConfig(vision_config=vision, text_config=granite, image_token_id=IMAGE_ID,
                                        pad_token_id=0)
+    if family == "hyperclovax_vision_v2":  # Qwen2.5-VL tower (windowed, merged 2x2), a 1-D RoPE HyperCLOVA X decoder
+        vision = dict(depth=2, hidden_size=64, num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                      in_chans=3, intermediate_size=64, out_hidden_size=64, fullatt_block_indexes=[1], window_size=16)
+        return tf.HyperCLOVAXVisionV2Config(vision_config=dict(vision, model_type="qwen2_5_vl_vision"),
+                                            text_config=dict(text, model_type="hyperclovax", head_dim=16),
+                                            image_token_id=IMAGE_ID, video_token_id=VIDEO_ID)
     if family == "janus":  # SigLIP-like tower and aligner for understanding; a VQ model for generation (unused here)
         vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=24, patch_size=4,
                       projection_dim=64, num_image_tokens=36)
@@ -445,8 +454,9 @@ MATRIX_FAMILIES = (*FAMILIES, "glm4v", "llama4", "internvl", "idefics3", "llava"
                    "cohere2_vision", "vipllava", "glm46v", "glm4v_moe", "shieldgemma2", "qwen3_5", "qwen3_5_moe",
                    "minicpmv4_6", "lfm2_vl", "kimi_k25", "idefics2", "aria", "got_ocr2", "lighton_ocr", "deepseek_vl",
                    "janus", "glmga", "glm_ocr", "pp_chart2table", "qianfan_ocr", "ovis2", "video_llama_3",
-                   "paddleocr_vl", "deepseek_vl_hybrid", "fuyu")
-_MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr")
+                   "paddleocr_vl", "deepseek_vl_hybrid", "fuyu", "hyperclovax_vision_v2")
+_MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr",
+          "cosmos3_omni")
 _SINGLE_IMAGE = ("llava", "vipllava", "mistral3", "aya_vision", "cohere2_vision", "smolvlm", "idefics2", "aria",
                  "got_ocr2", "pp_chart2table", "lighton_ocr", "deepseek_vl", "deepseek_vl_hybrid", "janus", "ovis2")
 # a sample's pixel_values where not [3, 24, 24] (one image a sample)
@@ -546,10 +556,11 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
             key = "video" if video else "image"
             extra = {f"pixel_values{'_videos' if video else ''}": pixel, f"{key}_grid_thw": grids}
             image_id = model.config.video_token_id if video else model.config.image_token_id
-        elif family in ("video_llama_3", "paddleocr_vl"):  # patches of (1, rows, cols) grids, merged 2x2
+        elif family in ("video_llama_3", "paddleocr_vl", "hyperclovax_vision_v2"):  # (1, rows, cols) grids, merged 2x2
             grids = torch.tensor([[1, h // 4, w // 4] for h, w in sizes])
             patches = int(grids.prod(dim=1).sum())
-            shape = (patches, 3 * 4 * 4) if family == "video_llama_3" else (patches, 3, 4, 4)
+            shape = {"video_llama_3": (patches, 3 * 4 * 4), "paddleocr_vl": (patches, 3, 4, 4),
+                     "hyperclovax_vision_v2": (patches, 3 * 2 * 4 * 4)}[family]  # Qwen2.5-VL: 2 frames a patch
             pixel = torch.randn(*shape, generator=g).to(dtype)
             counts = [int(h * w // 4) for _, h, w in grids.tolist()]
             extra = {"pixel_values": pixel, "image_grid_thw": grids}
@@ -740,6 +751,8 @@ MATRIX: tuple[MatrixRow, ...] = (
               "no vision tower: pixel patches projected linearly; Persimmon decoder (partial rotary, QK norm)",
               recipe_reasons=(("dart", "DART reads the final norm, which Persimmon names final_layernorm: the generic "
                                        "adapter finds no `norm` and raises AdapterError"),)),
+    MatrixRow("hyperclovax_vision_v2", "HyperCLOVAXVisionV2ForConditionalGeneration", "generic",
+              "Qwen2.5-VL tower (patch grids merged 2x2), a 1-D RoPE decoder"),
     # refused with a clear AdapterError (tested)
     _no("qwen3_5", "Qwen3_5ForConditionalGeneration", LINEAR, "decoder layer 0 is a 'linear_attention' layer"),
     _no("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", LINEAR, "decoder layer 0 is a 'linear_attention' layer"),
@@ -812,6 +825,10 @@ MATRIX: tuple[MatrixRow, ...] = (
         "deepstack as Qwen3-VL's (features added to the visual tokens after decoder layers 0-2) on a 1-D RoPE "
         "decoder: no adapter moves them with the kept tokens (a stage before the last one crashes): refused by name",
         GENERIC_REFUSED, _LATER),
+    _no("cosmos3_omni", "Cosmos3OmniForConditionalGeneration",
+        "Qwen3-VL's text and vision (M-RoPE, deepstack) under its own model_type: the generic adapter does not move "
+        "the deepstack features (a stage before the last deepstack layer crashes); refused by name",
+        GENERIC_REFUSED),
     _no("diffusion_gemma", "DiffusionGemmaForBlockDiffusion",
         NO_DEFAULT + "; block diffusion, not autoregressive generate (prunekit's stages assume a causal prefill)"),
     _no("chameleon", "ChameleonForConditionalGeneration",
@@ -828,11 +845,9 @@ MATRIX: tuple[MatrixRow, ...] = (
     # the generic adapter accepts the default config; no tiny model checks it yet
     _untested("molmo2", "Molmo2ForConditionalGeneration", min_transformers=_LATER),
     _untested("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration"),
-    _untested("hyperclovax_vision_v2", "HyperCLOVAXVisionV2ForConditionalGeneration"),
     _untested("minimax_m3_vl", "MiniMaxM3SparseForConditionalGeneration"),
     _untested("step3p7", "Step3p7ForConditionalGeneration"),
     _untested("cosmos3_edge", "Cosmos3EdgeForConditionalGeneration"),
-    _untested("cosmos3_omni", "Cosmos3OmniForConditionalGeneration"),
     _untested("muse_glimmer", "MuseGlimmerForConditionalGeneration"),
     _untested("muse_spark", "MuseSparkForConditionalGeneration", min_transformers=_LATER),
 )
