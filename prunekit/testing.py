@@ -243,7 +243,7 @@ def family_config(family: str, num_layers: int = 16):
                                                       fullatt_block_indexes=[1], window_size=16),
                                    text_config=dict(text, rope_parameters=rope), image_token_id=IMAGE_ID,
                                    video_token_id=VIDEO_ID, vision_start_token_id=START_ID, vision_end_token_id=END_ID)
-    if family in ("qwen3_vl", "qwen3_vl_moe", "cosmos3_omni"):  # M-RoPE (interleaved) and three deepstack layers, as released
+    if family in ("qwen3_vl", "qwen3_vl_moe", "cosmos3_omni"):  # interleaved M-RoPE, three deepstack layers (as released)
         rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0, "mrope_interleaved": True}
         qwen3_text = {k: v for k, v in text.items() if k not in ("bos_token_id", "eos_token_id")}
         qwen3_text.update(head_dim=16, rope_parameters=rope)
@@ -420,6 +420,13 @@ def family_config(family: str, num_layers: int = 16):
         return tf.HyperCLOVAXVisionV2Config(vision_config=dict(vision, model_type="qwen2_5_vl_vision"),
                                             text_config=dict(text, model_type="hyperclovax", head_dim=16),
                                             image_token_id=IMAGE_ID, video_token_id=VIDEO_ID)
+    if family == "cosmos3_edge":  # SigLIP 2-like tower over patch grids (merged 2x2), interleaved M-RoPE
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=4,
+                      num_patches=36, spatial_merge_size=2)
+        return tf.Cosmos3EdgeConfig(text_config=dict(text, head_dim=16, rope_parameters=rope), vision_config=vision,
+                                    projector_hidden_size=64, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+                                    vision_start_token_id=START_ID, vision_end_token_id=END_ID)
     if family == "janus":  # SigLIP-like tower and aligner for understanding; a VQ model for generation (unused here)
         vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=24, patch_size=4,
                       projection_dim=64, num_image_tokens=36)
@@ -454,9 +461,9 @@ MATRIX_FAMILIES = (*FAMILIES, "glm4v", "llama4", "internvl", "idefics3", "llava"
                    "cohere2_vision", "vipllava", "glm46v", "glm4v_moe", "shieldgemma2", "qwen3_5", "qwen3_5_moe",
                    "minicpmv4_6", "lfm2_vl", "kimi_k25", "idefics2", "aria", "got_ocr2", "lighton_ocr", "deepseek_vl",
                    "janus", "glmga", "glm_ocr", "pp_chart2table", "qianfan_ocr", "ovis2", "video_llama_3",
-                   "paddleocr_vl", "deepseek_vl_hybrid", "fuyu", "hyperclovax_vision_v2")
+                   "paddleocr_vl", "deepseek_vl_hybrid", "fuyu", "hyperclovax_vision_v2", "cosmos3_edge")
 _MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr",
-          "cosmos3_omni")
+          "cosmos3_omni", "cosmos3_edge")
 _SINGLE_IMAGE = ("llava", "vipllava", "mistral3", "aya_vision", "cohere2_vision", "smolvlm", "idefics2", "aria",
                  "got_ocr2", "pp_chart2table", "lighton_ocr", "deepseek_vl", "deepseek_vl_hybrid", "janus", "ovis2")
 # a sample's pixel_values where not [3, 24, 24] (one image a sample)
@@ -550,7 +557,8 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
         elif family in _MROPE:
             grids = torch.tensor([[2 if video else 1, h // 4, w // 4] for h, w in sizes])
             patches = int(grids.prod(dim=1).sum())
-            pixel = torch.randn(patches, 3 * 2 * 4 * 4, generator=g).to(dtype)
+            frames = 1 if family == "cosmos3_edge" else 2  # temporal patch size
+            pixel = torch.randn(patches, 3 * frames * 4 * 4, generator=g).to(dtype)
             merge = model.config.vision_config.spatial_merge_size ** 2
             counts = [int(t * h * w // merge) for t, h, w in grids.tolist()]
             key = "video" if video else "image"
@@ -753,6 +761,8 @@ MATRIX: tuple[MatrixRow, ...] = (
                                        "adapter finds no `norm` and raises AdapterError"),)),
     MatrixRow("hyperclovax_vision_v2", "HyperCLOVAXVisionV2ForConditionalGeneration", "generic",
               "Qwen2.5-VL tower (patch grids merged 2x2), a 1-D RoPE decoder"),
+    MatrixRow("cosmos3_edge", "Cosmos3EdgeForConditionalGeneration", "generic",
+              "SigLIP 2-like tower over patch grids, interleaved M-RoPE"),
     # refused with a clear AdapterError (tested)
     _no("qwen3_5", "Qwen3_5ForConditionalGeneration", LINEAR, "decoder layer 0 is a 'linear_attention' layer"),
     _no("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", LINEAR, "decoder layer 0 is a 'linear_attention' layer"),
@@ -847,7 +857,6 @@ MATRIX: tuple[MatrixRow, ...] = (
     _untested("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration"),
     _untested("minimax_m3_vl", "MiniMaxM3SparseForConditionalGeneration"),
     _untested("step3p7", "Step3p7ForConditionalGeneration"),
-    _untested("cosmos3_edge", "Cosmos3EdgeForConditionalGeneration"),
     _untested("muse_glimmer", "MuseGlimmerForConditionalGeneration"),
     _untested("muse_spark", "MuseSparkForConditionalGeneration", min_transformers=_LATER),
 )
