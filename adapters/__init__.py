@@ -553,6 +553,8 @@ _GENERIC_REFUSED = {
     "granite_docling": "deepstack features added at the prompt's visual positions after the first decoder layers",
     "cosmos3_omni": "Qwen3-VL's deepstack features added at the prompt's visual positions after the first decoder "
                     "layers",
+    "ernie4_5_vl_moe": "MoE layers route each token by the call's moe_mm_token_type_ids, which would not follow the "
+                       "kept tokens",
 }
 
 

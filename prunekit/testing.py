@@ -243,7 +243,7 @@ def family_config(family: str, num_layers: int = 16):
                                                       fullatt_block_indexes=[1], window_size=16),
                                    text_config=dict(text, rope_parameters=rope), image_token_id=IMAGE_ID,
                                    video_token_id=VIDEO_ID, vision_start_token_id=START_ID, vision_end_token_id=END_ID)
-    if family in ("qwen3_vl", "qwen3_vl_moe", "cosmos3_omni"):  # interleaved M-RoPE, three deepstack layers (as released)
+    if family in ("qwen3_vl", "qwen3_vl_moe", "cosmos3_omni"):  # interleaved M-RoPE, deepstack x3 (as released)
         rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0, "mrope_interleaved": True}
         qwen3_text = {k: v for k, v in text.items() if k not in ("bos_token_id", "eos_token_id")}
         qwen3_text.update(head_dim=16, rope_parameters=rope)
@@ -427,6 +427,15 @@ def family_config(family: str, num_layers: int = 16):
         return tf.Cosmos3EdgeConfig(text_config=dict(text, head_dim=16, rope_parameters=rope), vision_config=vision,
                                     projector_hidden_size=64, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
                                     vision_start_token_id=START_ID, vision_end_token_id=END_ID)
+    if family == "ernie4_5_vl_moe":  # M-RoPE; MoE layers route text and visual tokens to separate experts
+        rope = {"rope_type": "default", "mrope_section": [3, 3, 2], "rope_theta": 10000.0}  # (h, w, t): h == w
+        ernie = dict(text, head_dim=16, rope_parameters=rope, moe_intermediate_size=[32, 32], moe_k=2,
+                     moe_num_experts=4, moe_num_shared_experts=1)
+        vision = dict(depth=2, hidden_size=32, num_heads=4, patch_size=4, spatial_merge_size=2, intermediate_size=64)
+        return tf.Ernie4_5_VLMoeConfig(text_config=ernie, vision_config=vision, image_token_id=IMAGE_ID,
+                                       video_token_id=VIDEO_ID, image_start_token_id=START_ID,
+                                       image_end_token_id=END_ID, video_start_token_id=START_ID,
+                                       video_end_token_id=END_ID)
     if family == "janus":  # SigLIP-like tower and aligner for understanding; a VQ model for generation (unused here)
         vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=24, patch_size=4,
                       projection_dim=64, num_image_tokens=36)
@@ -463,7 +472,7 @@ MATRIX_FAMILIES = (*FAMILIES, "glm4v", "llama4", "internvl", "idefics3", "llava"
                    "janus", "glmga", "glm_ocr", "pp_chart2table", "qianfan_ocr", "ovis2", "video_llama_3",
                    "paddleocr_vl", "deepseek_vl_hybrid", "fuyu", "hyperclovax_vision_v2", "cosmos3_edge")
 _MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr",
-          "cosmos3_omni", "cosmos3_edge")
+          "cosmos3_omni", "cosmos3_edge", "ernie4_5_vl_moe")
 _SINGLE_IMAGE = ("llava", "vipllava", "mistral3", "aya_vision", "cohere2_vision", "smolvlm", "idefics2", "aria",
                  "got_ocr2", "pp_chart2table", "lighton_ocr", "deepseek_vl", "deepseek_vl_hybrid", "janus", "ovis2")
 # a sample's pixel_values where not [3, 24, 24] (one image a sample)
@@ -557,7 +566,7 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
         elif family in _MROPE:
             grids = torch.tensor([[2 if video else 1, h // 4, w // 4] for h, w in sizes])
             patches = int(grids.prod(dim=1).sum())
-            frames = 1 if family == "cosmos3_edge" else 2  # temporal patch size
+            frames = 1 if family in ("cosmos3_edge", "ernie4_5_vl_moe") else 2  # temporal patch size
             pixel = torch.randn(patches, 3 * frames * 4 * 4, generator=g).to(dtype)
             merge = model.config.vision_config.spatial_merge_size ** 2
             counts = [int(t * h * w // merge) for t, h, w in grids.tolist()]
@@ -640,6 +649,8 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
     out = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
     if family in (*_MROPE, "paddleocr_vl"):
         out["mm_token_type_ids"] = (input_ids == image_id).long() * (2 if video else 1)
+    if family == "ernie4_5_vl_moe":  # the processor's routing types: visual tokens to the vision experts
+        out["moe_mm_token_type_ids"] = out["mm_token_type_ids"]
     if family in ("gemma3", "shieldgemma2"):
         out["token_type_ids"] = (input_ids == image_id).long()
     if family == "paligemma":  # prefix (0): the image and the prompt; suffix (1): each row's last two tokens
@@ -839,6 +850,10 @@ MATRIX: tuple[MatrixRow, ...] = (
         "Qwen3-VL's text and vision (M-RoPE, deepstack) under its own model_type: the generic adapter does not move "
         "the deepstack features (a stage before the last deepstack layer crashes); refused by name",
         GENERIC_REFUSED),
+    _no("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration",
+        "MoE layers route text and visual tokens to separate experts by the processor's moe_mm_token_type_ids, "
+        "which the generic adapter does not shorten with the kept tokens (a pruned prefill crashes): refused by name",
+        GENERIC_REFUSED),
     _no("diffusion_gemma", "DiffusionGemmaForBlockDiffusion",
         NO_DEFAULT + "; block diffusion, not autoregressive generate (prunekit's stages assume a causal prefill)"),
     _no("chameleon", "ChameleonForConditionalGeneration",
@@ -854,7 +869,6 @@ MATRIX: tuple[MatrixRow, ...] = (
     _no("qwen4_exp", "Qwen4ExpForConditionalGeneration", NO_DEFAULT),
     # the generic adapter accepts the default config; no tiny model checks it yet
     _untested("molmo2", "Molmo2ForConditionalGeneration", min_transformers=_LATER),
-    _untested("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration"),
     _untested("minimax_m3_vl", "MiniMaxM3SparseForConditionalGeneration"),
     _untested("step3p7", "Step3p7ForConditionalGeneration"),
     _untested("muse_glimmer", "MuseGlimmerForConditionalGeneration"),
