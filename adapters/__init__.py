@@ -555,6 +555,7 @@ _GENERIC_REFUSED = {
                     "layers",
     "ernie4_5_vl_moe": "MoE layers route each token by the call's moe_mm_token_type_ids, which would not follow the "
                        "kept tokens",
+    "muse_glimmer": "NoPE layers (layer_rope_theta 0) that the model runs without position embeddings",
 }
 
 

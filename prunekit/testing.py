@@ -436,6 +436,12 @@ def family_config(family: str, num_layers: int = 16):
                                        video_token_id=VIDEO_ID, image_start_token_id=START_ID,
                                        image_end_token_id=END_ID, video_start_token_id=START_ID,
                                        video_end_token_id=END_ID)
+    if family == "muse_glimmer":  # sliding and NoPE full-attention layers (per-layer RoPE theta), patch grids
+        vision = dict(patch_size=4, pos_emb_height=8, pos_emb_width=8, num_attention_heads=4, num_hidden_layers=2,
+                      hidden_size=32, intermediate_size=64, max_position_embeddings=64)
+        muse = dict(text, head_dim=16, sliding_window=16)
+        return tf.MuseGlimmerConfig(text_config=muse, vision_config=vision, out_hidden_size=128,
+                                    projector_hidden_size=64, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID)
     if family == "janus":  # SigLIP-like tower and aligner for understanding; a VQ model for generation (unused here)
         vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=24, patch_size=4,
                       projection_dim=64, num_image_tokens=36)
@@ -573,11 +579,12 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
             key = "video" if video else "image"
             extra = {f"pixel_values{'_videos' if video else ''}": pixel, f"{key}_grid_thw": grids}
             image_id = model.config.video_token_id if video else model.config.image_token_id
-        elif family in ("video_llama_3", "paddleocr_vl", "hyperclovax_vision_v2"):  # (1, rows, cols) grids, merged 2x2
+        elif family in ("video_llama_3", "paddleocr_vl", "hyperclovax_vision_v2", "muse_glimmer"):  # (1, h, w) grids
             grids = torch.tensor([[1, h // 4, w // 4] for h, w in sizes])
             patches = int(grids.prod(dim=1).sum())
             shape = {"video_llama_3": (patches, 3 * 4 * 4), "paddleocr_vl": (patches, 3, 4, 4),
-                     "hyperclovax_vision_v2": (patches, 3 * 2 * 4 * 4)}[family]  # Qwen2.5-VL: 2 frames a patch
+                     "hyperclovax_vision_v2": (patches, 3 * 2 * 4 * 4),  # Qwen2.5-VL: 2 frames a patch
+                     "muse_glimmer": (patches, 3 * 2 * 4 * 4)}[family]
             pixel = torch.randn(*shape, generator=g).to(dtype)
             counts = [int(h * w // 4) for _, h, w in grids.tolist()]
             extra = {"pixel_values": pixel, "image_grid_thw": grids}
@@ -854,6 +861,10 @@ MATRIX: tuple[MatrixRow, ...] = (
         "MoE layers route text and visual tokens to separate experts by the processor's moe_mm_token_type_ids, "
         "which the generic adapter does not shorten with the kept tokens (a pruned prefill crashes): refused by name",
         GENERIC_REFUSED),
+    _no("muse_glimmer", "MuseGlimmerForConditionalGeneration",
+        "its full-attention layers are NoPE (layer_rope_theta 0: the model passes them no position embeddings); the "
+        "generic adapter's stages feed them positions, so keep-all differs from the bare model: refused by name",
+        GENERIC_REFUSED),
     _no("diffusion_gemma", "DiffusionGemmaForBlockDiffusion",
         NO_DEFAULT + "; block diffusion, not autoregressive generate (prunekit's stages assume a causal prefill)"),
     _no("chameleon", "ChameleonForConditionalGeneration",
@@ -871,7 +882,6 @@ MATRIX: tuple[MatrixRow, ...] = (
     _untested("molmo2", "Molmo2ForConditionalGeneration", min_transformers=_LATER),
     _untested("minimax_m3_vl", "MiniMaxM3SparseForConditionalGeneration"),
     _untested("step3p7", "Step3p7ForConditionalGeneration"),
-    _untested("muse_glimmer", "MuseGlimmerForConditionalGeneration"),
     _untested("muse_spark", "MuseSparkForConditionalGeneration", min_transformers=_LATER),
 )
 
