@@ -556,6 +556,8 @@ _GENERIC_REFUSED = {
     "ernie4_5_vl_moe": "MoE layers route each token by the call's moe_mm_token_type_ids, which would not follow the "
                        "kept tokens",
     "muse_glimmer": "NoPE layers (layer_rope_theta 0) that the model runs without position embeddings",
+    "step3p7": "a rotary embedding per layer type (rotary_emb(x, positions, layer_type)), which the generic stages "
+               "do not call per layer",
 }
 
 

@@ -442,6 +442,13 @@ def family_config(family: str, num_layers: int = 16):
         muse = dict(text, head_dim=16, sliding_window=16)
         return tf.MuseGlimmerConfig(text_config=muse, vision_config=vision, out_hidden_size=128,
                                     projector_hidden_size=64, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID)
+    if family == "step3p7":  # ViT, 4x downsampling; sliding (fewer heads) and full layers, MoE from layer 3
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=48,
+                      patch_size=4, mlp_ratio=2.0, max_position_embeddings=144)
+        step = dict(text, head_dim=16, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    n_routed_experts=4, share_expert_dim=32, sliding_window=16, num_sliding_attention_heads=2,
+                    layer_types=["sliding_attention", "full_attention"] * (num_layers // 2))
+        return tf.Step3p7Config(vision_config=vision, text_config=step, image_token_id=IMAGE_ID)
     if family == "janus":  # SigLIP-like tower and aligner for understanding; a VQ model for generation (unused here)
         vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=24, patch_size=4,
                       projection_dim=64, num_image_tokens=36)
@@ -480,10 +487,11 @@ MATRIX_FAMILIES = (*FAMILIES, "glm4v", "llama4", "internvl", "idefics3", "llava"
 _MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr",
           "cosmos3_omni", "cosmos3_edge", "ernie4_5_vl_moe")
 _SINGLE_IMAGE = ("llava", "vipllava", "mistral3", "aya_vision", "cohere2_vision", "smolvlm", "idefics2", "aria",
-                 "got_ocr2", "pp_chart2table", "lighton_ocr", "deepseek_vl", "deepseek_vl_hybrid", "janus", "ovis2")
+                 "got_ocr2", "pp_chart2table", "lighton_ocr", "deepseek_vl", "deepseek_vl_hybrid", "janus", "ovis2",
+                 "step3p7")
 # a sample's pixel_values where not [3, 24, 24] (one image a sample)
 _PIXEL_SHAPE = {"smolvlm": (1, 3, 24, 24), "idefics2": (1, 3, 24, 24), "got_ocr2": (3, 64, 64),
-                "pp_chart2table": (3, 64, 64)}
+                "pp_chart2table": (3, 64, 64), "step3p7": (3, 48, 48)}
 _EAGER = ("paligemma", "got_ocr2", "pp_chart2table")  # no SDPA path in transformers
 
 
@@ -865,6 +873,10 @@ MATRIX: tuple[MatrixRow, ...] = (
         "its full-attention layers are NoPE (layer_rope_theta 0: the model passes them no position embeddings); the "
         "generic adapter's stages feed them positions, so keep-all differs from the bare model: refused by name",
         GENERIC_REFUSED),
+    _no("step3p7", "Step3p7ForConditionalGeneration",
+        "one rotary embedding per layer type (sliding layers with fewer heads, full layers): the generic adapter "
+        "calls rotary_emb without the layer type (TypeError in a tiny model's keep-all prefill): refused by name",
+        GENERIC_REFUSED),
     _no("diffusion_gemma", "DiffusionGemmaForBlockDiffusion",
         NO_DEFAULT + "; block diffusion, not autoregressive generate (prunekit's stages assume a causal prefill)"),
     _no("chameleon", "ChameleonForConditionalGeneration",
@@ -881,7 +893,6 @@ MATRIX: tuple[MatrixRow, ...] = (
     # the generic adapter accepts the default config; no tiny model checks it yet
     _untested("molmo2", "Molmo2ForConditionalGeneration", min_transformers=_LATER),
     _untested("minimax_m3_vl", "MiniMaxM3SparseForConditionalGeneration"),
-    _untested("step3p7", "Step3p7ForConditionalGeneration"),
     _untested("muse_spark", "MuseSparkForConditionalGeneration", min_transformers=_LATER),
 )
 
