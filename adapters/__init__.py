@@ -551,8 +551,6 @@ _GENERIC_REFUSED = {
     "qwen2_5_omni_thinker": "M-RoPE positions over interleaved audio and video",
     "qwen3_omni_moe_thinker": "M-RoPE positions over interleaved audio and video, and deepstack features",
     "granite_docling": "deepstack features added at the prompt's visual positions after the first decoder layers",
-    "cosmos3_omni": "Qwen3-VL's deepstack features added at the prompt's visual positions after the first decoder "
-                    "layers",
     "ernie4_5_vl_moe": "MoE layers route each token by the call's moe_mm_token_type_ids, which would not follow the "
                        "kept tokens",
     "muse_glimmer": "NoPE layers (layer_rope_theta 0) that the model runs without position embeddings",
@@ -631,8 +629,9 @@ class GenericAdapter(DecoderAdapter):
 
 QWEN3_VL = DeepstackAdapter(FamilySpec(
     name="qwen3_vl",
-    model_types=("qwen3_vl", "qwen3_vl_moe"),
-    classes=("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"),
+    model_types=("qwen3_vl", "qwen3_vl_moe", "cosmos3_omni"),  # Cosmos3 Omni: Qwen3-VL under its own model_type
+    classes=("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
+             "Cosmos3OmniForConditionalGeneration"),
     visual_token_ids=("image_token_id", "video_token_id"),
     projector=None, vision_layers=None,
 ))

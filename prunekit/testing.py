@@ -732,6 +732,8 @@ MATRIX: tuple[MatrixRow, ...] = (
               "M-RoPE; deepstack features follow the kept tokens"),
     MatrixRow("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "qwen3_vl",
               "M-RoPE, deepstack, MoE decoder"),
+    MatrixRow("cosmos3_omni", "Cosmos3OmniForConditionalGeneration", "qwen3_vl",
+              "Qwen3-VL's text and vision under its own model_type: M-RoPE, deepstack"),
     MatrixRow("gemma3", "Gemma3ForConditionalGeneration", "gemma3",
               "sliding-window layers; bidirectional image blocks"),
     MatrixRow("paligemma", "PaliGemmaForConditionalGeneration", "paligemma",
@@ -861,10 +863,6 @@ MATRIX: tuple[MatrixRow, ...] = (
         "deepstack as Qwen3-VL's (features added to the visual tokens after decoder layers 0-2) on a 1-D RoPE "
         "decoder: no adapter moves them with the kept tokens (a stage before the last one crashes): refused by name",
         GENERIC_REFUSED, _LATER),
-    _no("cosmos3_omni", "Cosmos3OmniForConditionalGeneration",
-        "Qwen3-VL's text and vision (M-RoPE, deepstack) under its own model_type: the generic adapter does not move "
-        "the deepstack features (a stage before the last deepstack layer crashes); refused by name",
-        GENERIC_REFUSED),
     _no("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration",
         "MoE layers route text and visual tokens to separate experts by the processor's moe_mm_token_type_ids, "
         "which the generic adapter does not shorten with the kept tokens (a pruned prefill crashes): refused by name",
