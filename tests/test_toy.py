@@ -58,7 +58,7 @@ def test_the_shipped_model_answers_and_needs_the_image():
 @needs_weights
 def test_prunekit_run_answers_twice_and_draws_the_kept_tokens(tmp_path, capsys):
     out = tmp_path / "run.png"
-    assert main(["run", "--out", str(out)]) == 0
+    assert main(["run", "--toy", "question-first", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "answer without pruning:" in text and "answer with transprune-high:" in text
     assert "from decoder layer 7: 56 of 64 visual tokens kept" in text
@@ -69,16 +69,16 @@ def test_prunekit_run_answers_twice_and_draws_the_kept_tokens(tmp_path, capsys):
 
 @needs_weights
 def test_prunekit_run_with_a_vision_stage_recipe(tmp_path, capsys):
-    assert main(["run", "--recipe", "visionzip-64", "--override", "vision.count=24", "vision.merge.contextual=4",
-                 "--out", str(tmp_path / "vz.png")]) == 0
+    assert main(["run", "--toy", "question-first", "--recipe", "visionzip-64", "--override", "vision.count=24",
+                 "vision.merge.contextual=4", "--out", str(tmp_path / "vz.png")]) == 0
     assert "before the language model: 24 of 64 visual tokens kept (+5 merged)" in capsys.readouterr().out
 
 
 @needs_weights
 def test_prunekit_eval_reports_each_recipe_and_a_sweep(tmp_path, capsys):
     plot = tmp_path / "eval.png"
-    assert main(["eval", "-n", "60", "--recipes", "fastv", "random", "--sweep", "random", "--ratios", "0.5",
-                 "0.125", "--plot", str(plot), "--json"]) == 0
+    assert main(["eval", "--toy", "question-first", "-n", "60", "--recipes", "fastv", "random", "--sweep", "random",
+                 "--ratios", "0.5", "0.125", "--plot", str(plot), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     rows = {r["recipe"]: r for r in result["rows"]}
     assert set(rows) == {"none", "fastv", "random"}

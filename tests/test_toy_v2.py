@@ -156,6 +156,20 @@ def test_blind_pruning_hurts_and_the_oracle_keeps_the_answer():
     assert comparison.verdict == "random@0.125 < oracle@0.125"
 
 
+@needs_weights
+def test_prunekit_run_uses_the_llava_layout_toy_by_default(tmp_path, capsys):
+    """README's first command: the default toy, 144 patches, drawn stage by stage."""
+    from prunekit.cli import main
+
+    out = tmp_path / "run.png"
+    assert main(["run", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "answer without pruning:" in text and "answer with transprune-high:" in text
+    assert "from decoder layer 7: 126 of 144 visual tokens kept" in text  # 7/8 of the 12 x 12 grid
+    image = Image.open(out)
+    assert image.size[0] > image.size[1] > 100  # four panels side by side
+
+
 def test_eval_and_run_pick_the_toy_by_name(tmp_path, capsys):
     """``--toy llava`` evaluates the LLaVA-layout task on its own model folder (random weights here)."""
     import json

@@ -4,9 +4,9 @@
 ``LlavaForConditionalGeneration`` (CLIP-style tower, MLP projector, 16-layer Llama decoder) whose
 weights and tokenizer ship with the package, so the main job runs offline on a CPU.
 
-Two toys exist (``--toy``): ``question-first`` (:mod:`prunekit.toy.task`, 64 visual tokens, the question
-shown before and after the image) and ``llava`` (:mod:`prunekit.toy.v2`, LLaVA-1.5's layout: image first,
-144 visual tokens, small objects). docs/toy.md compares them.
+Two toys exist (``--toy``): ``llava``, the default (:mod:`prunekit.toy.v2`, LLaVA-1.5's layout: image
+first, 144 visual tokens, small objects), and ``question-first``, the first toy (:mod:`prunekit.toy.task`,
+64 visual tokens, the question shown before and after the image). docs/toy.md compares them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from types import ModuleType
 from prunekit.toy.task import Question, ToyTask
 
 TOYS = {"question-first": "prunekit.toy", "llava": "prunekit.toy.v2"}  # --toy name -> package with task, model
-DEFAULT_TOY = "question-first"
+DEFAULT_TOY = "llava"
 
 
 def toy_parts(name: str | None = None) -> tuple[ModuleType, ModuleType]:

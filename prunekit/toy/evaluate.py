@@ -138,15 +138,19 @@ def sweep_recipe(name: str, final_keep: float, num_layers: int, shape: str = SWE
 
 def run_eval(model, processor, recipes: Sequence[str], n: int = 500, seed: int = 1234,
              sweep: Sequence[str] = DEFAULT_SWEEP, ratios: Sequence[float] = DEFAULT_RATIOS,
-             batch_size: int = 50, progress: bool = True, task=default_task) -> dict[str, Any] | None:
+             batch_size: int = 50, progress: bool = True, task=None) -> dict[str, Any] | None:
     """Evaluate each recipe (and the keep-ratio sweep) on ``n`` seeded toy questions.
 
     Every figure carries a 95% bootstrap interval; at each sweep point (equal FLOPs) every pair of
     swept recipes gets a paired comparison (:mod:`prunekit.toy.stats`). Under ``torchrun`` /
     ``accelerate launch`` each process answers every ``world``-th batch and rank 0 gathers the
     answers: it returns the result, the other ranks return None. ``task`` is the toy task's module
-    (``prunekit.toy.task``, or ``prunekit.toy.v2.task`` for the LLaVA-layout toy in training).
+    (default: the default toy's, ``prunekit.toy.v2.task``; ``prunekit.toy.task`` for the question-first toy).
     """
+    if task is None:
+        from prunekit.toy import toy_parts
+
+        task = toy_parts()[0]
     if n < 1:
         raise PrunekitError(f"-n must be a positive number of questions, got {n}")
     if batch_size < 1:

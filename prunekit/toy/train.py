@@ -1,6 +1,7 @@
-"""Train the toy LLaVA on the synthetic task from a seed: ``python -m prunekit.toy.train``.
+"""Train a toy LLaVA on its synthetic task from a seed: ``python -m prunekit.toy.train`` (the default toy;
+``--toy question-first`` for this module's, the first toy).
 
-Runs on a CPU (2 cores: about 70 minutes for the shipped weights, held-out accuracy 0.996). Writes config, weights
+The question-first toy runs on a CPU (2 cores: about 70 minutes for its shipped weights, held-out accuracy 0.996). Writes config, weights
 (safetensors), tokenizer and processor to ``--out`` (default: the package's weights folder).
 """
 
@@ -170,8 +171,21 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
     return best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``python -m prunekit.toy.train [--toy NAME] ...``: train the default toy (``--toy llava``: the LLaVA-layout
+    toy's trainer, :mod:`prunekit.toy.v2.train`, with its own options) or ``--toy question-first`` (this one)."""
+    from prunekit.toy import DEFAULT_TOY, TOYS
+
+    chooser = argparse.ArgumentParser(add_help=False)
+    chooser.add_argument("--toy", choices=list(TOYS), default=DEFAULT_TOY)
+    chosen, rest = chooser.parse_known_args(argv)
+    if chosen.toy == "llava":
+        from prunekit.toy.v2.train import main as train_llava_toy
+
+        train_llava_toy(rest)
+        return
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--toy", choices=list(TOYS), default=DEFAULT_TOY, help="which toy to train")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--steps", type=int, default=7000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -180,7 +194,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--vision-steps", type=int, default=3000, help="stage 1: vision tower on patch targets")
-    args = parser.parse_args()
+    args = parser.parse_args(rest)
     accuracy_ = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.threads,
                       vision_steps=args.vision_steps)
     print(f"held-out accuracy: {accuracy_:.3f}; weights in {args.out}")

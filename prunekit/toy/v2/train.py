@@ -231,10 +231,10 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_eve
     return best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
-    parser.add_argument("--steps", type=int, default=4500)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -251,7 +251,7 @@ def main() -> None:
                         help="weight of the loss keeping the question from reading the image before layer %d" % LATE_FROM)
     parser.add_argument("--describe-every", type=int, default=0,
                         help="every n-th sample of a batch is the describe task (0: questions only)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     accuracy_ = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.threads,
                       vision_steps=args.vision_steps, checkpoint=args.checkpoint, resume=args.resume,
                       describe_every=args.describe_every, turns=args.turns, reading_weight=args.reading_weight,
