@@ -19,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration
 
-from prunekit.toy import train as toy_v1_train
-from prunekit.toy.train import answer_loss
+from prunekit.toy import training as toy_training
+from prunekit.toy.training import answer_loss
 from prunekit.toy.v2.model import WEIGHTS_DIR, build_config, build_processor
 from prunekit.toy.v2.task import GRID, N_PATCH_CLASSES, ToyTask, Turn, description, patch_labels, prompt
 
@@ -33,8 +33,8 @@ LATE_FROM = 7  # before this layer (TransPrune's first stage) the question is ta
 
 
 # Evaluation batches, the per-sample loss and the held-out accuracy are the first toy's, on this task's prompt.
-make_batch = partial(toy_v1_train.make_batch, task_prompt=prompt, task_description=description)
-accuracy = partial(toy_v1_train.accuracy, make=make_batch)
+make_batch = partial(toy_training.make_batch, task_prompt=prompt, task_description=description)
+accuracy = partial(toy_training.accuracy, make=make_batch)
 
 
 def conversation_batch(processor, questions, follow_ups: list[list[Turn]], describe: list[bool]) -> dict:
@@ -246,9 +246,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     parser.add_argument("--turns", type=int, default=5, help="questions per training conversation (one image)")
     parser.add_argument("--reading-weight", type=float, default=0.5,
-                        help="weight of the loss teaching layers %s to read each answer's relevant patches" % (READING_LAYERS,))
+                        help=f"weight of the loss teaching layers {READING_LAYERS} to read each answer's relevant "
+                             "patches")
     parser.add_argument("--early-weight", type=float, default=1.0,
-                        help="weight of the loss keeping the question from reading the image before layer %d" % LATE_FROM)
+                        help=f"weight of the loss keeping the question from reading the image before layer "
+                             f"{LATE_FROM}")
     parser.add_argument("--describe-every", type=int, default=0,
                         help="every n-th sample of a batch is the describe task (0: questions only)")
     args = parser.parse_args(argv)
