@@ -296,7 +296,7 @@ class MRopeAdapter(DecoderAdapter):
         """Frames of the videos: from ``video_grid_thw`` (a plain forward), else from the 3-D ``position_ids``
         (generate passes the positions it computed, and encoded videos instead of their grids)."""
         input_ids = call.get("input_ids")
-        if input_ids is None or not _mrope_frames(model):
+        if input_ids is None or not self.videos_have_frames(model):
             return layout
         video = _video_mask(model, input_ids[:, -layout.seq_len:])
         if video is None or not bool((video & layout.valid).any()):
@@ -305,10 +305,21 @@ class MRopeAdapter(DecoderAdapter):
         if grids is not None:
             merge = int(getattr(model.config.vision_config, "spatial_merge_size", 1))
             shapes = [(t, h // merge, w // merge) for t, h, w in grids.tolist()]  # temporal patches x merged grid
-            return frames_from_grids(layout, video, shapes)
+            return self.fill_frames(layout, video, grids=shapes)
         if positions is not None and positions.dim() == 3 and positions.shape[0] >= 3:
-            return frames_from_mrope(layout, video, positions[-3:, :, -layout.seq_len:])
+            return self.fill_frames(layout, video, positions=positions[-3:, :, -layout.seq_len:])
         return layout
+
+    def videos_have_frames(self, model: nn.Module) -> bool:
+        """Whether this model's video tokens are laid out in frames :meth:`fill_frames` knows."""
+        return _mrope_frames(model)
+
+    def fill_frames(self, layout: TokenLayout, video: Tensor, grids: list[tuple[int, int, int]] | None = None,
+                    positions: Tensor | None = None) -> TokenLayout:
+        """The frame fields of ``layout`` from each video's merged ``(frames, rows, cols)`` grid, or else from the
+        3-D ``positions`` (``[3, batch, seq]``): one run of video tokens per video, frame-major."""
+        return frames_from_grids(layout, video, grids) if grids is not None else frames_from_mrope(layout, video,
+                                                                                                   positions)
 
     def rope_positions(self, model: nn.Module, lm_kwargs: dict, hidden: Tensor, cache: Any) -> Tensor:
         positions = lm_kwargs.get("position_ids")
@@ -420,21 +431,14 @@ class DeepstackAdapter(MRopeAdapter):
     videos alike; decode steps carry no deepstack inputs).
     """
 
-    def read_call(self, model: nn.Module, layout: TokenLayout, call: Any) -> TokenLayout:
-        """Frames of the videos: each frame is a run of its own between timestamps; the call's
-        ``video_grid_thw`` groups the runs into videos (generate passes 3-D ``position_ids`` instead: then the
-        runs a sample holds with text only between form one clip)."""
-        input_ids = call.get("input_ids")
-        video = None if input_ids is None else _video_mask(model, input_ids[:, -layout.seq_len:])
-        if video is None or not bool((video & layout.valid).any()):
-            return layout
-        grids, positions = call.get("video_grid_thw"), call.get("position_ids")
-        if grids is not None:
-            merge = int(getattr(model.config.vision_config, "spatial_merge_size", 1))
-            return frames_from_frame_runs(layout, video, [(t, h // merge, w // merge) for t, h, w in grids.tolist()])
-        if positions is not None and positions.dim() == 3 and positions.shape[0] >= 3:
-            return frames_from_frame_runs(layout, video, positions=positions[-3:, :, -layout.seq_len:])
-        return layout
+    def videos_have_frames(self, model: nn.Module) -> bool:
+        return True
+
+    def fill_frames(self, layout: TokenLayout, video: Tensor, grids: list[tuple[int, int, int]] | None = None,
+                    positions: Tensor | None = None) -> TokenLayout:
+        """Each frame is a run of its own between timestamps: the grids group the runs into videos (from the
+        positions, under generate, the runs a sample holds with text only between form one clip)."""
+        return frames_from_frame_runs(layout, video, grids, positions)
 
     def describe_frames(self, model: nn.Module) -> str | None:
         return ("one run of (height / merge) x (width / merge) tokens per frame, between timestamps; the call's "
