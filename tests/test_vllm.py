@@ -219,14 +219,14 @@ NEXT_KEEP_ALL = ("divprune", ["schedule.stages.0.keep=1.0"])
 
 @pytest.fixture(scope="module")
 def next_checkpoint(tmp_path_factory):
-    from tests.vllm_helpers import save_tiny_llava_next
+    from vllm_helpers import save_tiny_llava_next
 
     return save_tiny_llava_next(tmp_path_factory.mktemp("llava-next"))
 
 
 @pytest.fixture(scope="module")
 def next_questions(questions):
-    from tests.vllm_helpers import next_images
+    from vllm_helpers import next_images
 
     return questions[:N_NEXT], next_images(questions[:N_NEXT])
 
@@ -303,7 +303,7 @@ N_QWEN = 30
 
 @pytest.fixture(scope="module")
 def qwen_checkpoint(tmp_path_factory):
-    from tests.vllm_helpers import save_tiny_qwen2_5_vl
+    from vllm_helpers import save_tiny_qwen2_5_vl
 
     return save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
 
@@ -315,8 +315,8 @@ def transformers_qwen_run(plugin, folder, questions, images, recipe):
     closed (compact: the text after the image continues after its largest kept position)."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    from tests.family_reference import compact_mrope
-    from tests.vllm_helpers import qwen_prompt
+    from family_reference import compact_mrope
+    from vllm_helpers import qwen_prompt
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     processor = Qwen2_5_VLProcessor.from_pretrained(folder)
@@ -346,7 +346,7 @@ def transformers_qwen_run(plugin, folder, questions, images, recipe):
 @pytest.mark.parametrize("recipe", [NEXT_KEEP_ALL, DIVPRUNE_25], ids=["keep-all", "divprune-25%"])
 def test_qwen2_5_vl_keeps_the_transformers_tokens_at_their_grid_positions(plugin, tmp_path, monkeypatch,
                                                                          qwen_checkpoint, questions, recipe):
-    from tests.vllm_helpers import enable_pruning_hook, qwen_images, qwen_prompt
+    from vllm_helpers import enable_pruning_hook, qwen_images, qwen_prompt
 
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc sends the function to the workers
     chosen = questions[:N_QWEN]
