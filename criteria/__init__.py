@@ -10,8 +10,10 @@ from .cdpruner import CDPruner
 from .dart import DART
 from .diversity import DivPrune, L2Norm, Redundancy
 from .fastvid import FastVID, FastVIDMerge
+from .holitom import HoliTom, HoliTomMerge
 from .mustdrop import MustDropMerge, MustDropWindows
 from .pooling import GridPool, Uniform
+from .prunevid import PruneVid, PruneVidMerge
 from .random import RandomScore
 from .sparsevlm import SparseVLMRaters, SparseVLMRecycling
 from .tome import ToMeMerge
@@ -24,9 +26,11 @@ BUILTIN_CRITERIA: list[type[Criterion]] = [
     TTV, AccumulatedTTV, IGA, Attention, FastVAttention, PDropAttention, SparseVLMRaters, DivPrune, Redundancy,
     L2Norm, RandomScore, VisionZipDominant, Uniform, ClsAttention, VisPruner,
     CDPruner, DART, MustDropWindows, UniformFrames, FrameDifference, DyCokeTTM, FastVID,
+    HoliTom, PruneVid,
 ]
 BUILTIN_MERGERS: list[type[Merger]] = [
     SparseVLMRecycling, VisionZipContextual, GridPool, ToMeMerge, MustDropMerge, FastVIDMerge,
+    HoliTomMerge, PruneVidMerge,
 ]
 
 
