@@ -6,11 +6,24 @@ import math
 
 import pytest
 import torch
-from prunekit.criteria.prunevid import PruneVid, PruneVidMerge, attention_keep, plan_clip
+from prunekit.criteria.prunevid import (
+    PruneVid,
+    PruneVidMerge,
+    attention_keep,
+    plan_clip,
+    refine_segments,
+    segment_sizes,
+)
 
 import prunekit
 from prunekit.layout import TokenLayout, layout_from_ids
-from prunekit.testing import END_ID, START_ID, family_inputs, forward_context, tiny_family_model
+from prunekit.testing import (
+    END_ID,
+    START_ID,
+    family_inputs,
+    forward_context,
+    tiny_family_model,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +215,6 @@ CASES = [  # scenes, tokens per frame, dim, still share, tau, temporal_segment_r
 
 @pytest.mark.parametrize("case", CASES)
 def test_refine_and_segments_equal_the_official_loop(case):
-    from prunekit.criteria.prunevid import refine_segments, segment_sizes
-
     scenes, n, dim, still, _, tsr, _, k, _ = case
     clip = scene_clip(n, dim, scenes, still, seed=n + dim)
     windows, *_ = loop_prunevid(clip.tolist(), 2.0, tsr, 1.0, k, 10**6)
@@ -325,7 +336,7 @@ def _video_positions(model, inputs) -> tuple[torch.Tensor, int]:
     """Sample 0's video-token columns in frames (OneVision's closing newline left out) and the tokens per frame."""
     video = (inputs["input_ids"][0] == model.config.video_token_id).nonzero().flatten()
     if "video_grid_thw" in inputs:
-        t, h, w = inputs["video_grid_thw"][0].tolist()
+        _, h, w = inputs["video_grid_thw"][0].tolist()
         return video, h * w // model.config.vision_config.spatial_merge_size ** 2
     frames = inputs["pixel_values_videos"].shape[1]
     return video[:-1], (len(video) - 1) // frames
