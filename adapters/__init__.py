@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import inspect
 import math
 
 import torch
@@ -50,6 +51,7 @@ class FamilySpec:
     projector: str | None = "model.multi_modal_projector"  # from the top-level model
     vision_layers: str | None = "model.vision_tower.encoder.layers"
     vision_attention: str = "self_attn"  # from a vision-encoder layer
+    video_vision_layers: str | None = None  # a second tower for video frames (Video-LLaVA), same projector
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,11 @@ def _video_mask(model: nn.Module, input_ids: Tensor) -> Tensor | None:
     if video_id is None:
         video_id = getattr(config, "video_token_index", None)
     return None if video_id is None else input_ids == int(video_id)
+
+
+def _rotary_per_layer_type(rotary: nn.Module) -> bool:
+    """Whether a rotary embedding is called with the layer's type (``rotary_emb(x, positions, layer_type)``)."""
+    return "layer_type" in inspect.signature(rotary.forward).parameters
 
 
 def _get(obj: Any, dotted: str, what: str) -> Any:
@@ -164,6 +171,19 @@ class DecoderAdapter(Adapter):
     def vision_attention(self, layer: nn.Module) -> nn.Module:
         return _get(layer, self.spec.vision_attention, "vision attention module")
 
+    def vision_towers(self, model: nn.Module) -> list[Sequence[nn.Module]]:
+        towers = [self.vision_layers(model)]
+        if self.spec.video_vision_layers is not None:
+            towers.append(_get(model, self.spec.video_vision_layers, "video encoder layers"))
+        return towers
+
+    def projected_video_frames(self, model: nn.Module, input_ids: Tensor) -> tuple[Tensor, int] | None:
+        shape = video_frame_shape(model)
+        video = _video_mask(model, input_ids)
+        if self.spec.video_vision_layers is None or shape is None or video is None:
+            return None
+        return video, shape.per_frame  # each frame reaches the projector whole (Video-LLaVA: CLS + patches)
+
     def visual_token_ids(self, model: nn.Module) -> list[int]:
         ids = [getattr(model.config, key, None) for key in self.spec.visual_token_ids]
         ids = list(dict.fromkeys(int(i) for i in ids if i is not None))  # aliases (image_token_index) once
@@ -198,11 +218,13 @@ class DecoderAdapter(Adapter):
         decoder = self.language_model(model)
         rotary = _get(decoder, self.spec.rotary, "rotary embedding")
         text_positions = positions[0]  # [batch, seq]
+        # one rotary per layer type (Gemma 3's local and global layers, Step3p7): the layer's own
+        per_type = (self.layer_kind(model, layer_idx),) if _rotary_per_layer_type(rotary) else ()
         return {
             "attention_mask": self.stage_mask(model, hidden, attention_mask_2d, text_positions, cache, layer_idx,
                                               blocks),
             "position_ids": text_positions,
-            "position_embeddings": rotary(hidden, text_positions),
+            "position_embeddings": rotary(hidden, text_positions, *per_type),
         }
 
     def stage_mask(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, text_positions: Tensor,
@@ -464,17 +486,6 @@ class Gemma3Adapter(DecoderAdapter):
         layout.attention_block = layout.image_index.clone()  # each image is a bidirectional block
         return layout
 
-    def stage_kwargs(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, positions: Tensor,
-                     cache: Any, layer_idx: int, blocks: Tensor | None = None) -> dict[str, Any]:
-        text_positions = positions[0]
-        return {
-            "attention_mask": self.stage_mask(model, hidden, attention_mask_2d, text_positions, cache, layer_idx,
-                                              blocks),
-            "position_ids": text_positions,
-            "position_embeddings": self.language_model(model).rotary_emb(hidden, text_positions,
-                                                                         self.layer_kind(model, layer_idx)),
-        }
-
     def stage_mask(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, text_positions: Tensor,
                    cache: Any, layer_idx: int, blocks: Tensor | None = None) -> Any:
         """Gemma 3's prefill masks: a local layer keeps its window over the image blocks too (AND(sliding
@@ -525,7 +536,7 @@ VIDEO_LLAVA = DecoderAdapter(FamilySpec(
     model_types=("video_llava",),
     classes=("VideoLlavaForConditionalGeneration",),
     visual_token_ids=("image_token_id", "video_token_id"),
-    projector=None, vision_layers=None,
+    vision_layers="model.image_tower.encoder.layers", video_vision_layers="model.video_tower.encoder.layers",
 ))
 LLAVA_ONEVISION = DecoderAdapter(FamilySpec(
     name="llava_onevision",
@@ -558,8 +569,6 @@ _GENERIC_REFUSED = {
     "ernie4_5_vl_moe": "MoE layers route each token by the call's moe_mm_token_type_ids, which would not follow the "
                        "kept tokens",
     "muse_glimmer": "NoPE layers (layer_rope_theta 0) that the model runs without position embeddings",
-    "step3p7": "a rotary embedding per layer type (rotary_emb(x, positions, layer_type)), which the generic stages "
-               "do not call per layer",
 }
 
 

@@ -335,6 +335,17 @@ class Adapter(ABC):
         """The attention module of a vision-encoder layer."""
         raise self._no_vision_stage(None)
 
+    def vision_towers(self, model: nn.Module) -> list[Sequence[nn.Module]]:
+        """The layers of every vision encoder whose features reach the projector, one list per tower (Video-LLaVA:
+        an image tower and a video tower). Vision probes are installed on each; a tower's forward fills the
+        captures of the projector call that follows it."""
+        return [self.vision_layers(model)]
+
+    def projected_video_frames(self, model: nn.Module, input_ids: Tensor) -> tuple[Tensor, int] | None:
+        """Where a vision stage shortens video frames: the prompt's video placeholders ``[batch, seq]`` bool and
+        the tokens of one frame as the projector receives them. None: the projector sees no video frames."""
+        return None
+
     def _no_vision_stage(self, model: nn.Module | None) -> AdapterError:
         family = f"{type(model).__name__} (adapter {self.name!r})" if model is not None else f"adapter {self.name!r}"
         return AdapterError(

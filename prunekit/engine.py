@@ -65,7 +65,7 @@ class Clock:
     is the part of it spent in the adapter building each stage's mask and position embeddings.
     """
 
-    PARTS = ("probes", "attention rows", "scoring", "selection", "stage inputs")
+    PARTS = ("probes", "attention rows", "scoring", "selection", "stage inputs", "vision stage")
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {part: 0.0 for part in self.PARTS}
@@ -307,9 +307,10 @@ class Pruner:
             changed = ((), call)
         if self._vision is not None:
             pad_id = getattr(self.adapter.language_model(self.model).config, "pad_token_id", None) or 0
-            input_ids, mask, positions, rewrite = self._vision.rewrite_prompt(
-                input_ids, mask, positions, layout.visual, pad_id
-            )
+            with self._timed("vision stage"):
+                input_ids, mask, positions, rewrite = self._vision.rewrite_prompt(
+                    input_ids, mask, positions, layout.visual, pad_id
+                )
             layout = self.adapter.token_layout(self.model, input_ids, mask)
             changed = ((), {**call, "input_ids": input_ids, "attention_mask": mask, "position_ids": positions})
         ctx = ForwardContext(layout=layout, stage_layers=self.stage_layers, num_layers=self.num_layers)

@@ -783,6 +783,8 @@ MATRIX: tuple[MatrixRow, ...] = (
               "NaViT-style tower over patch grids, M-RoPE"),
     MatrixRow("deepseek_vl_hybrid", "DeepseekVLHybridForConditionalGeneration", "generic",
               "a SigLIP and a SAM (high-resolution) tower, features concatenated per token"),
+    MatrixRow("step3p7", "Step3p7ForConditionalGeneration", "generic",
+              "one rotary embedding per layer type (sliding layers with fewer heads, full layers); MoE from layer 3"),
     MatrixRow("fuyu", "FuyuForCausalLM", "generic",
               "no vision tower: pixel patches projected linearly; Persimmon decoder (partial rotary, QK norm)",
               recipe_reasons=(("dart", "DART reads the final norm, which Persimmon names final_layernorm: the generic "
@@ -870,10 +872,6 @@ MATRIX: tuple[MatrixRow, ...] = (
     _no("muse_glimmer", "MuseGlimmerForConditionalGeneration",
         "its full-attention layers are NoPE (layer_rope_theta 0: the model passes them no position embeddings); the "
         "generic adapter's stages feed them positions, so keep-all differs from the bare model: refused by name",
-        GENERIC_REFUSED),
-    _no("step3p7", "Step3p7ForConditionalGeneration",
-        "one rotary embedding per layer type (sliding layers with fewer heads, full layers): the generic adapter "
-        "calls rotary_emb without the layer type (TypeError in a tiny model's keep-all prefill): refused by name",
         GENERIC_REFUSED),
     _no("diffusion_gemma", "DiffusionGemmaForBlockDiffusion",
         NO_DEFAULT + "; block diffusion, not autoregressive generate (prunekit's stages assume a causal prefill)"),

@@ -132,16 +132,23 @@ class VisionPruner:
         self.adapter = adapter
         self.vision = vision
         self.running = running
-        self.layers = list(adapter.vision_layers(model))
+        self.towers = [list(layers) for layers in adapter.vision_towers(model)]  # Video-LLaVA: images, videos
+        self.layers = self.towers[0]
         self.projector = adapter.projector(model)
         self.wanted = collect_probes(vision.parts(), (0,), len(self.layers), "vision", "vision")
         self.per_image = tokens_per_image(model)  # splits adjacent images (<image><image>) in the prompt
         self._hooks = HookSet()
+        self._timed: Timer | None = None
 
     # -- hooks ----------------------------------------------------------------------------
     def install(self, timed: Timer) -> None:
-        site = Site(self.model, self.adapter, self._hooks, self.running, timed, vision_layers=self.layers)
-        install_probes(site, self.wanted)
+        self._timed = timed
+        for layers in self.towers:  # each tower's forward fills the captures of the projector call after it
+            if len(layers) != len(self.layers):
+                raise LayoutError(f"the vision towers of {type(self.model).__name__} have {len(self.layers)} and "
+                                  f"{len(layers)} layers; a vision stage's probes index one depth")
+            install_probes(Site(self.model, self.adapter, self._hooks, self.running, timed, vision_layers=layers),
+                           self.wanted)
         self._hooks.add(self.projector.register_forward_pre_hook(self._projector_hook))
         self._hooks.add(self.projector.register_forward_hook(self._projected_hook))
         self._hooks.add(self.model.register_forward_pre_hook(self._expanded_images_hook, with_kwargs=True,
@@ -156,7 +163,8 @@ class VisionPruner:
         features = args[0]  # [n_images, patches, dim]
         record = self.running.vision_record()
         captures, record.captures = record.captures, {}
-        out, record.kept_patches, record.lead = shorten_images(self.vision, features, captures, len(self.layers))
+        with self._timed("vision stage"):
+            out, record.kept_patches, record.lead = shorten_images(self.vision, features, captures, len(self.layers))
         return None if out is features else (out, *args[1:])  # a stage that leaves images this small whole
 
     def _projected_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -168,13 +176,17 @@ class VisionPruner:
         sample's images for its copies by counting placeholders against feature rows; the shortened rows no
         longer match the prompt's placeholders, so the repeat goes wrong. Before the prefill this hook gives
         the model each copy's shortened images (and the record their kept patches) again."""
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         record = self.running.vision
         input_ids = kwargs.get("input_ids")
-        if encoded is None or record is None or record.features is None or input_ids is None:
+        if record is None or record.features is None or input_ids is None:
             return None
         visual = self.adapter.token_layout(self.model, input_ids, kwargs.get("attention_mask")).visual
-        rank, _ = image_rank(visual, self.per_image)
+        frames = self.adapter.projected_video_frames(self.model, input_ids)
+        kind = "video" if frames is not None and bool((frames[0] & visual).any()) else "image"
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get(kind)
+        if encoded is None:
+            return None
+        rank, _ = self.unit_rank(input_ids, visual)
         images_per_row = (visual & (rank == 0)).sum(dim=1).tolist()  # [rows]
         n_encoded, rows = record.features.shape[0], len(images_per_row)
         copies, leftover = divmod(sum(images_per_row), n_encoded)
@@ -190,8 +202,26 @@ class VisionPruner:
         chosen = torch.tensor(index, device=record.features.device)
         record.features, record.kept_patches = record.features[chosen], record.kept_patches[chosen]
         repeated = copy.copy(encoded)
-        repeated.pooler_output = list(record.features)  # per image of the prompt: [t, dim]
-        return args, {**kwargs, "mm_encoder_outputs": {**kwargs["mm_encoder_outputs"], "image": repeated}}
+        if isinstance(encoded.pooler_output, Tensor):  # [n_images, t, dim] (Video-LLaVA)
+            repeated.pooler_output = record.features
+        else:  # per image of the prompt: [t, dim] (LLaVA)
+            repeated.pooler_output = list(record.features)
+        return args, {**kwargs, "mm_encoder_outputs": {**kwargs["mm_encoder_outputs"], kind: repeated}}
+
+    def unit_rank(self, input_ids: Tensor, visual: Tensor) -> tuple[Tensor, Tensor]:
+        """Index of each visual token within the image or video frame the projector encoded it in, and that
+        unit's length: two ``[batch, seq]`` long tensors (:func:`image_rank`, video frames split by their size)."""
+        frames = self.adapter.projected_video_frames(self.model, input_ids)
+        if frames is None:
+            return image_rank(visual, self.per_image)
+        video, per_frame = frames[0] & visual, frames[1]
+        if bool(video.any()) and bool((visual & ~video).any()):
+            raise LayoutError(f"{type(self.model).__name__}: a vision stage shortens the images or the videos of "
+                              "one call, not both (this call holds image and video placeholders); run them in "
+                              "separate calls")
+        rank, length = image_rank(visual & ~video, self.per_image)
+        frame_rank, frame_length = image_rank(video, per_frame)
+        return torch.where(video, frame_rank, rank), torch.where(video, frame_length, length)
 
     # -- the prompt -------------------------------------------------------------------------
     def rewrite_prompt(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
@@ -199,7 +229,7 @@ class VisionPruner:
         """Shorten every image run of ``P`` placeholders to ``t``; returns ids, mask, positions and the rewrite."""
         batch, seq = input_ids.shape
         mask = torch.ones_like(visual) if attention_mask is None else attention_mask.to(torch.bool)
-        rank, image_length = image_rank(visual, self.per_image)  # [batch, seq] each: within one image
+        rank, image_length = self.unit_rank(input_ids, visual)  # [batch, seq] each: within one image or frame
         allowed = torch.zeros_like(rank)
         for length in image_length[visual].unique().tolist():
             kept, merged = vision_stage_tokens(self.vision, int(length))

@@ -12,7 +12,7 @@ from prunekit.testing import family_inputs, tiny_family_model
 VISION_RANDOM = {"name": "vision-random", "vision": {"criteria": {"r": {"type": "random"}}, "keep": 0.5}}
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "gemma3", "video_llava", "internvl"])
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "gemma3", "llava_onevision", "internvl"])
 def test_a_vision_stage_on_a_family_without_one_says_why_and_what_runs_instead(family):
     model = tiny_family_model(family, num_layers=4)
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
