@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from prunekit.api import ForwardContext, Merger
+from prunekit.layout import TokenLayout
 from prunekit.probes import AttentionRows, LayerInput, Probe
 
 from .video import _OnLayerInput, video_spans
@@ -184,6 +185,14 @@ def plan_clip(frames: Tensor, retention: float, tau: float, d: float, neighbours
     return ClipPlan(role, cell, target, windows, kept_retention)
 
 
+def video_span_tokens(layout: TokenLayout, b: int) -> list[Tensor]:
+    """The positions (``[n]`` long, in order) of every visual token of each video span of sample ``b``: the spans
+    holding frame tokens, with their tokens in no frame (OneVision's newline)."""
+    framed = layout.visual[b] & (layout.frame_index[b] >= 0)  # [seq]
+    spans = layout.image_index[b][framed].unique().tolist()
+    return [(layout.visual[b] & (layout.image_index[b] == s)).nonzero().flatten() for s in spans]
+
+
 def inner_keep(attention: Tensor, r: float) -> Tensor:
     """The official inner-LLM selection: of ``n`` visual tokens with attention ``[n]`` (the last prompt token's at
     layer ``K - 1``, mean over heads), the ``round(n (1 - r))`` most attended (ties to the earlier);
@@ -222,17 +231,20 @@ class HoliTom(_OnLayerInput):
     ``neighbours``) into ``round(s r')`` centres; each frame's dynamic tokens keep ``ceil(m r')``, of
     which ``d`` go to DPC centres and the rest are the most attended (:func:`plan_clip`; ``r'`` is
     ``retention`` over what the temporal merge leaves). Kept tokens score 2 (context centres 1), every
-    other frame token -inf. At a second stage before layer ``K``: of each sample's visual tokens the
-    ``round(n (1 - r))`` the last prompt token attends to most at layer ``K - 1`` (mean over heads)
-    score their attention, the others -inf. Run every stage keeping 1.0 (the counts are HoliTom's own).
-    Tokens in no frame are kept by the first stage. ``retention: 1, tau: 1`` keeps every token
+    other frame token -inf. At a second stage before layer ``K``: of each video span's ``n`` visual
+    tokens (its frames' and those in no frame, as OneVision's newline) the ``round(n (1 - r))`` the
+    last prompt token attends to most at layer ``K - 1`` (mean over heads) score their attention, the
+    others -inf. Run every stage keeping 1.0 (the counts are HoliTom's own). Still images are kept
+    whole, and tokens in no frame by the first stage. ``retention: 1, tau: 1`` keeps every token
     before layer 0, ``r: 0`` at the second stage.
 
     Differences from the official code: the dominant tokens' attention (the vision tower's, mean over
     heads and queries) is replaced by :func:`received_attention` on the projected tokens; DPC adds no
     random tie noise (ties go to the earlier token); the kept tokens stay in sequence order (the
     official code puts a window's static tokens before its frames' dynamic tokens, and a frame's
-    context centres after its dominant tokens).
+    context centres after its dominant tokens); the inner stage takes each video span of each sample
+    (the official code: the first visual span of the batch's first sample), and its positions follow
+    the recipe's ``positions`` (the official code: compact before layer 0, original at layer ``K``).
 
     Example::
 
@@ -286,11 +298,12 @@ class HoliTom(_OnLayerInput):
         layout = ctx.layout
         attention = ctx.capture(self._attention(ctx.layer)).to(torch.float64)  # [batch, seq]
         score = torch.zeros(layout.visual.shape, dtype=torch.float64, device=attention.device)
+        score = score.masked_fill(layout.visual, _OUTSIDE)  # still images: kept
         for b in range(layout.batch_size):
-            visual = layout.visual[b].nonzero().flatten()  # [n]
-            keep = inner_keep(attention[b, visual], self.r)
-            score[b, visual] = torch.where(keep, attention[b, visual], float("-inf"))
-        return score
+            for span in video_span_tokens(layout, b):  # [n]
+                keep = inner_keep(attention[b, span], self.r)
+                score[b, span] = torch.where(keep, attention[b, span], float("-inf"))
+        return score.masked_fill(~layout.visual, 0)
 
     def _outer(self, ctx: ForwardContext) -> Tensor:
         layout = ctx.layout
@@ -331,8 +344,8 @@ class HoliTomMerge(Merger):
     members becomes ``beta * centre + (1 - beta) * mean(members)`` (the official ``Beta`` weighting),
     one without its own value, written on the centre's row (the window's first frame for a static
     unit), so each merged token sits at its centre's place and position. At the second stage every
-    dropped visual token is folded into its most cosine-similar kept visual token of the stage's
-    input, in order, ``(kept + dropped) / 2`` (:func:`merge_sequentially`).
+    dropped visual token of a video span is folded into its most cosine-similar kept token of the span
+    (the stage's input), in order, ``(kept + dropped) / 2`` (:func:`merge_sequentially`).
 
     Example::
 
@@ -396,7 +409,8 @@ class HoliTomMerge(Merger):
         dropped = layout.visual & layout.valid & ~kept  # [batch, seq]
         out = hidden.clone()
         for b in range(hidden.shape[0]):
-            mine, theirs = kept[b].nonzero().flatten(), dropped[b].nonzero().flatten()
-            if theirs.numel():
-                out[b, mine] = merge_sequentially(work[b, mine], work[b, theirs]).to(hidden.dtype)
+            for span in video_span_tokens(layout, b):
+                mine, theirs = span[kept[b, span]], span[dropped[b, span]]
+                if theirs.numel():
+                    out[b, mine] = merge_sequentially(work[b, mine], work[b, theirs]).to(hidden.dtype)
         return out
