@@ -65,17 +65,19 @@ def static_windows(similarity: Tensor, tau: float, max_window: int) -> tuple[lis
     """
     frames = similarity.shape[0] + 1
     above = (similarity > tau).to(torch.long)  # [F - 1, n]
-    static = torch.zeros(frames, frames, dtype=torch.long)  # static[s, e]: places static over [s, e]
+    runs = [torch.cumprod(above[s:], dim=0).sum(dim=1) for s in range(frames - 1)]  # [F - 1 - s]: [s, s + 1 ...]
+    flat = torch.cat(runs).tolist() if runs else []  # one read from the device
+    static = [[0] * frames for _ in range(frames)]  # static[s][e]: places static over [s, e]
     for s in range(frames - 1):
-        run = torch.cumprod(above[s:], dim=0).sum(dim=1)  # [F - 1 - s]: windows [s, s + 1 ...]
-        static[s, s + 1:] = run.cpu()
+        offset = s * (frames - 1) - s * (s - 1) // 2  # runs before s hold (F - 1) + ... + (F - s) entries
+        static[s][s + 1:] = flat[offset:offset + frames - 1 - s]
     best = [0] * frames
     start = [0] * frames
     for i in range(frames):
         value, begin = (best[i - 1] if i > 0 else 0), i
         for length in range(2, min(i + 1, max_window) + 1):
             j = i - length
-            candidate = (best[j] if j >= 0 else 0) + int(static[j + 1, i]) * (length - 1)
+            candidate = (best[j] if j >= 0 else 0) + static[j + 1][i] * (length - 1)
             if candidate > value:
                 value, begin = candidate, j + 1
         best[i], start[i] = value, begin

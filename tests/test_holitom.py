@@ -11,7 +11,13 @@ from prunekit.criteria.holitom import HoliTom, HoliTomMerge, static_windows
 import prunekit
 from prunekit.layout import TokenLayout, layout_from_ids
 from prunekit.probes import AttentionRows
-from prunekit.testing import END_ID, START_ID, family_inputs, forward_context, tiny_family_model
+from prunekit.testing import (
+    END_ID,
+    START_ID,
+    family_inputs,
+    forward_context,
+    tiny_family_model,
+)
 
 
 # ---------------------------------------------------------------------------------------------
