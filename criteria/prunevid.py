@@ -41,26 +41,29 @@ def _is_int(value: object) -> bool:
 
 
 def dpc_knn(x: Tensor, clusters: int, k: int) -> tuple[Tensor, Tensor]:
-    """DPC-kNN clustering of ``m`` tokens ``x`` ``[m, dim]`` into ``clusters`` clusters (PruneVid's ``cluster_dpc_knn``).
+    """DPC-kNN clustering of ``m`` tokens ``x`` ``[..., m, dim]`` into ``clusters`` clusters, each group of ``m`` on
+    its own (PruneVid's ``cluster_dpc_knn``).
 
     ``d_ij = |x_i - x_j| / sqrt(dim)``; the density ``rho_i = exp(-mean(d_ij^2))`` over the ``k`` nearest
     tokens (``i`` itself included; all ``m`` when ``m < k``); ``delta_i`` the distance to the nearest
-    denser token (the largest ``d`` for the densest); the centres are the ``clusters`` tokens of largest
-    ``rho_i * delta_i`` (ties to the earlier token) and every other token joins its nearest centre (the
-    earlier centre on ties). Returns the centres ``[clusters]`` (best first: the official cluster order)
-    and each token's cluster ``[m]`` (a centre's is its own).
+    denser token (the group's largest ``d`` for the densest); the centres are the ``clusters`` tokens of
+    largest ``rho_i * delta_i`` (ties to the earlier token) and every other token joins its nearest
+    centre (the earlier centre on ties). Returns the centres ``[..., clusters]`` (best first: the official
+    cluster order) and each token's cluster ``[..., m]`` (a centre's is its own).
     """
-    m, dim = x.shape
+    m, dim = x.shape[-2:]
     x = x.to(torch.float64)
-    distance = torch.cdist(x, x) / dim ** 0.5  # [m, m]
-    nearest = torch.topk(distance, k=min(k, m), dim=-1, largest=False).values  # [m, k]
-    density = torch.exp(-(nearest ** 2).mean(dim=-1))  # [m]
-    denser = density[None, :] > density[:, None]  # [m, m]: j denser than i
-    delta = torch.where(denser, distance, distance.max()).min(dim=-1).values  # [m]
-    centres = torch.sort(delta * density, descending=True, stable=True).indices[:clusters]  # [clusters]
-    assign = distance[centres].argmin(dim=0)  # [m]: the first nearest centre
-    assign[centres] = torch.arange(len(centres), device=x.device)
-    return centres, assign
+    distance = torch.cdist(x, x) / dim ** 0.5  # [..., m, m]
+    nearest = torch.topk(distance, k=min(k, m), dim=-1, largest=False).values  # [..., m, k]
+    density = torch.exp(-(nearest ** 2).mean(dim=-1))  # [..., m]
+    denser = density[..., None, :] > density[..., :, None]  # [..., m, m]: j denser than i
+    top = distance.flatten(-2).max(dim=-1).values[..., None, None]  # [..., 1, 1]
+    delta = torch.where(denser, distance, top).min(dim=-1).values  # [..., m]
+    centres = torch.sort(delta * density, dim=-1, descending=True, stable=True).indices[..., :clusters]  # [..., c]
+    to_centres = distance.gather(-2, centres[..., :, None].expand(*centres.shape, m))  # [..., c, m]
+    assign = to_centres.argmin(dim=-2)  # [..., m]: the first nearest centre
+    order = torch.arange(centres.shape[-1], device=x.device).expand_as(centres)
+    return centres, assign.scatter(-1, centres, order)
 
 
 def refine_segments(labels: Sequence[int]) -> list[int]:
@@ -152,13 +155,13 @@ class ClipPlan:
 
 
 def _cluster_targets(features: Tensor, rows: Tensor, cluster_ratio: float, k: int, min_cluster: int) -> Tensor:
-    """The kept row each of ``rows`` ``[m]`` merges into: a cluster's centre row (:func:`dpc_knn` on ``features``
-    ``[m, dim]``, ``max(int(m * cluster_ratio), 1)`` clusters) when ``m > min_cluster``, else its own."""
-    m = rows.numel()
+    """The kept row each of ``rows`` ``[..., m]`` merges into: a cluster's centre row (:func:`dpc_knn` on ``features``
+    ``[..., m, dim]``, ``max(int(m * cluster_ratio), 1)`` clusters per group) when ``m > min_cluster``, else its own."""
+    m = rows.shape[-1]
     if m <= min_cluster:
         return rows
     centres, assign = dpc_knn(features, max(int(m * cluster_ratio), 1), k)
-    return rows[centres[assign]]
+    return rows.gather(-1, centres.gather(-1, assign))
 
 
 def plan_clip(frames: Tensor, tau: float, temporal_segment_ratio: float, cluster_ratio: float, k: int,
@@ -174,25 +177,27 @@ def plan_clip(frames: Tensor, tau: float, temporal_segment_ratio: float, cluster
     """
     n_frames, n, _ = frames.shape
     device = frames.device
+    frames = frames.to(torch.float64)
     flat = torch.arange(n_frames * n, device=device).reshape(n_frames, n)  # [F, n]
     target, group = flat.clone(), torch.zeros(n_frames, n, dtype=torch.long, device=device)
     static = torch.zeros(n_frames, n, dtype=torch.bool, device=device)
-    sizes = segment_sizes(frames.to(torch.float64).mean(dim=1), temporal_segment_ratio, k)
+    sizes = segment_sizes(frames.mean(dim=1), temporal_segment_ratio, k)
     start, groups = 0, 0
     for size in sizes:
-        window = frames[start:start + size]  # [W, n, dim]
+        window, rows = frames[start:start + size], flat[start:start + size]  # [W, n, dim], [W, n]
         cells = static_cells(window, tau)  # [n]
         static[start:start + size] = cells
-        if bool(cells.any()):
-            averaged = window[:, cells].to(torch.float64).mean(dim=0)  # [S, dim]
-            into = _cluster_targets(averaged, flat[start, cells], cluster_ratio, k, min_cluster)  # [S]
-            target[start:start + size, cells] = into
+        if bool(cells.any()):  # one group: the cells' tokens averaged over the frames, merged on the first frame
+            averaged = window[:, cells].mean(dim=0)  # [S, dim]
+            target[start:start + size, cells] = _cluster_targets(averaged, rows[0, cells], cluster_ratio, k,
+                                                                 min_cluster)
             group[start:start + size, cells] = groups
             groups += 1
-        for f in range(start, start + size):
-            target[f, ~cells] = _cluster_targets(frames[f, ~cells], flat[f, ~cells], cluster_ratio, k, min_cluster)
-            group[f, ~cells] = groups
-            groups += 1
+        # each frame's dynamic tokens: one group per frame, clustered together (every frame has the same cells)
+        target[start:start + size, ~cells] = _cluster_targets(window[:, ~cells], rows[:, ~cells], cluster_ratio, k,
+                                                              min_cluster)
+        group[start:start + size, ~cells] = torch.arange(groups, groups + size, device=device)[:, None]
+        groups += size
         start += size
     return ClipPlan(target, group, static, sizes)
 
@@ -357,15 +362,16 @@ class PruneVidMerge(Merger):
                              f"but the recipe has none (no buffer {name!r}); set merge.criterion to the key of its "
                              f"prunevid criterion")
         target = ctx.buffers.pop(name)  # [batch, seq]: the row each frame token merges into, -1 elsewhere
-        work = hidden if hidden.dtype in (torch.float32, torch.float64) else hidden.float()
         out = hidden.clone()  # [batch, seq, dim]
         for b in range(hidden.shape[0]):
             members = (target[b] >= 0).nonzero().flatten()  # [m]
-            into = target[b, members]  # [m]
-            size = torch.bincount(into, minlength=hidden.shape[1])  # [seq]
-            rows = (size > 1).nonzero().flatten()  # kept rows with members beside themselves
-            if rows.numel() == 0:
+            rows, inverse, size = torch.unique(target[b, members], return_inverse=True, return_counts=True)
+            many = size > 1  # kept rows with members beside themselves
+            if not bool(many.any()):
                 continue
-            sums = torch.zeros_like(work[b]).index_add_(0, into, work[b, members])  # [seq, dim]
-            out[b, rows] = (sums[rows] / size[rows, None].to(work.dtype)).to(hidden.dtype)
+            values = hidden[b, members]  # [m, dim]
+            values = values if values.dtype in (torch.float32, torch.float64) else values.float()
+            sums = torch.zeros(len(rows), values.shape[-1], dtype=values.dtype, device=values.device)
+            sums = sums.index_add(0, inverse, values)  # [rows, dim]
+            out[b, rows[many]] = (sums[many] / size[many, None].to(values.dtype)).to(hidden.dtype)
         return out
