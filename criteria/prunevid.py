@@ -235,7 +235,9 @@ class PruneVid(_OnLayerInput):
     (the official code lays a segment out as its static clusters, then each frame's dynamic ones,
     each in DPC order); DPC has no random tie noise (ties go to the earlier token); a clip of fewer
     than ``k`` frames uses all its frames as neighbours and at least one cluster is made (the
-    official code fails there); a one-frame segment has no static cells (the official 0 / 0).
+    official code fails there); a one-frame segment has no static cells (the official 0 / 0). After
+    the second stage positions follow the recipe's ``positions`` (the official code keeps them) and the
+    layers before it keep the stage-1 tokens in their KV cache (the official code cuts those too).
 
     Example::
 
