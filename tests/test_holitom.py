@@ -365,43 +365,46 @@ def test_tiny_qwen_keeps_and_merges_the_official_tokens_of_its_video_features(qw
     _check_outer(qwen, inputs, video, 6, tail=0, tau=0.1)
 
 
-def test_tiny_onevision_inner_stage_equals_eager_attention_and_the_official_merge(onevision):
+@pytest.mark.parametrize("name", ["llava_onevision", "qwen2_5_vl"])
+def test_tiny_model_inner_stage_equals_eager_attention_and_the_official_merge(name, onevision, qwen):
     """The second stage (layer 3 of 4: 18 of 28): its kept tokens are the loop's top round(n (1 - r)) by the last
     token's attention at layer 2 as the eager attention computes it, its rows the loop's sequential merge of the
     layer-2 output."""
-    model = onevision
-    inputs = family_inputs(model, "llava_onevision", batch=1, seed=2, video=True, dtype=torch.float64)
+    if name == "qwen2_5_vl":
+        model, inputs, merging = qwen, _qwen_video_inputs(qwen, [(6, 8, 8)], seed=3), {**MERGING, "tau": 0.1}
+    else:
+        model, merging = onevision, MERGING
+        inputs = family_inputs(model, name, batch=1, seed=2, video=True, dtype=torch.float64)
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     captured: dict[str, torch.Tensor] = {}
     layers = model.model.language_model.layers
+
     def attention_hook(module, args, out) -> None:
-        captured.setdefault("weights", out[1])
+        captured.setdefault("weights", out[1])  # [batch, heads, seq, seq]
 
     def output_hook(module, args, out) -> None:
-        captured.setdefault("output", out[0] if isinstance(out, tuple) else out)
+        captured.setdefault("output", out[0] if isinstance(out, tuple) else out)  # [batch, seq, dim]
 
     handles = [layers[2].self_attn.register_forward_hook(attention_hook), layers[2].register_forward_hook(output_hook)]
     try:
-        seen, report = _layer_inputs(model, _recipe(18, **MERGING), inputs, (2, 3))
+        seen, report = _layer_inputs(model, _recipe(18, **merging), inputs, (3,))
     finally:
         for handle in handles:
             handle.remove()
         model.set_attn_implementation(previous)
     visual = report[0].kept[0]  # the original columns of the visual tokens entering layer 2 (after stage 0)
-    entering = seen[2][0]
     columns = (inputs["input_ids"][0] == model.config.video_token_id).nonzero().flatten()
     assert int(report[0].kept_counts[0]) == len(visual) and len(visual) < len(columns)
     first = int(columns[0])  # text before the clip is unchanged: the visual tokens sit right after it
     places = torch.arange(first, first + len(visual))
     attention = captured["weights"][0, :, -1].mean(dim=0)  # [seq]: the last token's row, mean over heads
     output = captured["output"][0]
-    expect = loop_inner(output[places].tolist(), attention[places].tolist(), MERGING["r"])
-    stage = report[1]
-    assert stage.kept[0].tolist() == [int(visual[i]) for i in sorted(expect)]
+    expect = loop_inner(output[places].tolist(), attention[places].tolist(), merging["r"])
+    assert len(expect) == round(len(visual) * (1 - merging["r"]))
+    assert report[1].kept[0].tolist() == [int(visual[i]) for i in sorted(expect)]
     rows = torch.stack([torch.tensor(expect[i], dtype=torch.float64) for i in sorted(expect)])
     want = torch.cat([output[:first], rows, output[first + len(visual):]])
-    assert entering.shape[0] == output.shape[0]
     torch.testing.assert_close(seen[3][0], want, rtol=1e-10, atol=1e-12)
 
 
