@@ -512,3 +512,33 @@ def test_a_merger_without_its_criterion_is_named(onevision):
     inputs = family_inputs(onevision, "llava_onevision", batch=1, seed=2, video=True, dtype=torch.float64)
     with pytest.raises(ValueError, match="'nope'"), prunekit.apply(onevision, recipe), torch.no_grad():
         onevision(**inputs)
+
+
+def test_the_attention_stage_only_drops_rows(onevision):
+    """Layer 2's input under a two-stage recipe is layer 1's output at the rows stage 2 keeps: nothing is merged there."""
+    inputs = family_inputs(onevision, "llava_onevision", batch=1, seed=2, video=True, dtype=torch.float64)
+    layers = onevision.model.language_model.layers
+    seen: dict[str, torch.Tensor] = {}
+
+    def output_of_1(module, args, output) -> None:
+        seen["out1"] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+
+    def input_of_2(module, args, kwargs) -> None:
+        seen["in2"] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach().clone()
+
+    with prunekit.apply(onevision, _recipe((0, 2), **SMALL)) as pruner:  # hooked after prunekit's
+        hooks = [layers[1].register_forward_hook(output_of_1),
+                 layers[2].register_forward_pre_hook(input_of_2, with_kwargs=True)]
+        try:
+            with torch.no_grad():
+                onevision(**inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    first, second = pruner.last_report
+    assert int(second.kept_counts[0]) < int(first.kept_counts[0])
+    text = (inputs["input_ids"][0] != onevision.config.video_token_id).nonzero().flatten().tolist()
+    columns_1 = sorted(text + first.kept[0].tolist())  # the stage-1 sequence, as input columns
+    columns_2 = sorted(text + second.kept[0].tolist())
+    rows = [columns_1.index(column) for column in columns_2]
+    assert seen["in2"].shape[1] == len(rows) and torch.equal(seen["in2"][0], seen["out1"][0, rows])
