@@ -138,7 +138,7 @@ class AttentionTap:
 
         def tapped_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                              attention_mask: Any, **kwargs: Any) -> Any:
-            capture(module, query, key, kwargs)
+            capture(module, query, key, {**kwargs, "attention_mask": attention_mask})
             return original_attention(original_name, module)(module, query, key, value, attention_mask, **kwargs)
 
         AttentionInterface.register(self.name, tapped_attention)

@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 
 from prunekit.plugins import KINDS, PLURALS, get_registry
-from prunekit.schema import RecipeSchema, VisionSchema
+from prunekit.schema import DecodeSchema, RecipeSchema, VisionSchema
 
 
 def _type_name(tp: object) -> str:
@@ -49,6 +49,7 @@ def recipe_reference() -> str:
              "## Top level", ""]
     lines += _fields_table(RecipeSchema)
     lines += ["", "## `vision` block", ""] + _fields_table(VisionSchema)
+    lines += ["", "## `decode` block", ""] + _fields_table(DecodeSchema)
     lines += ["", "## Built-in recipes", ""]
     from prunekit.recipe import load_recipe, recipe_files
 

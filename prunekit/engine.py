@@ -37,6 +37,7 @@ from prunekit.api import Adapter, ForwardContext, Stage
 from prunekit.attention import CaptureFn
 from prunekit.capture import Site, install_probes
 from prunekit.compat import cache_in, cache_of
+from prunekit.decode_select import DecodeSelector
 from prunekit.errors import AdapterError, LayoutError, PrunerStateError
 from prunekit.hooks import HookSet
 from prunekit.layout import TokenLayout
@@ -44,6 +45,7 @@ from prunekit.plugins import find_adapter
 from prunekit.recipe import (
     Recipe,
     RecipeSource,
+    check_decode,
     check_stages,
     collect_probes,
     load_recipe,
@@ -166,6 +168,7 @@ class Pruner:
         self._parameters = frozenset(self._signature.parameters)
         self._vision = (None if self.recipe.vision is None
                         else VisionPruner(model, self.adapter, self.recipe.vision, self._running))
+        check_decode(self.recipe, self.stages, self.num_layers, type(model).__name__)
         self._probes = collect_probes(self.recipe.parts(), self.stage_layers, self.num_layers, "decoder",
                                       f"recipe {self.recipe.name!r}")
         # stage index of every layer (-1 before the first prune)
@@ -179,6 +182,9 @@ class Pruner:
                 self._decode_groups.setdefault(key, i)
         # optional: an adapter that builds every group's inputs of a decode step in one call (sharing rotary work)
         self._build_step = getattr(self.adapter, "step_kwargs", None)
+        self._decode = (None if self.recipe.decode is None else
+                        DecodeSelector(model, self.adapter, self.layers, self.recipe.decode, self._running,
+                                       self._stage_of_layer))
 
     @property
     def last_report(self) -> PruneReport | None:
@@ -234,6 +240,8 @@ class Pruner:
                             self.stage_layers), self._probes)
         for s, stage in enumerate(self.stages):  # after the probes, which read the unpruned input
             add(self.layers[stage.layer].register_forward_pre_hook(self._prune_hook(s, stage), with_kwargs=True))
+        if self._decode is not None:  # after the decode hooks, whose masks it narrows
+            self._decode.install(self._hooks)
 
     def remove(self) -> None:
         """Remove every hook and restore the attention implementation. Safe to call twice."""

@@ -60,6 +60,17 @@ class VisionRecipe:
 
 
 @dataclass(frozen=True)
+class DecodeSelection:
+    """The built ``decode`` block: layers from ``layer`` on read, in each decode step, the cached visual tokens
+    the new token attends to most at ``layer - 1`` (``int(n * (1 - prune))`` of ``n``), unless its attention row
+    is at least ``similar`` (cosine) to the previous step's, when they read them all."""
+
+    layer: int
+    prune: float
+    similar: float | None
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A validated recipe: built criterion, combiner and schedule objects."""
 
@@ -74,6 +85,7 @@ class Recipe:
     merger: Merger | None = None
     vision: VisionRecipe | None = None
     reference_depth: int | None = None
+    decode: DecodeSelection | None = None
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(self.config)
@@ -223,7 +235,8 @@ def _build_plugin(kind: str, spec: Any, default_type: str | None, where: str) ->
     return obj
 
 
-_MAPPING_KEYS = {"": ("criteria", "combiner", "schedule", "merge", "vision"), "vision": ("criteria", "combiner", "merge")}
+_MAPPING_KEYS = {"": ("criteria", "combiner", "schedule", "merge", "vision", "decode"),
+                 "vision": ("criteria", "combiner", "merge")}
 
 
 def _check_mappings(raw: Any, where: str) -> None:
@@ -290,6 +303,7 @@ def load_recipe(source: RecipeSource, overrides: Sequence[str] | None = None) ->
         merger=merger,
         vision=vision,
         reference_depth=cfg.reference_depth,
+        decode=None if cfg.decode is None else _build_decode(cfg.decode, f"{where}, decode"),
     )
 
 
@@ -325,6 +339,17 @@ def _build_vision(cfg: Any, where: str) -> VisionRecipe:
         raise RecipeError(str(exc)) from exc
     merger = None if cfg.merge is None else _build_plugin("merger", cfg.merge, None, f"{where}.merge")
     return VisionRecipe(criteria, combiner, Stage(layer=0, keep=cfg.keep, count=cfg.count), merger)
+
+
+def _build_decode(cfg: Any, where: str) -> DecodeSelection:
+    if cfg.layer < 1:
+        raise RecipeError(f"{where}: layer={cfg.layer} must be at least 1 (the selection reads layer - 1)")
+    if not 0 <= cfg.prune < 1:
+        raise RecipeError(f"{where}: prune={cfg.prune} must lie in [0, 1) (the fraction of the cached visual "
+                          "tokens a selecting step leaves out)")
+    if cfg.similar is not None and not -1 <= cfg.similar <= 1:
+        raise RecipeError(f"{where}: similar={cfg.similar} must be a cosine in [-1, 1], or null (every step selects)")
+    return DecodeSelection(layer=int(cfg.layer), prune=float(cfg.prune), similar=cfg.similar)
 
 
 def _ratio(recipe: Recipe, num_layers: int) -> float | None:
@@ -434,7 +459,28 @@ def scale_to_depth(recipe: Recipe, num_layers: int) -> Recipe:
         scaled.key = obj.key
         return scaled
 
-    return dataclasses.replace(recipe, criteria={key: scale_fields(c) for key, c in recipe.criteria.items()})
+    decode = recipe.decode
+    if decode is not None:  # a boundary like a stage's: moves up
+        decode = dataclasses.replace(decode, layer=max(1, int(math.ceil(decode.layer * ratio))))
+    return dataclasses.replace(recipe, criteria={key: scale_fields(c) for key, c in recipe.criteria.items()},
+                               decode=decode)
+
+
+def check_decode(recipe: Recipe, stages: Sequence[Stage], num_layers: int, model_name: str = "the model") -> None:
+    """A ``decode`` block fits the model: its layer inside the depth, after a decoder stage (decode steps run
+    on a pruned cache, whose slots say which cached tokens are visual)."""
+    decode = recipe.decode
+    if decode is None:
+        return
+    where = f"recipe {recipe.name!r}, decode"
+    if not 1 <= decode.layer < num_layers:
+        raise RecipeError(f"{where}: layer={decode.layer} does not fit: {model_name} has {num_layers} decoder "
+                          f"layers (valid layers 1..{num_layers - 1}; {_depth_note(recipe, num_layers)})")
+    if not stages or stages[0].layer > decode.layer - 1:
+        first = f"its first stage prunes before layer {stages[0].layer}" if stages else "it has no decoder stage"
+        raise RecipeError(f"{where}: the selection reads layer {decode.layer - 1}, but {first}; a decode block "
+                          "needs a decoder stage at or before the layer it reads (a layer-0 stage that keeps "
+                          "everything will do: {layer: 0, keep: 1.0})")
 
 
 def collect_probes(parts: list[tuple[str, Any]], stage_layers: Sequence[int], num_layers: int, site: str,

@@ -106,6 +106,7 @@ class CacheRecord:
     records: list[StageRecord]
     seen: int  # tokens the cache has seen (prompt + decoded)
     rewrite: PromptRewrite | None = None
+    decode_rows: list[Tensor] | None = None  # a decode block's last attention row over each sample's visual slots
 
     def stage_mask(self, stage: int, mask_2d: Tensor) -> Tensor:
         """[batch, slots]: which of stage ``stage``'s cached slots hold real tokens, given the 2D mask over
@@ -144,6 +145,7 @@ class Decode:
     positions: Tensor | None  # [components, batch, q] long (set by the language model's pre-hook)
     cache: Any
     layer_kwargs: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)  # (stage, kind) -> kwargs
+    selection: tuple[int, Tensor] | None = None  # a decode block's (stage, [batch, slots] bool kept slots) this step
 
 
 @dataclass

@@ -31,6 +31,21 @@ class VisionSchema:
 
 
 @dataclass
+class DecodeSchema:
+    """Decode steps that read a selection of the cached visual tokens (DyCoke's dynamic KV-cache pruning)."""
+
+    layer: int = field(default=3, metadata=_doc(
+        "from this decoder layer on, a decode step attends to the selected visual tokens only; the selection "
+        "is read from the new token's attention at layer - 1"))
+    prune: float = field(default=0.8, metadata=_doc(
+        "fraction of the cached visual tokens a selecting step leaves out, in [0, 1): it keeps "
+        "int(n * (1 - prune)) of n, the most attended"))
+    similar: Optional[float] = field(default=0.9, metadata=_doc(
+        "a step whose attention row over the visual tokens has cosine >= similar with the previous step's "
+        "reads them all (DyCoke's rule); null: every step selects"))
+
+
+@dataclass
 class RecipeSchema:
     """The top level of a recipe; criterion, combiner and schedule parameters are checked by their plugins."""
 
@@ -45,6 +60,8 @@ class RecipeSchema:
     merge: Optional[dict[str, Any]] = field(default=None, metadata=_doc(
         "{type: <registered merger>, ...}: summary tokens made from what each decoder stage drops"))
     vision: Optional[VisionSchema] = field(default=None, metadata=_doc("a stage before the language model"))
+    decode: Optional[DecodeSchema] = field(default=None, metadata=_doc(
+        "decode steps that attend to a per-step selection of the cached visual tokens"))
     adapter: Optional[str] = field(default=None, metadata=_doc(
         "an adapter name; by default the first registered adapter that matches the model"))
     positions: Positions = field(default="compact", metadata=_doc(

@@ -121,6 +121,8 @@ def _with_keep(recipe: str, keep: float | None = None, count: int | None = None)
     cfg = OmegaConf.to_container(OmegaConf.load(f"{RECIPES_DIR}/{recipe}.yaml"))
     stage = {"layer": 0, "keep": keep} if count is None else {"layer": 0, "count": count}
     cfg["schedule"] = {"type": "stages", "stages": [stage]}
+    if keep == 1.0 and "decode" in cfg:  # keep everything in decode steps too: a selection of all n
+        cfg["decode"]["prune"] = 0.0
     return cfg
 
 

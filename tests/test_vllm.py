@@ -194,6 +194,8 @@ def test_layer0_mergers_give_transformers_answers(plugin, tmp_path, toy, questio
 def test_recipes_vllm_cannot_run_are_refused_with_the_reason(plugin):
     with pytest.raises(plugin.NotServableError, match="decoder layers \\[7, 9, 12\\]"):
         plugin.plan_recipe("transprune-high", [], 16, 3)
+    with pytest.raises(plugin.NotServableError, match="its decode block picks the cached visual tokens"):
+        plugin.plan_recipe("dycoke", [], 16, 3)
     with pytest.raises(plugin.NotServableError, match="'cdpruner'"):
         plugin.plan_recipe("cdpruner-64", [], 16, 3)
     with pytest.raises(plugin.NotServableError, match="decoder stages"):

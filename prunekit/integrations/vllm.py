@@ -147,6 +147,9 @@ def plan_recipe(source: Any, overrides: Sequence[str] | None, num_layers: int, v
     if isinstance(source, str) and source == NO_PRUNING:
         return ServingPlan(NO_PRUNING)
     recipe = load_recipe(source, overrides)
+    if recipe.decode is not None:
+        raise _refuse(recipe, "its decode block picks the cached visual tokens each decode step reads, which "
+                              "vLLM's paged attention does not let a plugin mask")
     if recipe.vision is not None and recipe.schedule is not None:
         raise _refuse(recipe, "besides its vision block it has decoder stages (they prune inside the decoder, and "
                               "vLLM's paged KV cache keeps every prompt token at every layer)")
