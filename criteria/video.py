@@ -191,6 +191,9 @@ class DyCokeTTM(_OnLayerInput):
     k: float = 0.7  # the official dycoke_k: the share of a pruned frame's tokens that go
     own_count: bool = False  # score the tokens DyCoke drops -inf: each clip keeps DyCoke's own count (stage keep 1)
 
+    def clip_count(self, frames: int, per_frame: int) -> int | None:
+        return dycoke_keep_count(frames, per_frame, self.k) if self.own_count else None
+
     def validate(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not 0 <= self.k < 1:
             raise ValueError(f"k (the share of a pruned frame's tokens DyCoke drops) must be in [0, 1), got {self.k!r}")

@@ -105,6 +105,12 @@ class Criterion:
     def validate(self) -> None:
         """Raise ``ValueError`` naming a bad parameter; called once when the recipe is built."""
 
+    def clip_count(self, frames: int, per_frame: int) -> int | None:
+        """For the FLOPs model (``prunekit flops --frames``): the visual tokens a criterion that keeps a count of
+        its own (scores the rest -inf) leaves of one clip of ``frames`` frames of ``per_frame`` tokens. None: it
+        drops nothing by itself, or its count depends on the clip's content."""
+        return None
+
 
 class Combiner:
     """Merges the named scores of several criteria into one ``[batch, seq]`` score."""

@@ -107,14 +107,15 @@ def _cmd_flops(args: argparse.Namespace) -> int:
         else:
             recipe = load_recipe(name)
             check_fits_depth(recipe, dims.num_layers, model_name)  # as apply() would refuse it
-            flops = recipe_estimate(recipe, dims, args.visual_tokens, args.text_tokens)
+            flops = recipe_estimate(recipe, dims, args.visual_tokens, args.text_tokens, args.frames)
         out.append({"recipe": name, **flops.as_dict()})
     if args.json:
-        print(json.dumps({"model": args.model, "visual_tokens": args.visual_tokens,
+        print(json.dumps({"model": args.model, "visual_tokens": args.visual_tokens, "frames": args.frames,
                           "text_tokens": args.text_tokens, "recipes": out}, indent=2))
         return 0
+    clip = f" (one clip of {args.frames} frames)" if args.frames else ""
     print(f"{args.model}: {dims.num_layers} layers, hidden {dims.hidden_size}, MLP {dims.intermediate_size}; "
-          f"{args.visual_tokens} visual + {args.text_tokens} text tokens")
+          f"{args.visual_tokens} visual{clip} + {args.text_tokens} text tokens")
     print(f"{'recipe':<20} {'TFLOPs':>8} {'ratio':>7} {'seq TFLOPs':>11} {'seq ratio':>10}")
     for row in out:
         print(f"{row['recipe']:<20} {row['tflops']:>8.3f} {row['ratio']:>7.3f} "
@@ -264,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--recipe", nargs="+", default=[], help="recipe names or YAML paths")
     flops.add_argument("--visual-tokens", type=_int_at_least(1), default=576)
     flops.add_argument("--text-tokens", type=_int_at_least(0), default=0)
+    flops.add_argument("--frames", type=_int_at_least(1), default=None,
+                       help="the visual tokens are one clip of this many equal frames: criteria that keep a count "
+                            "of their own on a clip (DyCoke's own count) are counted so")
     flops.add_argument("--json", action="store_true")
     flops.set_defaults(func=_cmd_flops)
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from prunekit.api import Stage
+from prunekit.errors import LayoutError
 
 
 @dataclass(frozen=True)
@@ -109,17 +110,21 @@ def prefill_flops(tokens_per_layer: Sequence[float], dims: DecoderDims) -> float
     return float(sum(layer_flops(n, dims, layer) for layer, n in enumerate(tokens_per_layer)))
 
 
-def visual_tokens_per_layer(stages: Sequence[Stage], num_layers: int, n_visual: int, merger: Any = None) -> list[int]:
+def visual_tokens_per_layer(stages: Sequence[Stage], num_layers: int, n_visual: int, merger: Any = None,
+                            own_counts: dict[int, int] | None = None) -> list[int]:
     """Visual tokens each layer runs on under a schedule (counts relative to the original ``n_visual``).
 
     A ``merger`` with a ``count(n_dropped)`` method adds the summary tokens it makes at each stage (an
-    ``in_place`` merger adds none: it merges into kept tokens).
+    ``in_place`` merger adds none: it merges into kept tokens). ``own_counts`` caps a stage's kept tokens
+    (stage layer -> the count its criteria keep of their own, :meth:`prunekit.api.Criterion.clip_count`).
     """
     counts, current = [], n_visual
     boundaries = {stage.layer: stage for stage in stages}
+    own_counts = own_counts or {}
     for layer in range(num_layers):
         if layer in boundaries:
-            kept = min(current, int(boundaries[layer].keep_counts(torch.tensor([n_visual]))[0]))
+            kept = min(current, int(boundaries[layer].keep_counts(torch.tensor([n_visual]))[0]),
+                       own_counts.get(layer, current))
             adds = merger is not None and hasattr(merger, "count") and not getattr(merger, "in_place", False)
             merged = merger.count(current - kept) if adds else 0
             current = kept + merged
@@ -145,13 +150,16 @@ class FlopsEstimate:
 
 
 def estimate(stages: Sequence[Stage], dims: DecoderDims, n_visual: int = 576, n_text: int = 0,
-             merger: Any = None, entering: int | None = None) -> FlopsEstimate:
+             merger: Any = None, entering: int | None = None, own_counts: dict[int, int] | None = None
+             ) -> FlopsEstimate:
     """Analytic prefill FLOPs of a schedule for ``n_visual`` visual and ``n_text`` other tokens.
 
     ``entering`` is the visual token count the language model receives when a stage before it
     shortened the image (default ``n_visual``); the ratios compare with ``n_visual`` unpruned.
+    ``own_counts``: see :func:`visual_tokens_per_layer`.
     """
-    visual = visual_tokens_per_layer(stages, dims.num_layers, n_visual if entering is None else entering, merger)
+    visual = visual_tokens_per_layer(stages, dims.num_layers, n_visual if entering is None else entering, merger,
+                                     own_counts)
     base_visual = prefill_flops([n_visual] * dims.num_layers, dims)
     base_sequence = prefill_flops([n_visual + n_text] * dims.num_layers, dims)
     pruned_visual = prefill_flops(visual, dims)
@@ -160,8 +168,13 @@ def estimate(stages: Sequence[Stage], dims: DecoderDims, n_visual: int = 576, n_
                          pruned_sequence / base_sequence, visual)
 
 
-def recipe_estimate(recipe: Any, dims: DecoderDims, n_visual: int = 576, n_text: int = 0) -> FlopsEstimate:
-    """:func:`estimate` for a loaded :class:`~prunekit.recipe.Recipe`: its vision stage, schedule and merger."""
+def recipe_estimate(recipe: Any, dims: DecoderDims, n_visual: int = 576, n_text: int = 0,
+                    frames: int | None = None) -> FlopsEstimate:
+    """:func:`estimate` for a loaded :class:`~prunekit.recipe.Recipe`: its vision stage, schedule and merger.
+
+    ``frames``: the ``n_visual`` tokens are one clip of that many equal frames; a stage whose criteria keep a
+    count of their own on such a clip (:meth:`~prunekit.api.Criterion.clip_count`) keeps at most that.
+    """
     entering = n_visual
     if recipe.vision is not None:
         from prunekit.vision import vision_stage_tokens
@@ -169,4 +182,15 @@ def recipe_estimate(recipe: Any, dims: DecoderDims, n_visual: int = 576, n_text:
         entering = sum(vision_stage_tokens(recipe.vision, n_visual))
     from prunekit.recipe import resolve_stages
 
-    return estimate(resolve_stages(recipe, dims.num_layers), dims, n_visual, n_text, recipe.merger, entering)
+    stages = resolve_stages(recipe, dims.num_layers)
+    own_counts = {}
+    if frames is not None and stages:
+        if n_visual % frames:
+            raise LayoutError(f"{n_visual} visual tokens are not {frames} equal frames: give the visual tokens as "
+                              "frames x tokens per frame")
+        counts = [c for c in (crit.clip_count(frames, n_visual // frames) for crit in recipe.criteria.values())
+                  if c is not None]
+        if counts:  # the criteria score on the stage's input: the first stage's
+            own_counts[stages[0].layer] = min(counts)
+    return estimate(stages, dims, n_visual, n_text, recipe.merger, entering, own_counts)
+

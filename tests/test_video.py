@@ -487,3 +487,31 @@ def test_doctor_shows_frames_x_grid_per_video_span():
     lines = video_frames(qwen, qwen_video_inputs(qwen, grids))
     for line, (t, h, w) in zip(lines, grids):
         assert line.endswith(f": {t} frames x {h // merge}x{w // merge} grid")
+
+
+# ---------------------------------------------------------------------------------------------
+# the FLOPs model on a clip (prunekit flops --frames)
+# ---------------------------------------------------------------------------------------------
+def test_flops_on_a_clip_counts_the_tokens_dycokes_own_count_keeps_in_a_real_run(tmp_path, capsys):
+    import json
+
+    from prunekit.cli import main
+    from prunekit.flops import DecoderDims, recipe_estimate
+
+    model = tiny_family_model("llava_onevision", num_layers=4, seed=1, dtype=torch.float64)
+    inputs = family_inputs(model, "llava_onevision", seed=5, video=True)
+    with prunekit.apply(model, "dycoke-own-count") as pruner, torch.no_grad():
+        model(**inputs)
+    kept = int(pruner.last_report.stages[0].kept_counts[0])  # 8 frames of 3x3, and the closing newline
+    dims = DecoderDims.from_config(model.config)
+    recipe = prunekit.load_recipe("dycoke-own-count")
+    estimate = recipe_estimate(recipe, dims, 8 * 9, frames=8)
+    assert estimate.visual_tokens == [kept - 1] * 4 and kept - 1 < 72
+    assert recipe_estimate(recipe, dims, 8 * 9).visual_tokens == [72] * 4  # without frames: its stage keeps 1.0
+    model.config.save_pretrained(tmp_path)
+    assert main(["flops", str(tmp_path), "--recipe", "dycoke-own-count", "--visual-tokens", "72", "--frames", "8",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["recipes"][1]
+    assert row["ratio"] == round(estimate.visual_ratio, 4) < 1
+    with pytest.raises(ValueError, match="73 visual tokens are not 8 equal frames"):
+        recipe_estimate(recipe, dims, 73, frames=8)
