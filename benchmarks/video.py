@@ -24,7 +24,7 @@ from prunekit.compat import cache_of
 from prunekit.testing import END_ID, START_ID, family_config
 from suite import _pruner, time_prefills  # benchmarks/suite.py: the same timing loop
 
-RECIPES = ("none", "uniform-frames", "frame-difference", "dycoke")
+RECIPES = ("none", "uniform-frames", "frame-difference", "dycoke", "fastvid", "prunevid", "holitom")
 
 
 def qwen_video_model(num_layers: int = 28):
