@@ -13,6 +13,7 @@ from typing import Any
 
 import inspect
 import math
+import threading
 
 import torch
 from torch import Tensor, nn
@@ -520,6 +521,86 @@ class PrefixLMAdapter(DecoderAdapter):
         return layout
 
 
+class Gemma3nAdapter(DecoderAdapter):
+    """Gemma 3n: AltUp, per-layer inputs and KV-shared layers.
+
+    - A decoder layer takes its hidden states as AltUp streams ``[streams, batch, seq, dim]``: the engine
+      reads them as ``[batch, seq, streams * dim]`` (each token's streams side by side), so a prune gathers
+      every stream of the kept tokens, and the scoring pass norms the layer's active prediction.
+    - The stack hands each layer its per-layer input (``[batch, seq, per_layer_dim]``) and rotary embeddings
+      positionally, over the whole prompt: after a prune the layer gets the kept tokens' per-layer inputs,
+      and the stage's position embeddings.
+    - The last ``num_kv_shared_layers`` layers reuse the keys and values of the last earlier layer of their
+      type: a prune after such a source layer would hand the sharing layers another sequence, so it is refused.
+    """
+
+    def layer_input(self, args: tuple, kwargs: dict) -> Tensor:
+        hidden = super().layer_input(args, kwargs)
+        if hidden.dim() == 4:  # AltUp streams [streams, batch, seq, dim] -> [batch, seq, streams * dim]
+            streams, batch, seq, dim = hidden.shape
+            return hidden.permute(1, 2, 0, 3).reshape(batch, seq, streams * dim)
+        return hidden  # a submodule's input (attention, MLP): [batch, seq, dim]
+
+    def probe_input(self, args: tuple, kwargs: dict) -> Tensor:
+        streams = super().layer_input(args, kwargs)  # [streams, batch, seq, dim]
+        return streams[self._active] if streams.dim() == 4 else streams  # the active stream: [batch, seq, dim]
+
+    _active = 0  # AltUp's active stream (Gemma 3n's configs: altup_active_idx 0)
+
+    def layer_keywords(self, args: tuple, kwargs: dict) -> dict:
+        named = dict(kwargs)
+        named.update(zip(("position_embeddings", "per_layer_input"), args[1:3]))  # the stack's positional ones
+        return named
+
+    def write_layer_input(self, model: nn.Module, args: tuple, kwargs: dict, hidden: Tensor | None,
+                          layer_kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        streams = super().layer_input(args, kwargs)  # [streams, batch, seq, dim] the layer was called with
+        named = {k: v for k, v in self.layer_keywords(args, kwargs).items() if k != "hidden_states"}
+        if len(args) >= 3:  # the stack's slice over the whole prompt (a later hook of this call gets a gathered one)
+            _GEMMA3N_LOCAL.full = args[2]
+        named.update(layer_kwargs)
+        layout = _running_layout(model)
+        full = getattr(_GEMMA3N_LOCAL, "full", None)
+        if layout is not None and full is not None and full.shape[:2] != layout.original_index.shape:
+            index = layout.original_index.to(full.device)  # [batch, seq_now]; -1 on fill and merged slots
+            gathered = full.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, full.shape[-1]))
+            named["per_layer_input"] = gathered.masked_fill((index < 0)[..., None], 0)
+        if hidden is not None:  # [batch, seq_now, streams * dim] -> [streams, batch, seq_now, dim]
+            batch, seq, _ = hidden.shape
+            streams = hidden.reshape(batch, seq, streams.shape[0], -1).permute(2, 0, 1, 3)
+        return (streams,), named
+
+    def input_norm(self, layer: nn.Module) -> Any:
+        norm, altup, config = layer.input_layernorm, layer.altup, layer.config
+
+        def active_prediction_normed(hidden: Tensor) -> Tensor:  # [batch, seq, streams * dim] -> [batch, seq, dim]
+            batch, seq, _ = hidden.shape
+            streams = hidden.reshape(batch, seq, config.altup_num_inputs, -1).permute(2, 0, 1, 3)
+            return norm(altup.predict(streams)[config.altup_active_idx])
+
+        return active_prediction_normed
+
+    def check_prune_layers(self, model: nn.Module, layers: Sequence[int]) -> None:
+        config = self.language_model(model).config
+        shared = int(getattr(config, "num_kv_shared_layers", 0) or 0)
+        if not shared or not layers:
+            return
+        kinds = list(config.layer_types)
+        first_shared = len(kinds) - shared
+        sources = sorted({max(i for i in range(first_shared) if kinds[i] == kinds[j])
+                          for j in range(first_shared, len(kinds))})
+        late = [layer for layer in layers if layer > sources[0]]
+        if late:
+            raise AdapterError(
+                f"{type(model).__name__}: its last {shared} decoder layers ({first_shared}..{len(kinds) - 1}) reuse "
+                f"the keys and values of layers {sources}; a prune before layer {late[0]} would hand them another "
+                f"sequence than the one those layers cached. Prune before layers 0..{sources[0]} (a recipe's "
+                "reference_depth or overrides move its stages)")
+
+
+_GEMMA3N_LOCAL = threading.local()  # the per-layer input of the layer call the pruner's hooks are writing
+
+
 LLAVA = DecoderAdapter(FamilySpec(
     name="llava",
     model_types=("llava",),
@@ -655,6 +736,13 @@ GEMMA3 = Gemma3Adapter(FamilySpec(
     projector=None, vision_layers=None,
 ))
 
+GEMMA3N = Gemma3nAdapter(FamilySpec(
+    name="gemma3n",
+    model_types=("gemma3n",),
+    classes=("Gemma3nForConditionalGeneration",),
+    projector=None, vision_layers=None,
+))
+
 PALIGEMMA = PrefixLMAdapter(FamilySpec(
     name="paligemma",
     model_types=("paligemma",),
@@ -666,7 +754,7 @@ GENERIC = GenericAdapter()
 
 # Named rows first; the generic adapter is the fallback (the registry tries adapters in this order).
 BUILTIN_ADAPTERS: list[Adapter] = [LLAVA, LLAVA_NEXT, VIDEO_LLAVA, LLAVA_ONEVISION, QWEN2_VL, QWEN3_VL, GEMMA3,
-                                   PALIGEMMA, GENERIC]
+                                   GEMMA3N, PALIGEMMA, GENERIC]
 
 
 @hookimpl

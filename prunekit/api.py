@@ -317,8 +317,35 @@ class Adapter(ABC):
         return norm
 
     def layer_input(self, args: tuple, kwargs: dict) -> Tensor:
-        """The hidden states a decoder layer (or its submodule) was called with."""
+        """The hidden states a decoder layer (or its submodule) was called with, ``[batch, seq, ...]``."""
         return args[0] if args else kwargs["hidden_states"]
+
+    def probe_input(self, args: tuple, kwargs: dict) -> Tensor:
+        """The hidden states a ``LayerInput`` probe delivers for a decoder layer call, ``[batch, seq, hidden]``
+        (:meth:`layer_input`, unless the layer carries more than one stream of them)."""
+        return self.layer_input(args, kwargs)
+
+    def layer_keywords(self, args: tuple, kwargs: dict) -> dict:
+        """A decoder layer call's keyword arguments, with those its stack passes positionally (after the hidden
+        states) named: what the scoring pass hands the layer's attention."""
+        return kwargs
+
+    def write_layer_input(self, model: nn.Module, args: tuple, kwargs: dict, hidden: Tensor | None,
+                          layer_kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        """A decoder layer's call with the stage's ``layer_kwargs`` (:meth:`stage_kwargs`) and, at a prune, the
+        shorter ``hidden`` (as :meth:`layer_input` reads it; None: unchanged). An adapter whose layers take
+        some of these positionally, or in another shape, overrides it."""
+        kwargs.update(layer_kwargs)
+        if hidden is None:
+            return args, kwargs
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def check_prune_layers(self, model: nn.Module, layers: Sequence[int]) -> None:
+        """Raise :class:`AdapterError` when ``model`` cannot be pruned before these decoder layers (e.g. layers that
+        reuse another layer's keys and values); by default any layer can."""
 
     def module_output(self, output: Any) -> Tensor:
         """The hidden states a submodule returned (attention returns ``(output, weights)``)."""

@@ -94,7 +94,7 @@ def install_layer_input(site: Site, wanted: Wanted) -> None:
     for (layer, normed), observers in _by(wanted, lambda p: (p.layer, p.final_norm)).items():
         def hook(module: nn.Module, args: tuple, kwargs: dict, observers: Wanted = observers,
                  normed: bool = normed) -> None:
-            hidden = site.adapter.layer_input(args, kwargs)  # [batch, seq, hidden]
+            hidden = site.adapter.probe_input(args, kwargs)  # [batch, seq, hidden]
             if normed and site.running.prefill() is not None:
                 with torch.no_grad():
                     hidden = final_norm(hidden)
@@ -134,8 +134,8 @@ def install_attention_rows(site: Site, wanted: Wanted) -> None:
                 prefill = site.running.prefill()
                 if prefill is not None:
                     with site.timed("attention rows"):
-                        scoring_pass(site.adapter, module, site.adapter.layer_input(args, kwargs), kwargs, prefill,
-                                     probes)
+                        scoring_pass(site.adapter, module, site.adapter.layer_input(args, kwargs),
+                                     site.adapter.layer_keywords(args, kwargs), prefill, probes)
 
             site.hooks.add(site.layers[layer].register_forward_pre_hook(before, with_kwargs=True))
             for handle in rows_only_hooks(site.adapter.attention(site.layers[layer]), site.running.prefill):

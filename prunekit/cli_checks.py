@@ -119,7 +119,8 @@ def loading(what: str) -> Iterator[None]:
         yield
     except PrunekitError:
         raise
-    except (OSError, ValueError, KeyError, AttributeError) as exc:  # json.JSONDecodeError is a ValueError
+    except (OSError, ValueError, KeyError, AttributeError, ImportError) as exc:  # JSONDecodeError is a ValueError;
+        # ImportError: a part the model needs is not installed (Gemma 3n's timm vision tower)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CommandLineError(f"cannot load {what}: {first}") from exc
 

@@ -169,6 +169,7 @@ class Pruner:
         self._vision = (None if self.recipe.vision is None
                         else VisionPruner(model, self.adapter, self.recipe.vision, self._running))
         check_decode(self.recipe, self.stages, self.num_layers, type(model).__name__)
+        self.adapter.check_prune_layers(model, self.stage_layers)
         self._probes = collect_probes(self.recipe.parts(), self.stage_layers, self.num_layers, "decoder",
                                       f"recipe {self.recipe.name!r}")
         # stage index of every layer (-1 before the first prune)
@@ -526,12 +527,11 @@ class Pruner:
                         prebuilt = decode_layer_kwargs(forward, adapter, model, key, layer_idx, hidden)
                     if self.clock is not None:
                         self.clock.decode_build_seconds += time.perf_counter() - start
-                kwargs.update(prebuilt)
-                return args, kwargs
+                return adapter.write_layer_input(model, args, kwargs, None, prebuilt)
             if isinstance(forward, Prefill) and forward.records:
-                kwargs.update(prefill_layer_kwargs(forward, adapter, model, layer_idx,
-                                                   adapter.layer_input(args, kwargs), self._timed))
-                return args, kwargs
+                built = prefill_layer_kwargs(forward, adapter, model, layer_idx, adapter.layer_input(args, kwargs),
+                                             self._timed)
+                return adapter.write_layer_input(model, args, kwargs, None, built)
             return None
 
         return hook
@@ -545,12 +545,8 @@ class Pruner:
                 return None
             hidden = prune(prefill, self.recipe, self.adapter, stage, stage_index,
                            self.adapter.layer_input(args, kwargs), self._timed)
-            kwargs.update(prefill_layer_kwargs(prefill, self.adapter, self.model, stage.layer, hidden, self._timed))
-            if args:
-                args = (hidden, *args[1:])
-            else:
-                kwargs["hidden_states"] = hidden
-            return args, kwargs
+            built = prefill_layer_kwargs(prefill, self.adapter, self.model, stage.layer, hidden, self._timed)
+            return self.adapter.write_layer_input(self.model, args, kwargs, hidden, built)
 
         return hook
 

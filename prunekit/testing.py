@@ -15,7 +15,9 @@ other architectures from the transformers config classes; every builder saves ra
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -297,6 +299,8 @@ def family_config(family: str, num_layers: int = 16):
     if family == "idefics3":
         return tf.Idefics3Config(vision_config=tf.Idefics3VisionConfig(**_VISION), text_config=tf.LlamaConfig(**text),
                                  image_token_id=IMAGE_ID, scale_factor=2)
+    if family == "gemma3n":
+        return gemma3n_config(num_layers)
     if family == "gemma3":
         gemma_text = tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300,
@@ -483,7 +487,7 @@ MATRIX_FAMILIES = (*FAMILIES, "glm4v", "llama4", "internvl", "idefics3", "llava"
                    "cohere2_vision", "vipllava", "glm46v", "glm4v_moe", "shieldgemma2", "qwen3_5", "qwen3_5_moe",
                    "minicpmv4_6", "lfm2_vl", "kimi_k25", "idefics2", "aria", "got_ocr2", "lighton_ocr", "deepseek_vl",
                    "janus", "glmga", "glm_ocr", "pp_chart2table", "qianfan_ocr", "ovis2", "video_llama_3",
-                   "paddleocr_vl", "deepseek_vl_hybrid", "fuyu", "hyperclovax_vision_v2", "cosmos3_edge")
+                   "paddleocr_vl", "deepseek_vl_hybrid", "fuyu", "hyperclovax_vision_v2", "cosmos3_edge", "gemma3n")
 _MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr",
           "cosmos3_omni", "cosmos3_edge", "ernie4_5_vl_moe")
 _SINGLE_IMAGE = ("llava", "vipllava", "mistral3", "aya_vision", "cohere2_vision", "smolvlm", "idefics2", "aria",
@@ -493,6 +497,26 @@ _SINGLE_IMAGE = ("llava", "vipllava", "mistral3", "aya_vision", "cohere2_vision"
 _PIXEL_SHAPE = {"smolvlm": (1, 3, 24, 24), "idefics2": (1, 3, 24, 24), "got_ocr2": (3, 64, 64),
                 "pp_chart2table": (3, 64, 64), "step3p7": (3, 48, 48)}
 _EAGER = ("paligemma", "got_ocr2", "pp_chart2table")  # no SDPA path in transformers
+
+
+def gemma3n_config(num_layers: int, kv_shared_layers: int = 0):
+    """A tiny Gemma 3n: AltUp (4 streams), per-layer inputs, LAuReL, sliding and full layers alternating, the last
+    ``kv_shared_layers`` layers reusing earlier keys and values; timm's ``test_resnet`` as the vision tower (128 px
+    images -> 4x4 = 16 soft tokens of 96 channels). Needs timm (and a torchvision that imports)."""
+    import transformers as tf
+
+    text = dict(vocab_size=300, vocab_size_per_layer_input=300, hidden_size=64, intermediate_size=[128] * num_layers,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                hidden_size_per_layer_input=8, sliding_window=16, num_kv_shared_layers=kv_shared_layers,
+                layer_types=["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (
+                    num_layers % 2),
+                altup_num_inputs=4, laurel_rank=4, activation_sparsity_pattern=[0.0] * num_layers,
+                max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    audio = dict(hidden_size=32, conf_num_hidden_layers=1, conf_num_attention_heads=2, sscp_conv_channel_size=[16, 8],
+                 conf_conv_kernel_size=3, vocab_size=16, vocab_offset=420)
+    return tf.Gemma3nConfig(text_config=text, vision_config=dict(architecture="test_resnet", hidden_size=96),
+                            audio_config=audio, vision_soft_tokens_per_image=16, image_token_id=299,
+                            boi_token_id=297, eoi_token_id=298, audio_token_id=296)
 
 
 def tiny_family_model(family: str, num_layers: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -543,7 +567,7 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
     g = torch.Generator().manual_seed(seed)
     dtype = dtype or model.dtype
     sizes = sizes or [(24, 24)] * batch
-    vocab = 290 if family in ("gemma3", "shieldgemma2") else 250
+    vocab = 290 if family in ("gemma3", "shieldgemma2", "gemma3n") else 250
 
     def words(low: int, high: int) -> list[int]:
         n = int(torch.randint(low, high + 1, (1,), generator=g))
@@ -644,6 +668,11 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
             counts = [(24 // 4) ** 2] * len(sizes)
             extra = {"pixel_values": pixel}
             image_id = model.config.image_token_id
+        elif family == "gemma3n":  # timm's test_resnet: 128 px -> 4x4 soft tokens
+            pixel = torch.randn(len(sizes), 3, 128, 128, generator=g).to(dtype)
+            counts = [model.config.vision_soft_tokens_per_image] * len(sizes)
+            extra = {"pixel_values": pixel}
+            image_id = model.config.image_token_id
         elif family in ("gemma3", "shieldgemma2"):
             pixel = torch.randn(len(sizes), 3, 24, 24, generator=g).to(dtype)
             counts = [model.config.mm_tokens_per_image] * len(sizes)
@@ -651,7 +680,7 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
             image_id = model.config.image_token_id
         else:
             raise ValueError(f"unknown family {family!r}")
-    bos = 2 if family in ("gemma3", "shieldgemma2", "paligemma") else 1
+    bos = 2 if family in ("gemma3", "shieldgemma2", "paligemma", "gemma3n") else 1
     for count in counts:
         image = [image_id] * count
         if family in ("qwen3_vl", "qwen3_vl_moe") and video:  # one run per frame, a text (timestamp) token between
@@ -677,6 +706,20 @@ def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list
 # ----------------------------------------------------------------------------------------------
 # The family x recipe matrix: which families run every decoder-stage recipe, and why not where not
 # ----------------------------------------------------------------------------------------------
+def missing_module(name: str) -> str | None:
+    """Why ``name`` cannot be imported (None when it can): a matrix row that needs it then skips, unless
+    ``PRUNEKIT_REQUIRE_<NAME>=1`` (set by the CI job that installs it) makes that a failure."""
+    if not name:
+        return None
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001  a torchvision that does not load raises more than ImportError
+        if os.environ.get(f"PRUNEKIT_REQUIRE_{name.upper()}") == "1":
+            raise
+        return f"{name} does not import here ({type(exc).__name__}: {exc})"
+    return None
+
+
 @dataclass(frozen=True)
 class MatrixRow:
     """One family of the matrix (tests/test_family_matrix.py) and of the table in docs/adapters.md.
@@ -696,6 +739,7 @@ class MatrixRow:
     recipe_reasons: tuple[tuple[str, str], ...] = ()
     min_transformers: str = "5.19.0"
     refused: str = ""
+    needs: str = ""  # a module the tiny model needs beyond prunekit's test tools (its rows skip without it)
 
 
 LLAMA4_BROKEN = ("transformers 5.24's Llama4ForConditionalGeneration.forward fails on its own (it reads "
@@ -754,6 +798,10 @@ MATRIX: tuple[MatrixRow, ...] = (
               "DeepSeek-V3 decoder: multi-head latent attention, MoE"),
     MatrixRow("llama4", "Llama4ForConditionalGeneration", "generic",
               "MoE every other layer, chunked attention, NoPE layers", reason=LLAMA4_BROKEN),
+    MatrixRow("gemma3n", "Gemma3nForConditionalGeneration", "gemma3n",
+              "AltUp streams, per-layer inputs, alternating sliding and full layers (the matrix's tiny model shares no "
+              "KV: tests/test_gemma3n.py checks KV-shared layers); its timm vision tower needs timm: run in CI's "
+              "Gemma 3n job", needs="timm"),
     MatrixRow("shieldgemma2", "Gemma3ForConditionalGeneration", "gemma3", "Gemma 3 under another model_type",
               reason="transformers does not reload a saved tiny ShieldGemma 2 (its weights come back unexpected); "
                      "on a model built from config the gemma3 adapter's keep-all is identical and fastv prunes (tested)"),
@@ -850,8 +898,6 @@ MATRIX: tuple[MatrixRow, ...] = (
     _no("gemma4_unified", "Gemma4UnifiedForConditionalGeneration",
         "Gemma 4 decoder: per-layer inputs, KV-shared layers, bidirectional vision attention: refused by name",
         GENERIC_REFUSED),
-    _no("gemma3n", "Gemma3nForConditionalGeneration",
-        TIMM + "; its decoder also passes per-layer inputs and 4-D AltUp hidden states, which no adapter slices yet"),
     _no("mllama", "MllamaForConditionalGeneration",
         "the image enters through cross-attention layers, not as tokens of the sequence: nothing to prune in the "
         "decoder's sequence: refused by name", GENERIC_REFUSED),

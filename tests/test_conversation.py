@@ -15,7 +15,7 @@ import torch
 import prunekit
 from prunekit.compat import cache_of, with_cache
 from prunekit.errors import LayoutError
-from prunekit.testing import MATRIX, LlavaShape, family_inputs, llava_inputs, tiny_family_model
+from prunekit.testing import MATRIX, LlavaShape, family_inputs, llava_inputs, missing_module, tiny_family_model
 from reference import RefModel, rms_norm
 
 SHAPE = LlavaShape()
@@ -229,6 +229,8 @@ def test_every_family_prunes_a_later_turns_image_on_the_cache(row):
     version = tuple(int(p) for p in re.findall(r"\d+", transformers.__version__)[:3])
     if version < tuple(int(p) for p in row.min_transformers.split(".")):
         pytest.skip(f"{row.family} needs transformers >= {row.min_transformers}")
+    if missing_module(row.needs):
+        pytest.skip(f"{row.family}: {missing_module(row.needs)}")
     model = tiny_family_model(row.family, num_layers=8, seed=1)
     turns = [family_inputs(model, row.family, seed=seed) for seed in (3, 4)]
     with torch.no_grad():

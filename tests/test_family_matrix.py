@@ -20,7 +20,7 @@ import transformers
 import prunekit
 from prunekit.recipe import builtin_recipe_names, load_recipe
 from prunekit.testing import (MATRIX, MATRIX_FAMILIES, MATRIX_RECIPE_REASONS, MatrixRow, family_inputs,
-                              family_matrix_markdown, tiny_family_model)
+                              family_matrix_markdown, missing_module, tiny_family_model)
 
 LAYERS = 8
 SCALED = ["reference_depth=28"]  # every built-in decoder recipe's layers onto 8 layers, stages distinct
@@ -51,6 +51,8 @@ def family(request):
     row: MatrixRow = request.param
     if _VERSION < tuple(int(p) for p in row.min_transformers.split(".")):
         pytest.skip(f"{row.family} needs transformers >= {row.min_transformers}")
+    if missing_module(row.needs):
+        pytest.skip(f"{row.family}: {missing_module(row.needs)}")
     model = tiny_family_model(row.family, num_layers=LAYERS, seed=1)
     inputs = family_inputs(model, row.family, batch=2, seed=0, sizes=SIZES.get(row.family))
     try:
@@ -241,6 +243,10 @@ def test_doctor_on_each_familys_config_says_which_recipes_run(row, tmp_path, cap
     if _VERSION < tuple(int(p) for p in row.min_transformers.split(".")):
         pytest.skip(f"{row.family} needs transformers >= {row.min_transformers}")
     family_config(row.family, num_layers=32).save_pretrained(tmp_path)
+    if missing_module(row.needs):  # the skeleton cannot be built: one line naming what to install
+        assert main(["doctor", str(tmp_path), "--json"]) == 2
+        assert row.needs in json.loads(capsys.readouterr().out)["error"]
+        return
     assert main(["doctor", str(tmp_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["adapter"] == row.adapter
@@ -281,17 +287,3 @@ def test_a_decoder_with_linear_attention_layers_is_refused_naming_the_layer_kind
     first = config.text_config.layer_types.index("linear_attention")
     assert main(["doctor", str(tmp_path)]) == 1
     assert f"decoder layer {first} is a 'linear_attention' layer" in capsys.readouterr().out
-
-
-def test_the_gemma3n_reason_still_holds():
-    """Gemma 3n's row says no tiny model can be built from config classes: its vision tower needs timm."""
-    if not hasattr(transformers, "Gemma3nConfig"):
-        pytest.skip(f"transformers {transformers.__version__} has no Gemma 3n")
-    try:
-        import timm  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.fail("timm is installed: build a tiny Gemma 3n and test it in the matrix (then update its row)")
-    with torch.device("meta"), pytest.raises(ImportError, match="timm"):
-        transformers.Gemma3nForConditionalGeneration(transformers.Gemma3nConfig())
