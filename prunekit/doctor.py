@@ -83,11 +83,12 @@ def diagnose(model: nn.Module) -> dict[str, Any]:
     except (NotImplementedError, AdapterError):
         report["probes"]["vision stage (VisionAttention / VisionKeys / VisionHidden)"] = False
     layer_kinds = [chosen.layer_kind(model, i) for i in range(len(layers))]
-    report["recipes"] = recipe_support(chosen, type(model).__name__, layer_kinds, report["probes"])
+    report["recipes"] = recipe_support(chosen, type(model).__name__, layer_kinds, report["probes"], model)
     return report
 
 
-def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes: dict[str, bool]) -> dict[str, str]:
+def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes: dict[str, bool],
+                   model: nn.Module | None = None) -> dict[str, str]:
     """For every built-in recipe, ``"runs"`` or why it will not on this model (as written, without
     ``reference_depth`` overrides): its stages fit the depth, its probes are supported, and every
     layer from its first prune on is a kind the adapter can feed a shorter sequence."""
@@ -107,6 +108,12 @@ def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes
         except (PrunekitError, ValueError) as exc:
             out[name] = f"no: {exc}"
             continue
+        if model is not None:
+            try:
+                adapter.check_prune_layers(model, layers)  # e.g. Gemma 3n's KV-shared layers
+            except PrunekitError as exc:
+                out[name] = f"no: {exc}"
+                continue
         if recipe.vision is not None and not vision_ok:
             out[name] = f"no: it prunes before the language model and adapter {adapter.name!r} has no vision stage"
             continue

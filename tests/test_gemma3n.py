@@ -127,3 +127,16 @@ def test_a_prune_after_a_kv_source_layer_is_refused_by_name(model):
     assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks
     with prunekit.apply(model, dict(late, schedule={"type": "stages", "stages": [{"layer": 4, "keep": 0.5}]})):
         pass  # before the first source layer: allowed
+
+
+def test_doctor_says_which_recipes_the_kv_shared_layers_allow(tmp_path, capsys):
+    import json
+
+    from prunekit.cli import main
+
+    gemma3n_config(32, kv_shared_layers=10).save_pretrained(tmp_path)  # layers 22..31 reuse layers 20 and 21
+    assert main(["doctor", str(tmp_path), "--json"]) == 0
+    recipes = json.loads(capsys.readouterr().out)["recipes"]
+    assert recipes["transprune-high"] == "runs" and recipes["fastv"] == "runs"  # layers 7, 9, 12; layer 2
+    assert recipes["pdrop"].startswith("no: Gemma3nForConditionalGeneration: its last 10 decoder layers (22..31) "
+                                       "reuse the keys and values of layers [20, 21]; a prune before layer 24")
