@@ -58,6 +58,8 @@ def select_slots(row: Tensor, visual: Tensor, previous: list[Tensor] | None, sel
     """
     keep = torch.ones_like(visual)
     rows = []
+    if previous is not None and len(previous) != visual.shape[0]:  # the batch changed: no previous rows
+        previous = None
     for b in range(visual.shape[0]):
         slots = visual[b].nonzero().flatten()  # [n]
         vector = row[b, slots]  # [n]: the visual part of the row, in slot order

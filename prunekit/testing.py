@@ -556,6 +556,20 @@ def _left_pad(rows: list[list[int]], pad: int = 0) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
+def qwen_video_inputs(model, grids: list[tuple[int, int, int]], seed: int = 0) -> dict[str, Tensor]:
+    """Left-padded Qwen2-VL / Qwen2.5-VL prompts, one video per sample with the given ``(t, h, w)`` patch grid
+    (temporal patches of 2 frames, 4 px patches), the processor's ``mm_token_type_ids`` included."""
+    g = torch.Generator().manual_seed(seed)
+    merge = model.config.vision_config.spatial_merge_size ** 2
+    rows = [[1, *range(5, 8 + 2 * i), START_ID, *([model.config.video_token_id] * (t * h * w // merge)), END_ID, 7, 8]
+            for i, (t, h, w) in enumerate(grids)]
+    ids, mask = _left_pad(rows)
+    grid = torch.tensor(grids)
+    pixel = torch.randn(int(grid.prod(dim=1).sum()), 3 * 2 * 4 * 4, generator=g).to(model.dtype)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": pixel, "video_grid_thw": grid,
+            "mm_token_type_ids": (ids == model.config.video_token_id).long() * 2}
+
+
 def family_inputs(model, family: str, batch: int = 1, seed: int = 0, sizes: list[tuple[int, int]] | None = None,
                   video: bool = False, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """Left-padded prompts ``<bos> text <image tokens> question`` for a tiny ``family`` model.

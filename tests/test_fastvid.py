@@ -23,6 +23,7 @@ from prunekit.testing import (
     START_ID,
     family_inputs,
     forward_context,
+    qwen_video_inputs,
     tiny_family_model,
 )
 
@@ -326,32 +327,15 @@ def test_a_padded_batch_of_two_clips_equals_the_lone_runs(onevision, recipe):
             assert batch_out[row, inputs["input_ids"].shape[1]:].tolist() == out[0, alone["input_ids"].shape[1]:].tolist()
 
 
-def _qwen_video_inputs(model, grids: list[tuple[int, int, int]], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Left-padded Qwen2.5-VL prompts, one video per sample with the given ``(t, h, w)`` patch grid."""
-    g = torch.Generator().manual_seed(seed)
-    merge = model.config.vision_config.spatial_merge_size ** 2
-    rows = [[1, *range(5, 8 + 2 * i), START_ID, *([model.config.video_token_id] * (t * h * w // merge)), END_ID, 7, 8]
-            for i, (t, h, w) in enumerate(grids)]
-    width = max(len(row) for row in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
-    grid = torch.tensor(grids)
-    pixel = torch.randn(int(grid.prod(dim=1).sum()), 3 * 2 * 4 * 4, generator=g).to(model.dtype)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": pixel, "video_grid_thw": grid,
-            "mm_token_type_ids": (ids == model.config.video_token_id).long() * 2}
-
-
 def test_a_padded_batch_of_two_qwen_clips_of_different_lengths_equals_the_lone_runs():
     model = tiny_family_model("qwen2_5_vl", num_layers=4, seed=1, dtype=torch.float64)
     grids = [(4, 8, 8), (6, 8, 12)]  # 4 frames of 16 tokens, 6 frames of 24
-    inputs = _qwen_video_inputs(model, grids, seed=5)
+    inputs = qwen_video_inputs(model, grids, seed=5)
     with prunekit.apply(model, _recipe(**MERGING)) as pruner, torch.no_grad():
         batch_out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         batch_report = pruner.last_report[0]
         for row, grid in enumerate(grids):
-            alone = _qwen_video_inputs(model, [grid], seed=5)
+            alone = qwen_video_inputs(model, [grid], seed=5)
             alone["pixel_values_videos"] = inputs["pixel_values_videos"][sum(t * h * w for t, h, w in grids[:row]):][
                 :grid[0] * grid[1] * grid[2]]
             alone["input_ids"] = inputs["input_ids"][row][inputs["attention_mask"][row].bool()][None]
@@ -370,7 +354,7 @@ def test_a_padded_batch_of_two_qwen_clips_of_different_lengths_equals_the_lone_r
 def test_recipes_generate_on_video_families(name, recipe):
     model = tiny_family_model(name, num_layers=4, seed=1, dtype=torch.float64)
     if name == "qwen2_5_vl":
-        inputs = _qwen_video_inputs(model, [(4, 8, 8)], seed=3)
+        inputs = qwen_video_inputs(model, [(4, 8, 8)], seed=3)
     else:
         inputs = family_inputs(model, name, batch=1, seed=3, video=True, dtype=torch.float64)
     n_video = int((inputs["input_ids"] == model.config.video_token_id).sum())
