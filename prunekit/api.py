@@ -166,12 +166,14 @@ class Stage:
     """Prune before decoder layer ``layer`` (0-based): it is the first layer on the shorter sequence.
 
     Keep ``keep`` (a fraction in (0, 1] of each sample's original visual tokens, truncated as
-    ``int(n * keep)``) or ``count`` visual tokens: exactly one of the two.
+    ``int(n * keep)``) or ``count`` visual tokens: exactly one of the two. ``positions`` (``compact`` or
+    ``original``) overrides the recipe's position policy at this stage (None: the recipe's).
     """
 
     layer: int
     keep: float | None = None
     count: int | None = None
+    positions: str | None = None
 
     def keep_counts(self, n_visual: Tensor) -> Tensor:
         """Visual tokens to keep per sample, given each sample's original count (``[batch]`` long)."""
@@ -189,6 +191,9 @@ class Stage:
         check_keep_count(self.keep, self.count, what)
         if not isinstance(self.layer, numbers.Integral) or self.layer < 0:
             raise ValueError(f"{what}.layer must be an int >= 0, got {self.layer!r}")
+        if self.positions not in (None, "compact", "original"):
+            raise ValueError(f"{what}.positions must be 'compact' or 'original' (or absent: the recipe's), got "
+                             f"{self.positions!r}")
 
 
 class Schedule:

@@ -49,15 +49,16 @@ def prune(prefill: Prefill, recipe: Recipe, adapter: Adapter, stage: Stage, stag
             plan = assemble(selection, last_index(ctx.layout.visual), merged_valid)
         hidden = next_hidden(hidden, plan, merged)  # a gather: gradients reach the kept tokens as in the bare model
         with torch.no_grad():
-            prefill.positions = next_positions(prefill, plan, adapter, recipe.positions)
+            policy = stage.positions or recipe.positions
+            prefill.positions = next_positions(prefill, plan, adapter, policy)
             if prefill.past is not None:  # a later turn: continue right after this stage's cached positions
                 prefill.positions = prefill.positions - prefill.past_moved(stage_index)[None, :, None]
         ctx.gather(plan.index, ~plan.from_current)
         if merged is not None:  # merged slots are visual tokens from now on
             ctx.layout.visual |= plan.merged_valid
             ctx.layout.valid |= plan.merged_valid
-    shift = torch.zeros_like(prefill.prompt_valid)
-    if recipe.positions == "compact":  # decode tokens continue right after the compacted prompt
+    shift = prefill.records[-1].shift if prefill.records else torch.zeros_like(prefill.prompt_valid)
+    if (stage.positions or recipe.positions) == "compact":  # decode tokens continue right after the compacted prompt
         shift = prefill.prompt_max_position - max_position(prefill.positions, ctx.layout.valid)
     layout = ctx.layout
     prefill.records.append(StageRecord(layer=stage.layer, original_index=layout.original_index,

@@ -113,7 +113,7 @@ def run_reference(
     pixel_values: Tensor,  # [images, 3, H, W]
     stages: list[tuple[int, float]],  # (layer, keep fraction of the original visual count)
     method: str,  # "transprune" | "fastv" | "given"
-    positions_policy: str = "compact",
+    positions_policy: str | list[str] = "compact",  # one for every stage, or one per stage
     given_kept: list[Tensor] | None = None,  # method "given": original positions to keep per stage
     decoded: Tensor | None = None,  # [t] tokens appended after the prompt (never pruned)
     accumulate: tuple[int, int] = (6, 11),
@@ -166,7 +166,8 @@ def run_reference(
             keep[keep_vis] = True
             dropped_total += int((is_visual & ~keep).sum())
             h, original, positions, is_visual, acc = (h[keep], original[keep], positions[keep], is_visual[keep], acc[keep])
-            if positions_policy == "compact":  # re-index the shorter sequence, as PyramidDrop/TransPrune do
+            policy = positions_policy if isinstance(positions_policy, str) else positions_policy[s]
+            if policy == "compact":  # re-index the shorter sequence, as PyramidDrop/TransPrune do
                 positions = torch.arange(h.shape[0])
             run.kept.append(original[is_visual].sort().values)
             run.stage_slots.append(original.clone())
@@ -185,7 +186,7 @@ def run_reference(
 
 
 def greedy_reference(ref: RefModel, input_ids: Tensor, pixel_values: Tensor, stages, kept: list[Tensor],
-                     positions_policy: str, steps: int) -> tuple[Tensor, Tensor]:
+                     positions_policy: str | list[str], steps: int) -> tuple[Tensor, Tensor]:
     """Greedy decoding without a cache: the same prompt tokens dropped at the same layers every step.
 
     Returns the generated ids [steps] and the next-token logits of every step [steps, vocab].

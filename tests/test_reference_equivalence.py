@@ -75,3 +75,35 @@ def test_reference_reproduces_the_bare_model(llava64, single_inputs64):
     ref = run_reference(RefModel(llava64), single_inputs64["input_ids"][0], single_inputs64["pixel_values"],
                         [], "given", given_kept=[])
     torch.testing.assert_close(ref.logits, bare, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("policies", [["compact", "original", "compact"], ["original", "compact", "original"]])
+def test_a_stage_of_its_own_position_policy_matches_the_reference_in_prefill_and_cached_decode(
+        llava64, single_inputs64, policies):
+    """``positions`` on a stage overrides the recipe's there: the reference re-indexes after the compact stages
+    only, and the decoded tokens continue where the last compact stage (or none) left the prompt."""
+    overrides = [f"schedule.stages.{i}.positions={policy}" for i, policy in enumerate(policies)]
+    steps = 5
+    with prunekit.apply(llava64, "transprune-high", overrides) as pruner, torch.no_grad():
+        logits = llava64(**single_inputs64).logits[0]
+        out = llava64.generate(**single_inputs64, max_new_tokens=steps, do_sample=False,
+                               return_dict_in_generate=True, output_logits=True)
+    ref_model = RefModel(llava64)
+    ref = run_reference(ref_model, single_inputs64["input_ids"][0], single_inputs64["pixel_values"],
+                        TRANSPRUNE_STAGES, "transprune", policies)
+    torch.testing.assert_close(logits, ref.logits, rtol=0, atol=1e-8)
+    kept = [stage.kept[0] for stage in pruner.last_report]
+    expected, expected_logits = greedy_reference(ref_model, single_inputs64["input_ids"][0],
+                                                 single_inputs64["pixel_values"], TRANSPRUNE_STAGES, kept, policies,
+                                                 steps)
+    generated = out.sequences[0, single_inputs64["input_ids"].shape[1]:]
+    assert generated.tolist() == expected.tolist()
+    torch.testing.assert_close(torch.stack([s[0] for s in out.logits]), expected_logits.float(), rtol=0, atol=1e-5)
+    mixed = run_reference(ref_model, single_inputs64["input_ids"][0], single_inputs64["pixel_values"],
+                          TRANSPRUNE_STAGES, "transprune", "compact")
+    assert not torch.allclose(mixed.logits, ref.logits)  # the policies change the result
+
+
+def test_a_stage_position_policy_outside_the_two_is_named():
+    with pytest.raises(prunekit.RecipeError, match=r"stages\.1\.positions must be 'compact' or 'original'.*'kept'"):
+        prunekit.load_recipe("transprune-high", ["schedule.stages.1.positions=kept"])

@@ -170,8 +170,8 @@ def plan_recipe(source: Any, overrides: Sequence[str] | None, num_layers: int, v
         raise _refuse(recipe, f"its merger {merger.name!r} reads "
                               f"{', '.join(str(p) for p in merger.probes((0,), num_layers))}, not only the projected "
                               "visual tokens entering layer 0")
-    if recipe.positions != "compact":
-        raise _refuse(recipe, f"positions {recipe.positions!r} keeps gaps in the positions of the kept tokens; "
+    if (stages[0].positions or recipe.positions) != "compact":
+        raise _refuse(recipe, f"positions {stages[0].positions or recipe.positions!r} keeps gaps in the positions of the kept tokens; "
                               "vLLM numbers the prompt's placeholders contiguously (use positions: compact)")
     for key, criterion in recipe.criteria.items():
         if criterion.name not in IMAGE_ONLY_CRITERIA and not getattr(criterion, "image_only", False):
