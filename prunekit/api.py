@@ -168,12 +168,15 @@ class Stage:
     Keep ``keep`` (a fraction in (0, 1] of each sample's original visual tokens, truncated as
     ``int(n * keep)``) or ``count`` visual tokens: exactly one of the two. ``positions`` (``compact`` or
     ``original``) overrides the recipe's position policy at this stage (None: the recipe's).
+    ``cut_earlier``: in decode steps the layers before this one attend to the visual tokens this stage
+    keeps only, as if their caches were cut to its selection (PruneVid); the prefill is unchanged.
     """
 
     layer: int
     keep: float | None = None
     count: int | None = None
     positions: str | None = None
+    cut_earlier: bool = False
 
     def keep_counts(self, n_visual: Tensor) -> Tensor:
         """Visual tokens to keep per sample, given each sample's original count (``[batch]`` long)."""

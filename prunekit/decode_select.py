@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunekit.api import Adapter
-from prunekit.errors import AdapterError, LayoutError
+from prunekit.errors import AdapterError, LayoutError, RecipeError
 from prunekit.hooks import HookSet
 from prunekit.recipe import DecodeSelection
 from prunekit.record import CacheRecord, Decode, Running
@@ -93,6 +93,58 @@ def masked(mask: Any, keep_columns: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
 
 
+class EarlierCacheCut:
+    """Stages with ``cut_earlier``: in each decode step the layers before such a stage attend to the cached visual
+    tokens it kept only (an attention mask over their caches, which keep every token)."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, layers: Sequence[nn.Module], stage_layers: Sequence[int],
+                 cuts: Sequence[int], running: Running, stage_of_layer: Sequence[int]) -> None:
+        self.adapter = adapter
+        self.layers = list(layers)
+        self.running = running
+        self.stage_of_layer = list(stage_of_layer)
+        self.cut_of_layer = {}  # layer -> the stage whose kept visual tokens it reads (the nearest cut after it)
+        if any(stage_layers[stage] == 0 for stage in cuts):
+            raise RecipeError("cut_earlier on the stage before layer 0: no layer comes before it")
+        for stage in sorted(cuts, reverse=True):
+            for layer in range(stage_layers[stage]):
+                self.cut_of_layer[layer] = stage
+        if self.cut_of_layer and min(stage_layers) != 0:
+            raise RecipeError(f"cut_earlier at the stage before layer {stage_layers[min(cuts)]} needs a stage before "
+                              f"layer 0 (the layers before the first stage cache the unpruned prompt); the first "
+                              f"stage prunes before layer {min(stage_layers)}")
+        _refuse_flash(adapter, model, "cut_earlier")
+        self._index = {id(layer): i for i, layer in enumerate(self.layers)}
+
+    def install(self, hooks: HookSet) -> None:
+        for layer in sorted(self.cut_of_layer):
+            hooks.add(self.layers[layer].register_forward_pre_hook(self._mask_hook, with_kwargs=True))
+
+    def _mask_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        decode = self.running.forward
+        if type(decode) is not Decode:
+            return None
+        layer = self._index[id(module)]
+        cached = decode.cached
+        cut, own = cached.records[self.cut_of_layer[layer]], cached.records[self.stage_of_layer[layer]]
+        kept = torch.where(cut.visual, cut.original_index, -2)  # [batch, slots_cut]: the cut's kept visual tokens
+        read = (own.original_index[:, :, None] == kept[:, None, :]).any(dim=-1)  # [batch, slots]
+        keep = ~own.visual | read
+        kv = keep.shape[1] + (cached.seen - cached.prompt_length) + (decode.mask_2d.shape[1] - cached.seen)
+        columns = torch.ones(keep.shape[0], kv, dtype=torch.bool, device=keep.device)
+        columns[:, : keep.shape[1]] = keep
+        kwargs["attention_mask"] = masked(kwargs.get("attention_mask"), columns,
+                                          self.adapter.layer_input(args, kwargs).dtype)
+        return args, kwargs
+
+
+def _refuse_flash(adapter: Adapter, model: nn.Module, what: str) -> None:
+    implementation = str(getattr(adapter.language_model(model).config, "_attn_implementation", "") or "")
+    if "flash" in implementation:
+        raise AdapterError(f"{what} hides cached columns with an attention mask, which {implementation!r} does not "
+                           "take; load the model with attn_implementation='sdpa' or 'eager'")
+
+
 class DecodeSelector:
     """Installs a ``decode`` block: the tap that reads layer ``L - 1``'s row and the mask hooks of layers ``L``..."""
 
@@ -106,11 +158,7 @@ class DecodeSelector:
         self.stage_of_layer = list(stage_of_layer)
         self.read_layer = selection.layer - 1
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}
-        implementation = str(getattr(adapter.language_model(model).config, "_attn_implementation", "") or "")
-        if "flash" in implementation:
-            raise AdapterError(f"a decode block hides cached columns with an attention mask, which "
-                               f"{implementation!r} does not take; load the model with attn_implementation='sdpa' "
-                               "or 'eager'")
+        _refuse_flash(adapter, model, "a decode block")
 
     def install(self, hooks: HookSet) -> None:
         """Into the pruner's ``hooks`` (removed with them, last installed first: the tap wraps the pruner's)."""

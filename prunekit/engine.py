@@ -37,7 +37,7 @@ from prunekit.api import Adapter, ForwardContext, Stage
 from prunekit.attention import CaptureFn
 from prunekit.capture import Site, install_probes
 from prunekit.compat import cache_in, cache_of
-from prunekit.decode_select import DecodeSelector
+from prunekit.decode_select import DecodeSelector, EarlierCacheCut
 from prunekit.errors import AdapterError, LayoutError, PrunerStateError
 from prunekit.hooks import HookSet
 from prunekit.layout import TokenLayout
@@ -186,6 +186,9 @@ class Pruner:
         self._decode = (None if self.recipe.decode is None else
                         DecodeSelector(model, self.adapter, self.layers, self.recipe.decode, self._running,
                                        self._stage_of_layer))
+        cuts = [s for s, stage in enumerate(self.stages) if stage.cut_earlier]
+        self._cut = (EarlierCacheCut(model, self.adapter, self.layers, self.stage_layers, cuts, self._running,
+                                     self._stage_of_layer) if cuts else None)
 
     @property
     def last_report(self) -> PruneReport | None:
@@ -243,6 +246,8 @@ class Pruner:
             add(self.layers[stage.layer].register_forward_pre_hook(self._prune_hook(s, stage), with_kwargs=True))
         if self._decode is not None:  # after the decode hooks, whose masks it narrows
             self._decode.install(self._hooks)
+        if self._cut is not None:
+            self._cut.install(self._hooks)
 
     def remove(self) -> None:
         """Remove every hook and restore the attention implementation. Safe to call twice."""

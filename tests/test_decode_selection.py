@@ -131,3 +131,62 @@ def test_bad_decode_blocks_are_named(llava32, decode, message):
     with pytest.raises(RecipeError, match=message):
         prunekit.apply(llava32, dict(FASTV, decode=decode))
     assert sum(len(m._forward_pre_hooks) for m in llava32.modules()) == hooks
+
+
+# ---------------------------------------------------------------------------------------------
+# a stage that cuts the earlier layers' caches to its selection (cut_earlier: PruneVid)
+# ---------------------------------------------------------------------------------------------
+CUT = {"name": "cut-earlier", "positions": "original", "criteria": {"n": {"type": "l2_norm"}},
+       "schedule": {"type": "stages", "stages": [{"layer": 0, "keep": 0.75},
+                                                 {"layer": 3, "keep": 0.4, "cut_earlier": True}]}}
+
+
+@torch.no_grad()
+def reference_cut(ref: RefModel, input_ids, pixel_values, kept: list[torch.Tensor], steps: int):
+    """Greedy decoding without a cache: the prompt's visual tokens dropped before layers 0 and 3 (``kept``), and
+    every decoded token's rows in layers 0..2 reading only the visual tokens kept before layer 3."""
+    prompt_length = input_ids.shape[0]
+    decoded: list[int] = []
+    logits = []
+    for _ in range(steps):
+        ids = torch.cat([input_ids, torch.tensor(decoded, dtype=torch.long)])
+        h = torch.cat([ref.embeddings(input_ids, pixel_values), ref.embed(ids[prompt_length:])])
+        original = torch.arange(h.shape[0])
+        visual = torch.cat([input_ids == ref.image_token_id, torch.zeros(len(decoded), dtype=torch.bool)])
+        for index, layer in enumerate(ref.layers):
+            if index in (0, 3):
+                keep = ~visual | torch.isin(original, kept[0 if index == 0 else 1])
+                h, original, visual = h[keep], original[keep], visual[keep]
+            hide = torch.zeros(h.shape[0], h.shape[0], dtype=torch.bool)
+            if index < 3:
+                decoded_rows = original >= prompt_length
+                hide[decoded_rows] = visual & ~torch.isin(original, kept[1])
+            attn_out, _ = _attend(ref, layer, rms_norm(h, layer.input_layernorm), original, hide)
+            h2 = h + attn_out
+            h = h2 + ref.mlp(layer, rms_norm(h2, layer.post_attention_layernorm))
+        logits.append(ref.lm_head(rms_norm(h, ref.final_norm))[-1])
+        decoded.append(int(logits[-1].argmax()))
+    return torch.tensor(decoded), torch.stack(logits)
+
+
+def test_cut_earlier_equals_the_cache_free_reference(llava64, single_inputs64):
+    ids, logits, pruner = _run(llava64, single_inputs64, CUT)
+    kept = [stage.kept[0] for stage in pruner.last_report]
+    expected, expected_logits = reference_cut(RefModel(llava64), single_inputs64["input_ids"][0],
+                                              single_inputs64["pixel_values"], kept, STEPS)
+    assert ids.tolist() == expected.tolist()
+    torch.testing.assert_close(logits, expected_logits.float(), rtol=0, atol=1e-5)
+    plain = dict(CUT, schedule={"type": "stages", "stages": [{"layer": 0, "keep": 0.75}, {"layer": 3, "keep": 0.4}]})
+    _, uncut, _ = _run(llava64, single_inputs64, plain)
+    assert not torch.allclose(uncut[1:], logits[1:], atol=1e-4)  # the cut reaches the decode steps
+    torch.testing.assert_close(uncut[0], logits[0], rtol=0, atol=0)  # and not the prefill
+
+
+@pytest.mark.parametrize("stages,message", [
+    ([{"layer": 0, "keep": 0.5, "cut_earlier": True}], "cut_earlier on the stage before layer 0: no layer comes"),
+    ([{"layer": 2, "keep": 0.75}, {"layer": 4, "keep": 0.5, "cut_earlier": True}],
+     "cut_earlier at the stage before layer 4 needs a stage before layer 0"),
+])
+def test_cut_earlier_without_earlier_pruned_layers_is_named(llava32, stages, message):
+    with pytest.raises(RecipeError, match=message):
+        prunekit.apply(llava32, dict(CUT, schedule={"type": "stages", "stages": stages}))
