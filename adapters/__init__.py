@@ -172,6 +172,13 @@ class DecoderAdapter(Adapter):
     def vision_attention(self, layer: nn.Module) -> nn.Module:
         return _get(layer, self.spec.vision_attention, "vision attention module")
 
+    def vision_has_cls(self, model: nn.Module) -> bool | None:
+        if self.spec.vision_layers is None or ".encoder" not in self.spec.vision_layers:
+            return None
+        tower = _get(model, self.spec.vision_layers.rsplit(".encoder", 1)[0], "vision tower")
+        embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+        return None if embeddings is None else hasattr(embeddings, "class_embedding")
+
     def vision_towers(self, model: nn.Module) -> list[Sequence[nn.Module]]:
         towers = [self.vision_layers(model)]
         if self.spec.video_vision_layers is not None:

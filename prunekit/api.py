@@ -376,6 +376,10 @@ class Adapter(ABC):
         """The attention module of a vision-encoder layer."""
         raise self._no_vision_stage(None)
 
+    def vision_has_cls(self, model: nn.Module) -> bool | None:
+        """Whether the vision tower's token 0 is a CLS token (CLIP) rather than a patch (SigLIP); None: unknown."""
+        return None
+
     def vision_towers(self, model: nn.Module) -> list[Sequence[nn.Module]]:
         """The layers of every vision encoder whose features reach the projector, one list per tower (Video-LLaVA:
         an image tower and a video tower). Vision probes are installed on each; a tower's forward fills the

@@ -31,6 +31,7 @@ from prunekit.capture import Site, install_probes
 from prunekit.errors import LayoutError, RecipeError
 from prunekit.hooks import HookSet
 from prunekit.layout import TokenLayout, run_starts
+from prunekit.probes import VisionAttention
 from prunekit.recipe import VisionRecipe, collect_probes
 from prunekit.record import PromptRewrite, Running, VisionRecord
 from prunekit.scoring import Timer, score
@@ -84,7 +85,8 @@ def tokens_per_image(model: nn.Module) -> int | None:
     if not isinstance(size, int) or not isinstance(patch, int) or patch <= 0:
         return None
     full = getattr(config, "vision_feature_select_strategy", "default") == "full"
-    return (size // patch) ** 2 + int(full)
+    has_cls = not str(getattr(vision, "model_type", "")).startswith("siglip")  # SigLIP towers: patches only
+    return (size // patch) ** 2 + int(full and has_cls)
 
 
 def shorten_images(vision: VisionRecipe, features: Tensor, captures: dict, num_layers: int
@@ -136,6 +138,12 @@ class VisionPruner:
         self.layers = self.towers[0]
         self.projector = adapter.projector(model)
         self.wanted = collect_probes(vision.parts(), (0,), len(self.layers), "vision", "vision")
+        cls_readers = [plugin for plugin, probe in self.wanted if isinstance(probe, VisionAttention) and probe.query == 0]
+        if cls_readers and adapter.vision_has_cls(model) is False:
+            names = ", ".join(sorted({repr(getattr(p, "name", type(p).__name__)) for p in cls_readers}))
+            raise RecipeError(f"vision: {names} read the vision tower's CLS attention (token 0), but "
+                              f"{type(model).__name__}'s tower has no CLS token (a SigLIP tower: token 0 is a patch); "
+                              "use vision criteria that read the patches only, or a decoder-stage recipe")
         self.per_image = tokens_per_image(model)  # splits adjacent images (<image><image>) in the prompt
         self._hooks = HookSet()
         self._timed: Timer | None = None

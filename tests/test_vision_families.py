@@ -23,3 +23,31 @@ def test_a_vision_stage_on_a_family_without_one_says_why_and_what_runs_instead(f
     with prunekit.apply(model, "divprune") as pruner, torch.no_grad():  # the alternative the message names runs
         model.generate(**family_inputs(model, family, seed=2), max_new_tokens=2, do_sample=False)
     assert int(pruner.last_report.stages[0].kept_counts[0]) < int(pruner.last_report.visual_tokens[0])
+
+
+def test_a_siglip_tower_refuses_cls_criteria_and_runs_the_others():
+    """A LLaVA whose tower is SigLIP has no CLS token: CLS-attention criteria say so; a vision stage that reads
+    the patches only shortens each image (its 36 patches, no CLS, under the "full" strategy)."""
+    import transformers as tf
+
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   image_size=24, patch_size=4)
+    text = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=300)
+    torch.manual_seed(0)
+    model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=255, vision_feature_select_strategy="full",
+        vision_feature_layer=-1)).eval()
+    for name in ("visionzip", "fastervlm-64", "vispruner-64"):
+        with pytest.raises(prunekit.RecipeError, match=r"read the vision tower's CLS attention \(token 0\), but "
+                                                       r"LlavaForConditionalGeneration's tower has no CLS token"):
+            prunekit.apply(model, name)
+    rows = [[1, 5, 6, *([255] * 36), 7, 8], [1, 9, *([255] * 36), *([255] * 36), 7]]  # <image><image> in row 1
+    ids = torch.tensor([[0] * (75 - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (75 - len(r)) + [1] * len(r) for r in rows])
+    inputs = {"input_ids": ids, "attention_mask": mask,
+              "pixel_values": torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(1))}
+    ten = {"name": "vision-random-10", "vision": {"criteria": {"r": {"type": "random"}}, "count": 10}}
+    with prunekit.apply(model, ten) as pruner, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert pruner.last_report.stages[0].kept_counts.tolist() == [10, 20]  # 10 of each image: row 1 holds two
