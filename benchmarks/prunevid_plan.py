@@ -14,25 +14,14 @@ import time
 import torch
 from prunekit.criteria.prunevid import PruneVid, PruneVidMerge
 
-from prunekit.layout import layout_from_ids
+from clip_layout import DIM, FRAMES, PER_FRAME, SCENES, TEXT, clip_layout  # benchmarks/clip_layout.py
 from prunekit.testing import forward_context
-
-FRAMES, PER_FRAME, DIM, TEXT = 32, 196, 3584, 20
-SCENES = [4, 8, 2, 6, 7, 5]  # frames per scene
 
 
 def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    n_video = FRAMES * PER_FRAME
-    seq = 2 * TEXT + n_video + 1
-    visual = torch.zeros(1, seq, dtype=torch.bool)
-    visual[0, TEXT:TEXT + n_video + 1] = True
-    layout = layout_from_ids(torch.zeros(1, seq, dtype=torch.long), visual, None)
-    index = torch.arange(n_video)
-    layout.frame_index[0, TEXT:TEXT + n_video] = index // PER_FRAME
-    layout.grid_row[0, TEXT:TEXT + n_video] = (index % PER_FRAME) // 14
-    layout.grid_col[0, TEXT:TEXT + n_video] = index % 14
+    layout, seq, n_video = clip_layout()
     scenes = torch.randn(len(SCENES), PER_FRAME, DIM).repeat_interleave(torch.tensor(SCENES), dim=0)  # [F, n, dim]
     moving = (torch.arange(PER_FRAME) >= PER_FRAME // 2)[None, :, None]  # half of the cells change every frame
     noise = torch.randn(FRAMES, PER_FRAME, DIM) * torch.where(moving, 2.0, 0.3)
