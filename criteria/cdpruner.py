@@ -8,9 +8,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from prunekit.api import ForwardContext, check_fraction
+from prunekit.api import ForwardContext, LayerInputCriterion, check_fraction
 
-from .diversity import _OnLayerInput, _padded_visual, _scores_from_order
+from .diversity import _padded_visual, _scores_from_order
 
 
 def instruction_relevance(visual: Tensor, valid: Tensor, text: Tensor, text_valid: Tensor) -> Tensor:
@@ -65,7 +65,7 @@ def dpp_greedy_order(kernel: Tensor, valid: Tensor, picks: int) -> Tensor:
 
 
 @dataclass
-class CDPruner(_OnLayerInput):
+class CDPruner(LayerInputCriterion):
     """CDPruner: keep the visual tokens a conditional DPP picks, relevance from the instruction.
 
     On the hidden states entering the prune layer (before layer 0: the projected visual tokens and
@@ -89,7 +89,7 @@ class CDPruner(_OnLayerInput):
         check_fraction(self.theta, "theta")
 
     def score(self, ctx: ForwardContext) -> Tensor:
-        hidden = self._hidden(ctx)  # [batch, seq, dim]
+        hidden = self.stage_hidden(ctx)  # [batch, seq, dim]
         layout = ctx.layout
         features, valid, index = _padded_visual(hidden, layout.visual)  # [batch, v, dim]
         text, text_valid, _ = _padded_visual(hidden, layout.instruction & layout.valid)  # [batch, t, dim]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from prunekit.api import Criterion, ForwardContext
-from prunekit.probes import LayerInput, Probe
+from prunekit.api import ForwardContext, LayerInputCriterion
 
 
 def _padded_visual(hidden: Tensor, visual: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,21 +78,8 @@ def _scores_from_order(chosen: Tensor, index: Tensor, seq: int, dtype: torch.dty
     return _unpack(rank_score.contiguous(), positions, seq)
 
 
-class _OnLayerInput(Criterion):
-    """Reads the hidden states entering each prune layer."""
-
-    def probes(self, stage_layers: Sequence[int], num_layers: int) -> Iterable[Probe]:
-        return [LayerInput(layer=layer) for layer in stage_layers]
-
-    def observe(self, ctx: ForwardContext, probe, inputs: Tensor, output: Tensor | None) -> None:
-        ctx.buffers[f"{self.key}/hidden{probe.layer}"] = inputs.detach()
-
-    def _hidden(self, ctx: ForwardContext) -> Tensor:
-        return ctx.buffers.pop(f"{self.key}/hidden{ctx.layer}")
-
-
 @dataclass
-class DivPrune(_OnLayerInput):
+class DivPrune(LayerInputCriterion):
     """DivPrune (Alvar et al., CVPR 2025): a max-min diverse subset of the visual tokens.
 
     Greedy farthest-point selection on the cosine distance of the hidden states entering the prune
@@ -110,7 +95,7 @@ class DivPrune(_OnLayerInput):
     name: ClassVar[str] = "divprune"
 
     def score(self, ctx: ForwardContext) -> Tensor:
-        hidden = self._hidden(ctx)
+        hidden = self.stage_hidden(ctx)
         features, valid, index = _padded_visual(hidden, ctx.layout.visual)
         picks = int(ctx.keep_counts.max().item()) if ctx.keep_counts is not None else features.shape[1]
         chosen = max_min_order(features, valid, picks)
@@ -118,7 +103,7 @@ class DivPrune(_OnLayerInput):
 
 
 @dataclass
-class Redundancy(_OnLayerInput):
+class Redundancy(LayerInputCriterion):
     """Keeps distinctive tokens: ``1 - mean`` (or ``max``) cosine similarity to the sample's other visual tokens.
 
     Example::
@@ -130,7 +115,7 @@ class Redundancy(_OnLayerInput):
     reduce: Literal["mean", "max"] = "mean"
 
     def score(self, ctx: ForwardContext) -> Tensor:
-        hidden = self._hidden(ctx)
+        hidden = self.stage_hidden(ctx)
         features, valid, index = _padded_visual(hidden, ctx.layout.visual)
         similarity = 1 - _cosine_distance(features)  # [batch, v, v]
         n = similarity.shape[1]
@@ -144,7 +129,7 @@ class Redundancy(_OnLayerInput):
 
 
 @dataclass
-class L2Norm(_OnLayerInput):
+class L2Norm(LayerInputCriterion):
     """The L2 norm of each visual token's hidden state entering the prune layer (large norms kept).
 
     Example::
@@ -155,4 +140,4 @@ class L2Norm(_OnLayerInput):
     name: ClassVar[str] = "l2_norm"
 
     def score(self, ctx: ForwardContext) -> Tensor:
-        return self._hidden(ctx).to(torch.float64).norm(dim=-1).masked_fill(~ctx.layout.visual, 0)
+        return self.stage_hidden(ctx).to(torch.float64).norm(dim=-1).masked_fill(~ctx.layout.visual, 0)

@@ -18,10 +18,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from prunekit.api import ForwardContext, Merger
+from prunekit.api import ForwardContext, LayerInputCriterion, Merger
 from prunekit.probes import Probe
 
-from .video import _OnLayerInput, video_spans
+from .video import video_spans
 
 _OUTSIDE = 3.0  # visual tokens in no frame (still images, OneVision's newline): always kept
 _SALIENT = 2.0
@@ -162,7 +162,7 @@ def merge_into_centres(centres: Tensor, members: Tensor, beta: float) -> Tensor:
 
 
 @dataclass
-class FastVID(_OnLayerInput):
+class FastVID(LayerInputCriterion):
     """FastVID (Shen et al., NeurIPS 2025) on each video span, before decoder layer 0: segments, salient tokens
     and density-peak centres (the plan :class:`FastVIDMerge` merges).
 
@@ -220,7 +220,7 @@ class FastVID(_OnLayerInput):
 
     def score(self, ctx: ForwardContext) -> Tensor:
         layout = ctx.layout
-        hidden = self._hidden(ctx)  # [batch, seq, hidden]
+        hidden = self.stage_hidden(ctx)  # [batch, seq, hidden]
         shape = layout.visual.shape
         score = torch.full(shape, _OUTSIDE, dtype=torch.float64, device=hidden.device)  # [batch, seq]
         salient = torch.zeros(shape, dtype=torch.bool, device=hidden.device)

@@ -22,11 +22,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from prunekit.api import ForwardContext, Merger
+from prunekit.api import ForwardContext, LayerInputCriterion, Merger
 from prunekit.layout import TokenLayout
 from prunekit.probes import AttentionRows, LayerInput, Probe
 
-from .video import _OnLayerInput, video_spans
+from .video import video_spans
 
 _OUTSIDE = 3.0  # visual tokens in no frame (still images, OneVision's newline): always kept by the outer stage
 
@@ -223,7 +223,7 @@ def merge_sequentially(kept: Tensor, dropped: Tensor) -> Tensor:
 
 
 @dataclass
-class HoliTom(_OnLayerInput):
+class HoliTom(LayerInputCriterion):
     """HoliTom (Shao et al., NeurIPS 2025): temporal and spatial merging of each video span before decoder
     layer 0, and optionally the inner-LLM merge at a second stage (the plan :class:`HoliTomMerge` merges).
 
@@ -309,7 +309,7 @@ class HoliTom(_OnLayerInput):
 
     def _outer(self, ctx: ForwardContext) -> Tensor:
         layout = ctx.layout
-        hidden = self._hidden(ctx)  # [batch, seq, hidden]
+        hidden = self.stage_hidden(ctx)  # [batch, seq, hidden]
         shape = layout.visual.shape
         score = torch.full(shape, _OUTSIDE, dtype=torch.float64, device=hidden.device)  # [batch, seq]
         role = torch.zeros(shape, dtype=torch.long, device=hidden.device)

@@ -23,10 +23,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from prunekit.api import ForwardContext, Merger
+from prunekit.api import ForwardContext, LayerInputCriterion, Merger
 from prunekit.probes import AttentionRows, LayerInput, Probe
 
-from .video import _OnLayerInput, video_spans
+from .video import video_spans
 
 _OUTSIDE = 2.0  # visual tokens in no frame (still images, OneVision's newline): always kept
 _KEPT = 1.0  # a cluster's kept row at the merging stage
@@ -214,7 +214,7 @@ def attention_keep(attention: Tensor, group: Tensor, alpha: float) -> Tensor:
 
 
 @dataclass
-class PruneVid(_OnLayerInput):
+class PruneVid(LayerInputCriterion):
     """PruneVid (Huang et al., ACL 2025 Findings) on each video span: merge before layer 0, then keep what the
     question attends to.
 
@@ -285,7 +285,7 @@ class PruneVid(_OnLayerInput):
 
     def _merge_plan(self, ctx: ForwardContext) -> Tensor:
         layout = ctx.layout
-        hidden = self._hidden(ctx)  # [batch, seq, hidden]
+        hidden = self.stage_hidden(ctx)  # [batch, seq, hidden]
         shape = layout.visual.shape
         score = torch.full(shape, _OUTSIDE, dtype=torch.float64, device=hidden.device)  # [batch, seq]
         target = torch.full(shape, -1, dtype=torch.long, device=hidden.device)

@@ -7,16 +7,14 @@ merged summary tokens) always score above frame tokens: these criteria choose am
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from prunekit.api import Criterion, ForwardContext
+from prunekit.api import Criterion, ForwardContext, LayerInputCriterion
 from prunekit.layout import TokenLayout
-from prunekit.probes import LayerInput, Probe
 
 _OUTSIDE = 8.0  # score of visual tokens in no frame: above every frame score below
 
@@ -92,24 +90,11 @@ class UniformFrames(Criterion):
         return _fill_outside(layout, score)
 
 
-class _OnLayerInput(Criterion):
-    """Reads the hidden states entering each prune layer (at layer 0: the projected visual tokens)."""
-
-    def probes(self, stage_layers: Sequence[int], num_layers: int) -> Iterable[Probe]:
-        return [LayerInput(layer=layer) for layer in stage_layers]
-
-    def observe(self, ctx: ForwardContext, probe: Probe, inputs: Tensor, output: Tensor | None) -> None:
-        ctx.buffers[f"{self.key}/hidden{probe.layer}"] = inputs.detach()  # [batch, seq, hidden]
-
-    def _hidden(self, ctx: ForwardContext) -> Tensor:
-        return ctx.buffers.pop(f"{self.key}/hidden{ctx.layer}")
-
-
 _METRICS = ("cosine", "l2")
 
 
 @dataclass
-class FrameDifference(_OnLayerInput):
+class FrameDifference(LayerInputCriterion):
     """Frame difference (blind baseline): a token scores its distance to the same grid cell in the previous frame.
 
     Distance on the hidden states entering the prune layer: ``1 - cos`` (``metric: cosine``) or the L2
@@ -132,7 +117,7 @@ class FrameDifference(_OnLayerInput):
 
     def score(self, ctx: ForwardContext) -> Tensor:
         layout = ctx.layout
-        hidden = self._hidden(ctx).to(torch.float64)  # [batch, seq, hidden]
+        hidden = self.stage_hidden(ctx).to(torch.float64)  # [batch, seq, hidden]
         score = torch.zeros(layout.visual.shape, dtype=torch.float64, device=hidden.device)  # [batch, seq]
         for b in range(layout.batch_size):
             for positions in video_spans(layout, b):
@@ -162,7 +147,7 @@ def dycoke_plan(frames: int) -> list[tuple[int, int]]:
 
 
 @dataclass
-class DyCokeTTM(_OnLayerInput):
+class DyCokeTTM(LayerInputCriterion):
     """DyCoke's temporal token merging (TTM; Tao et al., CVPR 2025), the prefill part, on each video span.
 
     Frames are paired as :func:`dycoke_plan` says. In a pruned frame every token gets the cosine
@@ -202,7 +187,7 @@ class DyCokeTTM(_OnLayerInput):
 
     def score(self, ctx: ForwardContext) -> Tensor:
         layout = ctx.layout
-        hidden = self._hidden(ctx)  # [batch, seq, hidden]
+        hidden = self.stage_hidden(ctx)  # [batch, seq, hidden]
         score = torch.full(layout.visual.shape, 3.0, dtype=torch.float64, device=hidden.device)  # [batch, seq]
         for b in range(layout.batch_size):
             for positions in video_spans(layout, b):

@@ -6,7 +6,7 @@
     pruner.last_report.stages[0].kept
 """
 
-from prunekit.api import Adapter, Combiner, Criterion, ForwardContext, Merger, Schedule, Stage
+from prunekit.api import Adapter, Combiner, Criterion, ForwardContext, LayerInputCriterion, Merger, Schedule, Stage
 from prunekit.engine import Pruner, apply
 from prunekit.errors import (
     AdapterError,
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterError", "AttentionRows", "Combiner", "Criterion", "DecoderKeys", "ForwardContext", "LayerInput",
-    "LayoutError", "Merger", "ModuleIO", "PluginError", "PruneReport", "Pruner", "PrunekitError",
+    "LayerInputCriterion", "LayoutError", "Merger", "ModuleIO", "PluginError", "PruneReport", "Pruner", "PrunekitError",
     "PrunerStateError", "Recipe", "RecipeError", "Schedule", "Stage", "StageReport", "TokenLayout",
     "VisionAttention", "VisionHidden", "VisionKeys", "apply", "builtin_recipe_names", "get_registry", "hookimpl",
     "load_recipe", "register_plugin", "unregister_plugin",

@@ -112,6 +112,22 @@ class Criterion:
         return None
 
 
+class LayerInputCriterion(Criterion):
+    """A criterion that scores the hidden states entering each of its stage layers (at layer 0: the embeddings
+    with the projected visual tokens in place): :meth:`stage_hidden` gives them in :meth:`score`."""
+
+    def probes(self, stage_layers: Sequence[int], num_layers: int) -> Iterable[Probe]:
+        return [LayerInput(layer=layer) for layer in stage_layers]
+
+    def observe(self, ctx: ForwardContext, probe: ModuleIO | LayerInput, inputs: Tensor,
+                output: Tensor | None) -> None:
+        ctx.buffers[f"{self.key}/hidden{probe.layer}"] = inputs.detach()  # [batch, seq, hidden]
+
+    def stage_hidden(self, ctx: ForwardContext) -> Tensor:
+        """The hidden states entering the stage now scoring, ``[batch, seq, hidden]`` (read once per stage)."""
+        return ctx.buffers.pop(f"{self.key}/hidden{ctx.layer}")
+
+
 class Combiner:
     """Merges the named scores of several criteria into one ``[batch, seq]`` score."""
 
