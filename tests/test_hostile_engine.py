@@ -167,7 +167,14 @@ def _call(model, inputs, pruner):
     return logits, [s.kept for s in report.stages], ids
 
 
-@pytest.mark.parametrize("recipe", ["transprune-high", "fastv", VISION])
+DECODE_STEPS = ({"name": "decode-steps", "positions": "original", "criteria": {"n": {"type": "l2_norm"}},
+                 "schedule": {"type": "stages", "stages": [{"layer": 0, "keep": 0.75},
+                                                           {"layer": 3, "keep": 0.4, "cut_earlier": True}]},
+                 "decode": {"layer": 5, "prune": 0.7, "similar": 0.99}}, None)  # per-step state in decode
+
+
+@pytest.mark.parametrize("recipe", ["transprune-high", "fastv", VISION, DECODE_STEPS],
+                         ids=["transprune-high", "fastv", "vision", "decode-steps"])
 def test_threads_calling_one_pruned_model_each_get_the_lone_answer(llava32, recipe):
     recipe, overrides = recipe if isinstance(recipe, tuple) else (recipe, None)
     n_threads, calls = 8, 20
