@@ -172,22 +172,24 @@ def recipe_estimate(recipe: Any, dims: DecoderDims, n_visual: int = 576, n_text:
                     frames: int | None = None) -> FlopsEstimate:
     """:func:`estimate` for a loaded :class:`~prunekit.recipe.Recipe`: its vision stage, schedule and merger.
 
-    ``frames``: the ``n_visual`` tokens are one clip of that many equal frames; a stage whose criteria keep a
-    count of their own on such a clip (:meth:`~prunekit.api.Criterion.clip_count`) keeps at most that.
+    ``frames``: the ``n_visual`` tokens are one clip of that many equal frames; a vision stage shortens each
+    frame (Video-LLaVA), and a stage whose criteria keep a count of their own on such a clip
+    (:meth:`~prunekit.api.Criterion.clip_count`) keeps at most that.
     """
+    if frames is not None and n_visual % frames:
+        raise LayoutError(f"{n_visual} visual tokens are not {frames} equal frames: give the visual tokens as "
+                          "frames x tokens per frame")
     entering = n_visual
     if recipe.vision is not None:
         from prunekit.vision import vision_stage_tokens
 
-        entering = sum(vision_stage_tokens(recipe.vision, n_visual))
+        units = frames or 1  # one image, or each frame of the clip
+        entering = units * sum(vision_stage_tokens(recipe.vision, n_visual // units))
     from prunekit.recipe import resolve_stages
 
     stages = resolve_stages(recipe, dims.num_layers)
     own_counts = {}
     if frames is not None and stages:
-        if n_visual % frames:
-            raise LayoutError(f"{n_visual} visual tokens are not {frames} equal frames: give the visual tokens as "
-                              "frames x tokens per frame")
         counts = [c for c in (crit.clip_count(frames, n_visual // frames) for crit in recipe.criteria.values())
                   if c is not None]
         if counts:  # the criteria score on the stage's input: the first stage's

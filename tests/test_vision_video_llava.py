@@ -127,3 +127,15 @@ def test_a_call_with_images_and_videos_is_refused_by_name(model):
                                               r"images or the videos of one call, not both"):
             model(**call)
         model(**videos)  # the pruner still works after the refusal
+
+
+def test_the_flops_model_on_a_clip_counts_each_frames_kept_tokens(model):
+    from prunekit.flops import DecoderDims, recipe_estimate
+
+    inputs = family_inputs(model, "video_llava", batch=1, seed=7, video=True)
+    with prunekit.apply(model, CLS_RECIPE) as pruner, torch.no_grad():
+        model(**inputs)
+    kept = int(pruner.last_report.stages[0].kept_counts[0])  # 8 frames x KEEP
+    estimate = recipe_estimate(prunekit.load_recipe(CLS_RECIPE), DecoderDims.from_config(model.config), 8 * 37,
+                               frames=8)
+    assert estimate.visual_tokens == [kept] * 4 == [8 * KEEP] * 4
