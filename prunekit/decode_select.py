@@ -93,13 +93,47 @@ def masked(mask: Any, keep_columns: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
 
 
+def slots_holding(record: Any, source: Any, chosen: Tensor) -> Tensor:
+    """Which of ``record``'s slots hold a token that ``chosen`` (``[batch, source slots]`` bool) marks among
+    ``source``'s slots: ``[batch, record slots]`` bool, matched by prefill index (two stages' records)."""
+    if record is source:
+        return chosen
+    span = int(max(record.original_index.max(), source.original_index.max())) + 2  # -1 (fill) goes to the last
+    marked = torch.zeros(chosen.shape[0], span, dtype=torch.bool, device=chosen.device)
+    marked.scatter_(1, torch.where(chosen, source.original_index, span - 1), True)
+    marked[:, -1] = False
+    return marked.gather(1, torch.where(record.original_index >= 0, record.original_index, span - 1))
+
+
+def step_keys(decode: Decode, slots: int) -> int:
+    """The keys of a layer whose stage caches ``slots`` prompt slots, in a decode step: those, every token decoded
+    since the prompt, and this step's."""
+    cached = decode.cached
+    return slots + (cached.seen - cached.prompt_length) + (decode.mask_2d.shape[1] - cached.seen)
+
+
+def step_columns(decode: Decode, keep: Tensor) -> Tensor:
+    """``[batch, kv]`` bool over one layer's keys in a decode step: ``keep`` on its stage's cached slots, then
+    every token decoded since the prompt and this step's."""
+    kv = step_keys(decode, keep.shape[1])
+    columns = torch.ones(keep.shape[0], kv, dtype=torch.bool, device=keep.device)
+    columns[:, : keep.shape[1]] = keep
+    return columns
+
+
+def _with_columns(args: tuple, kwargs: dict, columns: Tensor) -> tuple[tuple, dict]:
+    """The layer call with its attention mask narrowed to ``columns``."""
+    dtype = (args[0] if args else kwargs["hidden_states"]).dtype  # the layer's own hidden states
+    kwargs["attention_mask"] = masked(kwargs.get("attention_mask"), columns, dtype)
+    return args, kwargs
+
+
 class EarlierCacheCut:
     """Stages with ``cut_earlier``: in each decode step the layers before such a stage attend to the cached visual
     tokens it kept only (an attention mask over their caches, which keep every token)."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, layers: Sequence[nn.Module], stage_layers: Sequence[int],
                  cuts: Sequence[int], running: Running, stage_of_layer: Sequence[int]) -> None:
-        self.adapter = adapter
         self.layers = list(layers)
         self.running = running
         self.stage_of_layer = list(stage_of_layer)
@@ -125,17 +159,13 @@ class EarlierCacheCut:
         if type(decode) is not Decode:
             return None
         layer = self._index[id(module)]
-        cached = decode.cached
-        cut, own = cached.records[self.cut_of_layer[layer]], cached.records[self.stage_of_layer[layer]]
-        kept = torch.where(cut.visual, cut.original_index, -2)  # [batch, slots_cut]: the cut's kept visual tokens
-        read = (own.original_index[:, :, None] == kept[:, None, :]).any(dim=-1)  # [batch, slots]
-        keep = ~own.visual | read
-        kv = keep.shape[1] + (cached.seen - cached.prompt_length) + (decode.mask_2d.shape[1] - cached.seen)
-        columns = torch.ones(keep.shape[0], kv, dtype=torch.bool, device=keep.device)
-        columns[:, : keep.shape[1]] = keep
-        kwargs["attention_mask"] = masked(kwargs.get("attention_mask"), columns,
-                                          self.adapter.layer_input(args, kwargs).dtype)
-        return args, kwargs
+        key = ("cut", self.cut_of_layer[layer], self.stage_of_layer[layer])
+        if key not in decode.columns:  # once per step for the layers that share a cut and a stage
+            cached = decode.cached
+            cut, own = cached.records[key[1]], cached.records[key[2]]
+            keep = ~own.visual | slots_holding(own, cut, cut.visual)  # [batch, slots]: the cut's kept visual tokens
+            decode.columns[key] = step_columns(decode, keep)
+        return _with_columns(args, kwargs, decode.columns[key])
 
 
 def _refuse_flash(adapter: Adapter, model: nn.Module, what: str) -> None:
@@ -178,8 +208,7 @@ class DecodeSelector:
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         with torch.no_grad():
             row = new_token_row(query, key, kwargs.get("attention_mask"), scaling)  # [batch, kv]
-            expected = record.visual.shape[1] + (cached.seen - cached.prompt_length) + \
-                (decode.mask_2d.shape[1] - cached.seen)
+            expected = step_keys(decode, record.visual.shape[1])
             if row.shape[1] < expected:  # a sliding-window cache kept the latest keys only: the rest weigh 0
                 row = F.pad(row, (expected - row.shape[1], 0))
             keep, cached.decode_rows = select_slots(row, record.visual & record.valid, cached.decode_rows,
@@ -191,18 +220,9 @@ class DecodeSelector:
         if type(decode) is not Decode or decode.selection is None:
             return None
         read_stage, keep = decode.selection
-        stage = self.stage_of_layer[self._index[id(module)]]
-        record = decode.cached.records[stage]
-        if stage != read_stage:  # the slots of a later stage: kept unless a visual slot the step left out
-            source = decode.cached.records[read_stage]
-            left_out = torch.where(source.visual & ~keep, source.original_index, -2)  # [batch, slots_read]
-            hidden = (record.original_index[:, :, None] == left_out[:, None, :]).any(dim=-1)
-            keep = ~(hidden & record.visual)
-        mask = kwargs.get("attention_mask")
-        cached = decode.cached  # the stage's slots, the tokens decoded since the prompt, this step's
-        kv = keep.shape[1] + (cached.seen - cached.prompt_length) + (decode.mask_2d.shape[1] - cached.seen)
-        columns = torch.ones(keep.shape[0], kv, dtype=torch.bool, device=keep.device)
-        columns[:, : keep.shape[1]] = keep
-        hidden_states = self.adapter.layer_input(args, kwargs)
-        kwargs["attention_mask"] = masked(mask, columns, hidden_states.dtype)
-        return args, kwargs
+        key = ("select", self.stage_of_layer[self._index[id(module)]])
+        if key not in decode.columns:  # once per step for the layers of one stage
+            source, record = decode.cached.records[read_stage], decode.cached.records[key[1]]
+            left_out = slots_holding(record, source, source.visual & ~keep)  # [batch, slots]
+            decode.columns[key] = step_columns(decode, ~(left_out & record.visual))
+        return _with_columns(args, kwargs, decode.columns[key])

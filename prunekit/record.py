@@ -146,6 +146,7 @@ class Decode:
     cache: Any
     layer_kwargs: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)  # (stage, kind) -> kwargs
     selection: tuple[int, Tensor] | None = None  # a decode block's (stage, [batch, slots] bool kept slots) this step
+    columns: dict[tuple, Tensor] = field(default_factory=dict)  # decode blocks / cut_earlier: [batch, kv] keys read
 
 
 @dataclass

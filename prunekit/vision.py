@@ -76,16 +76,15 @@ def image_rank(visual: Tensor, per_image: int | None) -> tuple[Tensor, Tensor]:
                                                                        length)
 
 
-def tokens_per_image(model: nn.Module) -> int | None:
+def tokens_per_image(model: nn.Module, has_cls: bool = True) -> int | None:
     """Placeholder tokens one image takes in a LLaVA-style prompt (the vision tower's patch grid, plus the CLS
-    token under the "full" feature strategy), or None when the config does not say."""
+    token under the "full" feature strategy when the tower has one), or None when the config does not say."""
     config = getattr(model, "config", None)
     vision = getattr(config, "vision_config", None)
     size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
     if not isinstance(size, int) or not isinstance(patch, int) or patch <= 0:
         return None
     full = getattr(config, "vision_feature_select_strategy", "default") == "full"
-    has_cls = not str(getattr(vision, "model_type", "")).startswith("siglip")  # SigLIP towers: patches only
     return (size // patch) ** 2 + int(full and has_cls)
 
 
@@ -138,13 +137,14 @@ class VisionPruner:
         self.layers = self.towers[0]
         self.projector = adapter.projector(model)
         self.wanted = collect_probes(vision.parts(), (0,), len(self.layers), "vision", "vision")
+        no_cls = adapter.vision_has_cls(model) is False  # a SigLIP tower: token 0 is a patch
         cls_readers = [plugin for plugin, probe in self.wanted if isinstance(probe, VisionAttention) and probe.query == 0]
-        if cls_readers and adapter.vision_has_cls(model) is False:
+        if cls_readers and no_cls:
             names = ", ".join(sorted({repr(getattr(p, "name", type(p).__name__)) for p in cls_readers}))
             raise RecipeError(f"vision: {names} read the vision tower's CLS attention (token 0), but "
                               f"{type(model).__name__}'s tower has no CLS token (a SigLIP tower: token 0 is a patch); "
                               "use vision criteria that read the patches only, or a decoder-stage recipe")
-        self.per_image = tokens_per_image(model)  # splits adjacent images (<image><image>) in the prompt
+        self.per_image = tokens_per_image(model, has_cls=not no_cls)  # splits adjacent images (<image><image>)
         self._hooks = HookSet()
         self._timed: Timer | None = None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from conftest import SHAPE576
 
@@ -41,3 +43,16 @@ def capture_scores(model, recipe, inputs):
         object.__delattr__(pruner.recipe.combiner, "combine")
         pruner.remove()
     return captured
+
+
+# plain-Python vector helpers for the loop re-derivations of the official video methods (FastVID, PruneVid, HoliTom)
+def loop_dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))
+
+
+def loop_cos(a: list[float], b: list[float]) -> float:
+    return loop_dot(a, b) / (math.sqrt(loop_dot(a, a)) * math.sqrt(loop_dot(b, b)))
+
+
+def loop_mean(vectors: list[list[float]]) -> list[float]:
+    return [sum(column) / len(vectors) for column in zip(*vectors)]

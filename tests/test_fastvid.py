@@ -17,10 +17,9 @@ from prunekit.criteria.fastvid import (
 )
 
 import prunekit
+from criteria_helpers import loop_cos, loop_dot, loop_mean
 from prunekit.layout import TokenLayout, layout_from_ids
 from prunekit.testing import (
-    END_ID,
-    START_ID,
     family_inputs,
     forward_context,
     qwen_video_inputs,
@@ -31,22 +30,13 @@ from prunekit.testing import (
 # ---------------------------------------------------------------------------------------------
 # the official LLaVA-OneVision FastVID, re-derived as Python loops over lists of floats
 # ---------------------------------------------------------------------------------------------
-def _dot(a: list[float], b: list[float]) -> float:
-    return sum(x * y for x, y in zip(a, b))
 
-
-def _cos(a: list[float], b: list[float]) -> float:
-    return _dot(a, b) / (math.sqrt(_dot(a, a)) * math.sqrt(_dot(b, b)))
-
-
-def _mean(vectors: list[list[float]]) -> list[float]:
-    return [sum(column) / len(vectors) for column in zip(*vectors)]
 
 
 def loop_segments(frames: list[list[list[float]]], c: int, tau: float) -> list[int]:
     """DySeg: cut after frame i for the c - 1 least similar consecutive pairs and every pair below tau."""
-    g = [_mean(frame) for frame in frames]
-    sims = [_cos(g[i], g[i + 1]) for i in range(len(g) - 1)]
+    g = [loop_mean(frame) for frame in frames]
+    sims = [loop_cos(g[i], g[i + 1]) for i in range(len(g) - 1)]
     least = sorted(range(len(sims)), key=lambda i: (sims[i], i))[:c - 1]
     cuts = sorted(set(least) | {i for i, s in enumerate(sims) if s < tau})
     bounds = [-1] + cuts + [len(frames) - 1]
@@ -78,12 +68,12 @@ def loop_merge(centres: list[list[float]], members: list[list[float]], beta: flo
     """DTM: each member joins its most cosine-similar centre; w = max(1 / (count + 1), beta)."""
     groups: list[list[list[float]]] = [[] for _ in centres]
     for x in members:
-        sims = [_cos(x, c) for c in centres]
+        sims = [loop_cos(x, c) for c in centres]
         groups[sims.index(max(sims))].append(x)
     out = []
     for c, group in zip(centres, groups):
         w = max(1 / (len(group) + 1), beta)
-        mean = _mean(group) if group else [0.0] * len(c)
+        mean = loop_mean(group) if group else [0.0] * len(c)
         out.append([w * a + (1 - w) * b for a, b in zip(c, mean)])
     return out
 
@@ -103,8 +93,8 @@ def loop_fastvid(frames: list[list[list[float]]], retention: float, c: int, tau:
         counts += [context * length // anchors if (length - 1 - j) % p == 0 else 0 for j in range(length)]
     salient, filtered, scores = [], [], []
     for frame in frames:  # ATS with the stand-in weights: softmax of <frame mean, token> / sqrt(dim)
-        g = _mean(frame)
-        logits = [_dot(g, x) / math.sqrt(dim) for x in frame]
+        g = loop_mean(frame)
+        logits = [loop_dot(g, x) / math.sqrt(dim) for x in frame]
         total = sum(math.exp(v - max(logits)) for v in logits)
         weights = [math.exp(v - max(logits)) / total for v in logits]
         top = _top(weights, salient_num)

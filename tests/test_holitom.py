@@ -9,11 +9,10 @@ import torch
 from prunekit.criteria.holitom import HoliTom, HoliTomMerge, static_windows
 
 import prunekit
+from criteria_helpers import loop_cos, loop_dot, loop_mean
 from prunekit.layout import TokenLayout, layout_from_ids
 from prunekit.probes import AttentionRows
 from prunekit.testing import (
-    END_ID,
-    START_ID,
     family_inputs,
     forward_context,
     qwen_video_inputs,
@@ -24,16 +23,7 @@ from prunekit.testing import (
 # ---------------------------------------------------------------------------------------------
 # the official LLaVA-OneVision HoliTom, re-derived as Python loops over lists of floats
 # ---------------------------------------------------------------------------------------------
-def _dot(a: list[float], b: list[float]) -> float:
-    return sum(x * y for x, y in zip(a, b))
 
-
-def _cos(a: list[float], b: list[float]) -> float:
-    return _dot(a, b) / (math.sqrt(_dot(a, a)) * math.sqrt(_dot(b, b)))
-
-
-def _mean(vectors: list[list[float]]) -> list[float]:
-    return [sum(column) / len(vectors) for column in zip(*vectors)]
 
 
 def _top(values: list[float], k: int) -> list[int]:
@@ -78,7 +68,7 @@ def loop_cluster(tokens: list[list[float]], centres: int, k_max: int, beta: floa
         if i not in chosen:
             d = [dist[i][c] for c in chosen]
             groups[d.index(min(d))].append(tokens[i])
-    merged = [[beta * a + (1 - beta) * b for a, b in zip(tokens[c], _mean(g))] if g else tokens[c]
+    merged = [[beta * a + (1 - beta) * b for a, b in zip(tokens[c], loop_mean(g))] if g else tokens[c]
               for c, g in zip(chosen, groups)]
     return chosen, merged
 
@@ -88,7 +78,7 @@ def loop_attention(frame: list[list[float]]) -> list[float]:
     n, dim = len(frame), len(frame[0])
     out = [0.0] * n
     for i in range(n):
-        logits = [_dot(frame[i], frame[j]) / math.sqrt(dim) for j in range(n)]
+        logits = [loop_dot(frame[i], frame[j]) / math.sqrt(dim) for j in range(n)]
         top = max(logits)
         total = sum(math.exp(v - top) for v in logits)
         for j in range(n):
@@ -101,7 +91,7 @@ def loop_outer(frames: list[list[list[float]]], retention: float, tau: float, d:
     """The official outer flow on one clip (frame f's token j has index f * n + j): every kept row (the row a
     merged token lands on: a static token on its window's first frame) with its token, and the windows."""
     n_frames, n = len(frames), len(frames[0])
-    sims = [[_cos(frames[f][j], frames[f + 1][j]) for j in range(n)] for f in range(n_frames - 1)]
+    sims = [[loop_cos(frames[f][j], frames[f + 1][j]) for j in range(n)] for f in range(n_frames - 1)]
     windows, removed = loop_windows(sims, tau, max_window)
     total = n_frames * n
     ratio = min(retention / ((total - removed) / total), 1)
@@ -110,7 +100,7 @@ def loop_outer(frames: list[list[list[float]]], retention: float, tau: float, d:
         static = [j for j in range(n) if end > start and all(sims[f][j] > tau for f in range(start, end))]
         dynamic = [j for j in range(n) if j not in static]
         if static and round(len(static) * ratio) > 0:
-            means = [_mean([frames[f][j] for f in range(start, end + 1)]) for j in static]
+            means = [loop_mean([frames[f][j] for f in range(start, end + 1)]) for j in static]
             chosen, merged = loop_cluster(means, round(len(static) * ratio), k_max, beta)
             for c, token in zip(chosen, merged):
                 kept[start * n + static[c]] = token
@@ -138,7 +128,7 @@ def loop_inner(hidden: list[list[float]], attention: list[float], r: float) -> d
     for i in range(n):
         if i in keep:
             continue
-        sims = [_cos(hidden[i], hidden[j]) for j in sorted(keep)]
+        sims = [loop_cos(hidden[i], hidden[j]) for j in sorted(keep)]
         j = sorted(keep)[sims.index(max(sims))]
         state[j] = [(a + b) / 2 for a, b in zip(state[j], hidden[i])]
     return state
@@ -191,14 +181,14 @@ def test_windows_equal_the_official_loop(case):
     n, dim, scenes, moving, _, tau, _, _, max_window = case
     clip = scene_clip(n, dim, scenes, moving, seed=n + dim)
     as_lists = clip.tolist()
-    sims = [[_cos(as_lists[f][j], as_lists[f + 1][j]) for j in range(n)] for f in range(len(as_lists) - 1)]
+    sims = [[loop_cos(as_lists[f][j], as_lists[f + 1][j]) for j in range(n)] for f in range(len(as_lists) - 1)]
     windows, removed = static_windows(torch.tensor(sims, dtype=torch.float64), tau, max_window)
     assert (windows, float(removed)) == loop_windows(sims, tau, max_window)
 
 
 def test_windows_follow_the_scenes():
     clip = scene_clip(16, 6, [3, 5], 0.25, seed=1).tolist()
-    sims = [[_cos(clip[f][j], clip[f + 1][j]) for j in range(16)] for f in range(7)]
+    sims = [[loop_cos(clip[f][j], clip[f + 1][j]) for j in range(16)] for f in range(7)]
     windows, removed = static_windows(torch.tensor(sims, dtype=torch.float64), 0.8, 1024)
     assert windows == [(0, 2), (3, 7)] and removed == 12 * 2 + 12 * 4  # 12 static places in each scene
     assert static_windows(torch.tensor(sims, dtype=torch.float64), 0.8, 1)[0] == [(f, f) for f in range(8)]

@@ -16,10 +16,9 @@ from prunekit.criteria.prunevid import (
 )
 
 import prunekit
+from criteria_helpers import loop_cos, loop_mean
 from prunekit.layout import TokenLayout, layout_from_ids
 from prunekit.testing import (
-    END_ID,
-    START_ID,
     family_inputs,
     forward_context,
     qwen_video_inputs,
@@ -30,13 +29,6 @@ from prunekit.testing import (
 # ---------------------------------------------------------------------------------------------
 # the official PLLaVA PruneVid (merge_frames_dynamic, VTPWindowCache), re-derived as Python loops
 # ---------------------------------------------------------------------------------------------
-def _mean(vectors: list[list[float]]) -> list[float]:
-    return [sum(column) / len(vectors) for column in zip(*vectors)]
-
-
-def _cos(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
-    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
 def loop_dpc_knn(tokens: list[list[float]], cluster_num: int, k: int) -> tuple[list[int], list[int]]:
@@ -118,7 +110,7 @@ def loop_prunevid(frames: list[list[list[float]]], tau: float, tsr: float, cr: f
     (row of the in-place layout, "static" or "dynamic", merged vector); a static token's row is its centre
     cell in the window's first frame, a dynamic token's its centre cell in its frame (row = frame * n + cell)."""
     n_frames, n = len(frames), len(frames[0])
-    _, idx = loop_dpc_knn([_mean(frame) for frame in frames], max(int(n_frames * tsr), 1), k)
+    _, idx = loop_dpc_knn([loop_mean(frame) for frame in frames], max(int(n_frames * tsr), 1), k)
     labels = loop_refine(idx)
     windows, start = [], 0
     for i in range(1, n_frames + 1):
@@ -130,7 +122,7 @@ def loop_prunevid(frames: list[list[list[float]]], tau: float, tsr: float, cr: f
         if len(features) <= min_cluster:
             return list(zip(cells, features))
         down, assign = loop_dpc_knn(features, max(int(len(features) * cr), 1), k)
-        return [(cells[centre], _mean([features[i] for i in range(len(features)) if assign[i] == c]))
+        return [(cells[centre], loop_mean([features[i] for i in range(len(features)) if assign[i] == c]))
                 for c, centre in enumerate(down)]
 
     out, static_sizes, dynamic_sizes, start = [], [], [], 0
@@ -139,11 +131,11 @@ def loop_prunevid(frames: list[list[list[float]]], tau: float, tsr: float, cr: f
         static = []
         for cell in range(n):
             if w_size > 1:  # the official (sum of all pairs - W) / (W (W - 1)); a one-frame window: 0 / 0, none
-                total = sum(_cos(current[w][cell], current[t][cell]) for w in range(w_size) for t in range(w_size))
+                total = sum(loop_cos(current[w][cell], current[t][cell]) for w in range(w_size) for t in range(w_size))
                 if (total - w_size) / (w_size * (w_size - 1)) > tau:
                     static.append(cell)
         dynamic = [cell for cell in range(n) if cell not in static]
-        merged = spatial([_mean([current[w][cell] for w in range(w_size)]) for cell in static], static)
+        merged = spatial([loop_mean([current[w][cell] for w in range(w_size)]) for cell in static], static)
         out += [(start * n + cell, "static", vector) for cell, vector in merged]
         static_sizes.append(len(merged))
         count = 0
