@@ -617,7 +617,7 @@ LLAVA_NEXT = DecoderAdapter(FamilySpec(
     name="llava_next",
     model_types=("llava_next",),
     classes=("LlavaNextForConditionalGeneration",),
-    projector=None, vision_layers=None,  # any-resolution tiles: no stage before the language model yet
+    projector=None, vision_layers=None,  # tiles packed after the projector: vision blocks at the LM's input
 ))
 VIDEO_LLAVA = DecoderAdapter(FamilySpec(
     name="video_llava",

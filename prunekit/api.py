@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from prunekit.errors import AdapterError
 from prunekit.layout import TokenLayout
-from prunekit.probes import AttentionRows, LayerInput, ModuleIO, Probe
+from prunekit.probes import AttentionRows, LayerInput, ModuleIO, Probe, VisionFeatures
 
 
 @dataclass
@@ -124,8 +124,10 @@ class LayerInputCriterion(Criterion):
         ctx.buffers[f"{self.key}/hidden{probe.layer}"] = inputs.detach()  # [batch, seq, hidden]
 
     def stage_hidden(self, ctx: ForwardContext) -> Tensor:
-        """The hidden states entering the stage now scoring, ``[batch, seq, hidden]`` (read once per stage)."""
-        return ctx.buffers.pop(f"{self.key}/hidden{ctx.layer}")
+        """The hidden states entering the stage now scoring, ``[batch, seq, hidden]`` (read once per stage); in a
+        ``vision`` block, the image features the stage shortens (``VisionFeatures``: ``[n_images, tokens, dim]``)."""
+        features = ctx.captures.get(VisionFeatures())
+        return features if features is not None else ctx.buffers.pop(f"{self.key}/hidden{ctx.layer}")
 
 
 class Combiner:
@@ -410,11 +412,10 @@ class Adapter(ABC):
     def _no_vision_stage(self, model: nn.Module | None) -> AdapterError:
         family = f"{type(model).__name__} (adapter {self.name!r})" if model is not None else f"adapter {self.name!r}"
         return AdapterError(
-            f"{family} has no stage before the language model: prunekit runs a recipe's `vision:` block where a "
-            "projector receives each image's patches as [n_images, patches, dim] (LLaVA-1.5's layout), and this "
-            "family packs, tiles or pools its image features otherwise. A decoder-stage recipe with a stage at "
-            "layer 0 (divprune, pooling-*, cdpruner-*, tome-*) prunes the projected tokens on every family "
-            "(docs/adapters.md)"
+            f"{family} has no stage before its projector: prunekit shortens images there where a projector "
+            "receives each image's patches as [n_images, patches, dim] (LLaVA-1.5's layout), and this family "
+            "packs, tiles or pools its image features otherwise; a recipe's `vision:` block runs at the language "
+            "model's input instead, on each image's projected tokens (docs/recipes.md)"
         )
 
     def describe(self) -> str:

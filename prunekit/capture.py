@@ -29,6 +29,7 @@ from prunekit.probes import (
     ModuleIO,
     Probe,
     VisionAttention,
+    VisionFeatures,
     VisionHidden,
     VisionKeys,
 )
@@ -207,6 +208,10 @@ def install_vision_hidden(site: Site, wanted: Wanted) -> None:
         site.hooks.add(site.vision_layers[layer].register_forward_hook(hook))
 
 
+def install_vision_features(site: Site, wanted: Wanted) -> None:
+    """Nothing to hook: the vision stage hands each call's image features to its criteria itself."""
+
+
 INSTALLERS: dict[type, Installer] = {
     ModuleIO: install_module_io,
     LayerInput: install_layer_input,
@@ -215,6 +220,7 @@ INSTALLERS: dict[type, Installer] = {
     VisionAttention: install_vision_attention,
     VisionKeys: install_vision_keys,
     VisionHidden: install_vision_hidden,
+    VisionFeatures: install_vision_features,
 }
 
 

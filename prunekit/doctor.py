@@ -11,6 +11,7 @@ from torch import nn
 from prunekit.errors import AdapterError, PrunekitError
 from prunekit.plugins import get_registry
 from prunekit.probes import AttentionRows
+from prunekit.vision_input import runs_before_projector, tower_readers
 
 
 def build_skeleton(source: str) -> nn.Module:
@@ -76,15 +77,18 @@ def diagnose(model: nn.Module) -> dict[str, Any]:
             "AttentionRows (through the attention interface)": _uses_attention_interface(attention),
         },
     })
-    try:
-        chosen.projector(model)
-        vision_layers = list(chosen.vision_layers(model))
-        report["probes"]["vision stage (VisionAttention / VisionKeys / VisionHidden)"] = bool(vision_layers)
-    except (NotImplementedError, AdapterError):
-        report["probes"]["vision stage (VisionAttention / VisionKeys / VisionHidden)"] = False
+    before = runs_before_projector(chosen, model)
+    report["vision_stage"] = ("before the projector, per image (or video frame)" if before else
+                              "at the language model's input, per image (or video frame), on the projected features")
+    report["probes"][VISION_FEATURES] = True
+    report["probes"][VISION_TOWER] = before
     layer_kinds = [chosen.layer_kind(model, i) for i in range(len(layers))]
     report["recipes"] = recipe_support(chosen, type(model).__name__, layer_kinds, report["probes"], model)
     return report
+
+
+VISION_FEATURES = "vision stage: VisionFeatures (the image features it shortens; LayerInput(0) criteria)"
+VISION_TOWER = "vision stage: VisionAttention / VisionKeys / VisionHidden (inside the vision tower)"
 
 
 def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes: dict[str, bool],
@@ -97,7 +101,7 @@ def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes
     num_layers = len(layer_kinds)
     fed = getattr(adapter, "fed_layer_kinds", None)  # None: the adapter does not say (assume every kind)
     rows_ok = probes["AttentionRows (through the attention interface)"]
-    vision_ok = probes["vision stage (VisionAttention / VisionKeys / VisionHidden)"]
+    tower_ok = probes[VISION_TOWER]
     out: dict[str, str] = {}
     for name in builtin_recipe_names():
         try:
@@ -114,8 +118,11 @@ def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes
             except PrunekitError as exc:
                 out[name] = f"no: {exc}"
                 continue
-        if recipe.vision is not None and not vision_ok:
-            out[name] = f"no: it prunes before the language model and adapter {adapter.name!r} has no vision stage"
+        tower = [] if recipe.vision is None or tower_ok else tower_readers(recipe.vision)
+        if tower:
+            out[name] = (f"no: its vision block reads the vision tower ({', '.join(tower)}); adapter "
+                         f"{adapter.name!r} runs vision blocks at the language model's input, on the projected "
+                         "features")
             continue
         if not rows_ok and any(isinstance(p, AttentionRows) for _, p in wanted):
             out[name] = "no: it reads attention rows and the attention does not go through the attention interface"
@@ -143,6 +150,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"language model: {report['language_model']}, {report['decoder_layers']} decoder layers "
                  f"({', '.join(f'{n} {k}' for k, n in report['layer_kinds'].items())}), {report['rope']}")
     lines.append(f"visual tokens: {report['visual_tokens']}")
+    lines.append(f"vision stage: {report['vision_stage']}")
     if report.get("video_frames"):
         lines.append(f"video frames: {report['video_frames']}")
     lines.append("probes:")

@@ -55,6 +55,7 @@ from prunekit.record import CacheRecord, Decode, Prefill, Running, StageRecord, 
 from prunekit.report import PruneReport, StageReport, build_report
 from prunekit.step import decode_layer_kwargs, decode_step_kwargs, prefill_layer_kwargs, prune
 from prunekit.vision import VisionPruner, rewrite_decode_kwargs
+from prunekit.vision_input import INPUT_STAGE, InputVision, runs_before_projector
 
 
 class Clock:
@@ -153,7 +154,6 @@ class Pruner:
         self.num_layers = len(self.layers)
         self.recipe = scale_to_depth(recipe, self.num_layers)
         self.stages: list[Stage] = check_stages(self.recipe, self.num_layers, type(model).__name__)
-        self.stage_layers = tuple(s.layer for s in self.stages)
         self._reports = threading.local()  # each thread's last report
         self._latest: PruneReport | None = None  # the last report of any thread
         self._running = Running()
@@ -166,11 +166,19 @@ class Pruner:
         self._var_keyword = next((p.name for p in self._signature.parameters.values()
                                   if p.kind is inspect.Parameter.VAR_KEYWORD), None)
         self._parameters = frozenset(self._signature.parameters)
-        self._vision = (None if self.recipe.vision is None
-                        else VisionPruner(model, self.adapter, self.recipe.vision, self._running))
+        self._criteria_layers = tuple(s.layer for s in self.stages)  # the recipe's prune layers (its criteria's)
+        self._vision: VisionPruner | None = None
+        self._input_vision: InputVision | None = None  # a vision block run before layer 0 (engine stage 0)
+        if self.recipe.vision is not None and runs_before_projector(self.adapter, model):
+            self._vision = VisionPruner(model, self.adapter, self.recipe.vision, self._running)
+        elif self.recipe.vision is not None:
+            self._input_vision = InputVision(model, self.adapter, self.recipe.vision, self.recipe.name)
+            self.stages = [INPUT_STAGE, *self.stages]
+        self._offset = int(self._input_vision is not None)  # engine stage s is the recipe's stage s - offset
+        self.stage_layers = tuple(s.layer for s in self.stages)
         check_decode(self.recipe, self.stages, self.num_layers, type(model).__name__)
         self.adapter.check_prune_layers(model, self.stage_layers)
-        self._probes = collect_probes(self.recipe.parts(), self.stage_layers, self.num_layers, "decoder",
+        self._probes = collect_probes(self.recipe.parts(), self._criteria_layers, self.num_layers, "decoder",
                                       f"recipe {self.recipe.name!r}")
         # stage index of every layer (-1 before the first prune)
         self._stage_of_layer = [max((s for s, L in enumerate(self.stage_layers) if L <= i), default=-1)
@@ -241,9 +249,11 @@ class Pruner:
         for i in range(first, self.num_layers):  # the stage's inputs first: probes see the layer's own
             add(self.layers[i].register_forward_pre_hook(clocked(self._stage_inputs_hook(i)), with_kwargs=True))
         install_probes(Site(self.model, self.adapter, self._hooks, self._running, self._timed, self.layers,
-                            self.stage_layers), self._probes)
+                            self._criteria_layers), self._probes)
         for s, stage in enumerate(self.stages):  # after the probes, which read the unpruned input
-            add(self.layers[stage.layer].register_forward_pre_hook(self._prune_hook(s, stage), with_kwargs=True))
+            prepend = s < self._offset  # the vision block runs first: layer 0's probes see the shortened images
+            add(self.layers[stage.layer].register_forward_pre_hook(self._prune_hook(s, stage), with_kwargs=True,
+                                                                   prepend=prepend))
         if self._decode is not None:  # after the decode hooks, whose masks it narrows
             self._decode.install(self._hooks)
         if self._cut is not None:
@@ -327,7 +337,7 @@ class Pruner:
                 )
             layout = self.adapter.token_layout(self.model, input_ids, mask)
             changed = ((), {**call, "input_ids": input_ids, "attention_mask": mask, "position_ids": positions})
-        ctx = ForwardContext(layout=layout, stage_layers=self.stage_layers, num_layers=self.num_layers)
+        ctx = ForwardContext(layout=layout, stage_layers=self._criteria_layers, num_layers=self.num_layers)
         self._running.forward = Prefill(
             ctx=ctx, positions=None,
             visual_original=layout.visual_counts(), prompt_valid=layout.valid.sum(dim=1),
@@ -368,7 +378,7 @@ class Pruner:
         if cached is None:
             self._check_cache_and_mask(cache, mask)
             cached = self._unpruned_cache(cache, input_ids)
-        if cached.rewrite is not None or self._vision is not None:
+        if cached.rewrite is not None or self._vision is not None or self._input_vision is not None:
             raise LayoutError(
                 f"recipe {self.recipe.name!r} has a vision stage, which prunes a conversation's first prefill only; "
                 "this turn brings new visual tokens on its cache. Use a decoder-stage recipe for chats with an "
@@ -386,7 +396,7 @@ class Pruner:
                 "tokens and the 2D attention_mask of the whole conversation, or use a recipe whose first stage is "
                 "after layer 0"
             )
-        ctx = ForwardContext(layout=layout, stage_layers=self.stage_layers, num_layers=self.num_layers)
+        ctx = ForwardContext(layout=layout, stage_layers=self._criteria_layers, num_layers=self.num_layers)
         return Prefill(ctx=ctx, positions=None, visual_original=layout.visual_counts(),
                        prompt_valid=layout.valid.sum(dim=1), prompt_length=turn_length, cache=cache,
                        past=cached, past_mask=self._unpruned_mask(cached, input_ids, mask))
@@ -548,8 +558,12 @@ class Pruner:
             prefill = self._running.prefill()
             if prefill is None:
                 return None
-            hidden = prune(prefill, self.recipe, self.adapter, stage, stage_index,
-                           self.adapter.layer_input(args, kwargs), self._timed)
+            hidden = self.adapter.layer_input(args, kwargs)
+            if stage_index < self._offset:
+                hidden = self._input_vision.prune(prefill, hidden, self.recipe.positions, self._timed)
+            else:
+                hidden = prune(prefill, self.recipe, self.adapter, stage, stage_index, hidden, self._timed,
+                               criteria_stage=stage_index - self._offset)
             built = prefill_layer_kwargs(prefill, self.adapter, self.model, stage.layer, hidden, self._timed)
             return self.adapter.write_layer_input(self.model, args, kwargs, hidden, built)
 

@@ -124,4 +124,21 @@ class VisionHidden:
     layer: int
 
 
-Probe = Union[ModuleIO, AttentionRows, LayerInput, DecoderKeys, VisionAttention, VisionKeys, VisionHidden]
+@dataclass(frozen=True)
+class VisionFeatures:
+    """The image features a vision stage shortens: ``[n_images, tokens, dim]``, one row per image (or video
+    frame) of the call. Before a projector (LLaVA-1.5, Video-LLaVA) they are what the projector receives;
+    where the stage runs at the language model's input (every other family), the projected features as
+    the first decoder layer would receive them. No hook: the stage hands them over itself.
+
+    In a ``vision`` block a criterion asking for ``LayerInput(layer=0)`` (the hidden states entering the
+    first decoder layer: DivPrune, the L2-norm and similarity baselines) gets these instead.
+    """
+
+    site: ClassVar[str] = "vision"
+    layer: ClassVar[int] = -1  # no layer of its own: read where the stage runs
+
+
+Probe = Union[ModuleIO, AttentionRows, LayerInput, DecoderKeys, VisionAttention, VisionKeys, VisionHidden,
+              VisionFeatures]
+TOWER_PROBES = (VisionAttention, VisionKeys, VisionHidden)  # the vision probes a hook inside the tower captures

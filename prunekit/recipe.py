@@ -36,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 from prunekit.api import Combiner, Criterion, Merger, Schedule, Stage, check_keep_count
 from prunekit.errors import PluginError, RecipeError, valid_list
 from prunekit.plugins import get_registry
-from prunekit.probes import Probe
+from prunekit.probes import LayerInput, Probe, VisionFeatures
 from prunekit.schema import RECIPE_KEYS, RecipeSchema
 
 
@@ -497,6 +497,8 @@ def collect_probes(parts: list[tuple[str, Any]], stage_layers: Sequence[int], nu
         except ValueError as exc:
             raise RecipeError(f"{at}: {exc}") from exc
         for probe in probes:
+            if site == "vision" and isinstance(probe, LayerInput) and probe.layer == 0 and not probe.final_norm:
+                probe = VisionFeatures()  # in a vision block, "what enters layer 0" is the image's features
             if not isinstance(probe, known):
                 raise RecipeError(f"{at}: {probe!r} is not a probe; valid: {valid_list(k.__name__ for k in known)}")
             if probe.site != site:

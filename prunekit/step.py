@@ -25,10 +25,13 @@ from prunekit.sequence import Assembly, assemble, gather_tokens, select
 
 
 def prune(prefill: Prefill, recipe: Recipe, adapter: Adapter, stage: Stage, stage_index: int, hidden: Tensor,
-          timed: Timer) -> Tensor:
-    """Prune before ``stage.layer``: returns the next hidden states [batch, new_seq, dim] and updates ``prefill``."""
+          timed: Timer, criteria_stage: int | None = None) -> Tensor:
+    """Prune before ``stage.layer``: returns the next hidden states [batch, new_seq, dim] and updates ``prefill``.
+
+    ``criteria_stage``: the stage index the criteria see (``stage_index`` unless the engine runs a vision
+    stage of its own before the recipe's stages)."""
     ctx = prefill.ctx
-    ctx.stage = stage_index
+    ctx.stage = stage_index if criteria_stage is None else criteria_stage
     counts = torch.minimum(stage.keep_counts(prefill.visual_original), ctx.layout.visual_counts())  # [batch]
     ctx.keep_counts = counts
     with timed("scoring"):
@@ -48,23 +51,30 @@ def prune(prefill: Prefill, recipe: Recipe, adapter: Adapter, stage: Stage, stag
         with torch.no_grad():
             plan = assemble(selection, last_index(ctx.layout.visual), merged_valid)
         hidden = next_hidden(hidden, plan, merged)  # a gather: gradients reach the kept tokens as in the bare model
-        with torch.no_grad():
-            policy = stage.positions or recipe.positions
-            prefill.positions = next_positions(prefill, plan, adapter, policy)
-            if prefill.past is not None:  # a later turn: continue right after this stage's cached positions
-                prefill.positions = prefill.positions - prefill.past_moved(stage_index)[None, :, None]
+        advance(prefill, plan, adapter, stage, stage_index, recipe.positions)
+    return hidden
+
+
+def advance(prefill: Prefill, plan: Assembly, adapter: Adapter, stage: Stage, stage_index: int,
+            recipe_positions: str, where: str = "decoder") -> None:
+    """Move ``prefill`` on to the sequence ``plan`` assembles: positions follow the kept tokens (re-indexed
+    under ``compact``), the layout and buffers are gathered, and the stage's record is appended."""
+    ctx = prefill.ctx
+    policy = stage.positions or recipe_positions
+    with torch.no_grad():
+        prefill.positions = next_positions(prefill, plan, adapter, policy)
+        if prefill.past is not None:  # a later turn: continue right after this stage's cached positions
+            prefill.positions = prefill.positions - prefill.past_moved(stage_index)[None, :, None]
         ctx.gather(plan.index, ~plan.from_current)
-        if merged is not None:  # merged slots are visual tokens from now on
-            ctx.layout.visual |= plan.merged_valid
-            ctx.layout.valid |= plan.merged_valid
+        ctx.layout.visual |= plan.merged_valid  # merged slots are visual tokens from now on
+        ctx.layout.valid |= plan.merged_valid
     shift = prefill.records[-1].shift if prefill.records else torch.zeros_like(prefill.prompt_valid)
-    if (stage.positions or recipe.positions) == "compact":  # decode tokens continue right after the compacted prompt
+    if policy == "compact":  # decode tokens continue right after the compacted prompt
         shift = prefill.prompt_max_position - max_position(prefill.positions, ctx.layout.valid)
     layout = ctx.layout
     prefill.records.append(StageRecord(layer=stage.layer, original_index=layout.original_index,
-                                       visual=layout.visual, valid=layout.valid, shift=shift))
+                                       visual=layout.visual, valid=layout.valid, shift=shift, where=where))
     prefill.layer_kwargs = {}
-    return hidden
 
 
 def next_hidden(hidden: Tensor, plan: Assembly, merged: Tensor | None) -> Tensor:

@@ -31,7 +31,7 @@ from prunekit.capture import Site, install_probes
 from prunekit.errors import LayoutError, RecipeError
 from prunekit.hooks import HookSet
 from prunekit.layout import TokenLayout, run_starts
-from prunekit.probes import VisionAttention
+from prunekit.probes import VisionAttention, VisionFeatures
 from prunekit.recipe import VisionRecipe, collect_probes
 from prunekit.record import PromptRewrite, Running, VisionRecord
 from prunekit.scoring import Timer, score
@@ -105,6 +105,7 @@ def shorten_images(vision: VisionRecipe, features: Tensor, captures: dict, num_l
     ones = torch.ones(n_images, patches, dtype=torch.bool, device=features.device)
     layout = TokenLayout(visual=ones, instruction=~ones, valid=ones, original_index=index.clone(),
                          image_index=torch.zeros_like(index))
+    captures = {**captures, VisionFeatures(): features.detach()}
     ctx = ForwardContext(layout=layout, stage_layers=(0,), num_layers=num_layers, stage=0, captures=captures)
     counts = torch.full((n_images,), kept, dtype=torch.long, device=features.device)
     ctx.keep_counts = counts

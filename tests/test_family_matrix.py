@@ -18,6 +18,7 @@ import torch
 import transformers
 
 import prunekit
+from prunekit.flops import DecoderDims, recipe_estimate
 from prunekit.recipe import builtin_recipe_names, load_recipe
 from prunekit.testing import (MATRIX, MATRIX_FAMILIES, MATRIX_RECIPE_REASONS, MatrixRow, family_inputs,
                               family_matrix_markdown, missing_module, tiny_family_model)
@@ -77,6 +78,42 @@ def test_keep_all_is_bit_identical_and_the_adapter_is_the_tables(family):
     assert torch.equal(logits[mask], bare_logits[mask])
     assert torch.equal(ids, bare_ids)
     assert _hooks(model) == own_hooks  # the model's own hooks only
+
+
+VISION_KEEP_ALL = {"name": "vision-keep-all", "positions": "compact",
+                   "vision": {"criteria": {"divprune": {"type": "divprune"}}, "keep": 1.0}}
+
+
+def test_a_keep_everything_vision_block_is_bit_identical_and_a_per_image_one_matches_the_flops_model(family):
+    """Every family runs a vision block (before the projector of LLaVA-1.5 and Video-LLaVA, at the language model's
+    input elsewhere): keeping everything changes nothing; divprune-per-image keeps each image's own share, layer by
+    layer what the FLOPs model predicts for that image."""
+    row, model, inputs, bare_logits, bare_ids, (state, own_hooks) = family
+    with prunekit.apply(model, VISION_KEEP_ALL) as pruner, torch.no_grad():
+        logits = model(**inputs).logits
+        ids = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    mask = inputs["attention_mask"].bool()
+    assert torch.equal(logits[mask], bare_logits[mask]) and torch.equal(ids, bare_ids)
+    assert pruner.last_report.stages[0].where == "vision"
+    with prunekit.apply(model, "divprune-per-image") as pruner, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    report = pruner.last_report
+    dims = DecoderDims.from_config(model.config)
+    single = [b for b in range(len(report.visual_tokens)) if _one_unit(pruner, inputs, b)]
+    assert single, "no sample holds a single image: nothing checked"
+    for b in single:
+        visual = int(report.visual_tokens[b])
+        predicted = recipe_estimate(pruner.recipe, dims, visual).visual_tokens
+        assert report.visual_tokens_per_layer[b].tolist() == predicted, (b, visual)
+    assert _hooks(model) == own_hooks
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def _one_unit(pruner, inputs: dict, b: int) -> bool:
+    """Whether sample ``b``'s visual tokens are one image (not several images or a video's frames)."""
+    layout = pruner.adapter.token_layout(pruner.model, inputs["input_ids"][b:b + 1],
+                                         inputs["attention_mask"][b:b + 1])
+    return int(layout.image_index[layout.visual].max()) == 0 and not layout.has_frames
 
 
 @pytest.mark.parametrize("recipe", DECODER_RECIPES)
@@ -259,8 +296,13 @@ def test_doctor_on_each_familys_config_says_which_recipes_run(row, tmp_path, cap
     vision = [n for n in builtin_recipe_names() if n not in DECODER_RECIPES]
     if row.adapter in ("llava", "video_llava"):  # a projector that receives each image's (frame's) patches
         assert all(recipes[n] == "runs" for n in vision), {n: recipes[n] for n in vision}
-    else:  # no vision stage through these adapters: vision recipes say why
-        assert all("no vision stage" in recipes[n] for n in vision)
+    else:  # vision blocks run at the language model's input: those that read the tower say so, the others run
+        from prunekit.vision_input import tower_readers
+
+        reads = {n for n in vision if tower_readers(load_recipe(n).vision)}
+        assert reads and reads != set(vision)
+        assert all("reads the vision tower" in recipes[n] for n in reads), {n: recipes[n] for n in reads}
+        assert all(recipes[n] == "runs" for n in set(vision) - reads), {n: recipes[n] for n in vision}
 
 
 def test_doctor_says_why_a_recipe_does_not_fit_a_shallow_model(tmp_path, capsys):

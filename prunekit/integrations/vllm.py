@@ -219,8 +219,9 @@ def plan_for_config(config: Any) -> ServingPlan:
     if plan.vision is not None and family in NO_VISION_STAGE:
         raise NotServableError(
             f"recipe {plan.name!r} has a 'vision:' block, which {NO_VISION_STAGE[family]} cannot run: prunekit has no "
-            f"stage before its projector (the {family} adapter names no projector, so prunekit.apply refuses it "
-            "too); serve a layer-0 stage on the projected tokens instead, e.g. 'divprune' (docs/serving.md)")
+            f"stage before its projector (the {family} adapter names no projector; prunekit.apply runs such a block "
+            "at the language model's input, which this plugin does not serve); serve a layer-0 stage on the "
+            "projected tokens instead, e.g. 'divprune' (docs/serving.md)")
     return plan
 
 

@@ -1,0 +1,192 @@
+"""A recipe's ``vision`` block at the language model's input (every family but LLaVA-1.5 and Video-LLaVA, whose
+images are shortened before the projector): keep-all identity, a hand-built Qwen2.5-VL reference in the prefill
+and in cached decode, per-image counts, a decoder stage after it, and the refusal of tower-reading criteria."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.compat import with_cache
+from prunekit.testing import END_ID, START_ID, family_inputs, tiny_family_model
+
+INPUT_FAMILIES = ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "internvl",
+                  "idefics3", "mistral3", "glm4v"]
+SIZES = {"llava_next": [(24, 24), (16, 32)], "llava_onevision": [(24, 24), (16, 32)], "qwen2_vl": [(24, 24), (16, 32)],
+         "qwen2_5_vl": [(24, 24), (16, 32)], "qwen3_vl": [(24, 24), (16, 32)], "glm4v": [(24, 24), (16, 32)]}
+
+
+def _norm_block(keep: float | None = None, count: int | None = None, positions: str = "original") -> dict:
+    block = {"criteria": {"norm": {"type": "l2_norm"}}, **({"keep": keep} if count is None else {"count": count})}
+    return {"name": "vision-l2", "positions": positions, "vision": block}
+
+
+def _hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", INPUT_FAMILIES)
+def test_a_keep_everything_vision_block_is_bit_identical_to_the_bare_model(family):
+    model = tiny_family_model(family, num_layers=4)
+    inputs = family_inputs(model, family, batch=2, seed=3, sizes=SIZES.get(family))
+    hooks = _hooks(model)
+    with torch.no_grad():
+        bare_logits = model(**inputs).logits
+        bare = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        with prunekit.apply(model, _norm_block(keep=1.0, positions="compact")) as pruner:
+            logits = model(**inputs).logits
+            tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(logits, bare_logits)
+    assert torch.equal(tokens, bare)
+    report = pruner.last_report
+    assert report.stages[0].where == "vision" and report.stages[0].layer == 0
+    assert torch.equal(report.stages[0].kept_counts, report.visual_tokens)
+    assert _hooks(model) == hooks
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "gemma3", "llava_onevision", "internvl"])
+def test_each_image_keeps_its_own_share_and_generate_runs(family):
+    model = tiny_family_model(family, num_layers=4)
+    inputs = family_inputs(model, family, batch=2, seed=2, sizes=SIZES.get(family))
+    with prunekit.apply(model, _norm_block(keep=0.5)) as pruner, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    report = pruner.last_report
+    assert report.stages[0].kept_counts.tolist() == [n // 2 for n in report.visual_tokens.tolist()]
+    assert report.visual_tokens_per_layer.tolist() == [[n // 2] * 4 for n in report.visual_tokens.tolist()]
+    with prunekit.apply(model, _norm_block(count=5)) as pruner, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert pruner.last_report.stages[0].kept_counts.tolist() == [min(5, n) for n in report.visual_tokens.tolist()]
+
+
+def _two_images(model, grids: list[tuple[int, int]], seed: int = 0) -> dict:
+    """One Qwen2.5-VL prompt holding two images of ``grids`` (patch rows, cols; merged 2x2 into tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    image = model.config.image_token_id
+    spans = [[START_ID, *([image] * (h * w // 4)), END_ID] for h, w in grids]
+    ids = torch.tensor([[1, 5, 6, *spans[0], 9, 10, *spans[1], 11, 12, 13]])
+    pixel = torch.randn(sum(h * w for h, w in grids), 3 * 2 * 4 * 4, generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel,
+            "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids]), "mm_token_type_ids": (ids == image).long()}
+
+
+def _reference(model, inputs: dict, keep: float, steps: int) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    """Qwen2.5-VL with each image's features cut before the language model, by hand: the ``int(P * keep)`` feature
+    rows of largest L2 norm per image (in order), a prompt holding only their placeholders, the unpruned prompt's
+    M-RoPE positions at the kept columns, then greedy cached decoding at the positions after the prompt's largest.
+    Returns the prefill logits ``[kept_len, vocab]``, each decode step's logits and the kept prompt columns."""
+    ids = inputs["input_ids"]
+    image_id = model.config.image_token_id
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        kept_rows = []
+        for rows in features:  # [P, dim] per image
+            k = int(rows.shape[0] * keep)
+            kept_rows.append(rows.norm(dim=-1).topk(k).indices.sort().values)
+        positions, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"],
+                                                  attention_mask=inputs["attention_mask"])  # [3, 1, seq]
+        columns, image_of, seen = [], (ids[0] == image_id).nonzero().flatten().tolist(), 0
+        for i, rows in enumerate(features):
+            span = image_of[seen: seen + rows.shape[0]]
+            columns += [span[r] for r in kept_rows[i].tolist()]
+            seen += rows.shape[0]
+        columns = sorted(set(range(ids.shape[1])) - set(image_of) | set(columns))
+        short = ids[:, columns]
+        embeds = model.model.get_input_embeddings()(short)
+        kept = torch.cat([rows[r] for rows, r in zip(features, kept_rows)])  # [kept, dim] in prompt order
+        embeds[short == image_id] = kept.to(embeds.dtype)
+        lm = model.model.language_model
+        out = lm(inputs_embeds=embeds, position_ids=positions[:, :, columns], attention_mask=torch.ones_like(short),
+                 use_cache=True)
+        logits = model.lm_head(out.last_hidden_state)[0]
+        cache, steps_logits, mask = out.past_key_values, [], torch.ones_like(short)
+        token, top = logits[-1].argmax(), int(positions.max())
+        for step in range(steps):
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+            position = torch.full((3, 1, 1), top + 1 + step)
+            out = lm(inputs_embeds=model.model.get_input_embeddings()(token.view(1, 1)), position_ids=position,
+                     attention_mask=mask, use_cache=True, **with_cache(lm, cache))
+            cache = out.past_key_values
+            step_logits = model.lm_head(out.last_hidden_state)[0, -1]
+            steps_logits.append(step_logits)
+            token = step_logits.argmax()
+    return logits, steps_logits, columns
+
+
+def test_a_pruned_vision_block_on_qwen2_5_vl_equals_the_features_cut_before_the_language_model():
+    model = tiny_family_model("qwen2_5_vl", num_layers=4, dtype=torch.float64)
+    inputs = _two_images(model, [(6, 6), (4, 8)])  # 9 and 8 tokens: 4 of each kept
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    ref_logits, ref_steps, columns = _reference(model, inputs, keep=0.5, steps=3)
+    recipe = _norm_block(keep=0.5)
+    with prunekit.apply(model, recipe) as pruner, torch.no_grad():
+        logits = model(**inputs).logits[0]
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    report = pruner.last_report
+    assert report.output_positions[0].tolist() == columns
+    assert report.stages[0].kept_counts.tolist() == [8]
+    assert torch.allclose(logits, ref_logits, atol=1e-10, rtol=0)
+    # generate hands its logits out in float32: the references cast alike
+    assert torch.allclose(out.logits[0][0], ref_logits[-1].float(), atol=1e-6, rtol=0)
+    for step, expected in enumerate(ref_steps):  # cached decode steps at the positions after the prompt
+        assert torch.allclose(out.logits[step + 1][0], expected.float(), atol=1e-6, rtol=0), step
+
+
+def test_a_decoder_stage_after_the_vision_block_keeps_a_share_of_what_the_block_left():
+    model = tiny_family_model("qwen2_5_vl", num_layers=4)
+    inputs = family_inputs(model, "qwen2_5_vl", batch=2, seed=1, sizes=[(24, 24), (32, 32)])  # 9 and 16 tokens
+    recipe = {**_norm_block(keep=0.5), "criteria": {"a": {"type": "fastv_attention"}},
+              "schedule": {"type": "stages", "stages": [{"layer": 2, "keep": 0.5}]}}
+    with prunekit.apply(model, recipe) as pruner, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    report = pruner.last_report
+    assert [s.where for s in report.stages] == ["vision", "decoder"]
+    assert report.visual_tokens_per_layer.tolist() == [[4, 4, 2, 2], [8, 8, 4, 4]]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_next", "gemma3"])
+def test_criteria_that_read_the_vision_tower_are_refused_where_the_block_runs_at_the_input(family):
+    model = tiny_family_model(family, num_layers=4)
+    hooks = _hooks(model)
+    for name in ("visionzip", "fastervlm-64", "vispruner-64", "mustdrop-192"):
+        with pytest.raises(prunekit.RecipeError, match=rf"read the vision tower, which prunekit reads before the "
+                                                       rf"projector of LLaVA-1.5 and Video-LLaVA only; on "
+                                                       rf"{type(model).__name__}"):
+            prunekit.apply(model, name)
+    assert _hooks(model) == hooks
+
+
+def test_merged_tokens_take_their_image_s_place_at_the_position_of_the_token_before_it():
+    """``count: 0`` and ``grid_pool``: each Qwen2.5-VL image becomes its 2x2-pooled grid where it stood, at the M-RoPE
+    position of the token before it (``positions: original``), equal to the pooled features placed by hand."""
+    model = tiny_family_model("qwen2_5_vl", num_layers=4, dtype=torch.float64)
+    inputs = _two_images(model, [(6, 6), (4, 8)])  # 3x3 and 2x4 merged tokens: only the square one pools
+    inputs = {**inputs, "pixel_values": inputs["pixel_values"].double()}
+    image_id = model.config.image_token_id
+    ids = inputs["input_ids"]
+    first = torch.cat([ids[:, :14], ids[:, -3:]], dim=1)  # the first image only: 3x3 tokens at columns 4-12
+    one = {**inputs, "input_ids": first, "attention_mask": torch.ones_like(first),
+           "pixel_values": inputs["pixel_values"][:36], "image_grid_thw": inputs["image_grid_thw"][:1],
+           "mm_token_type_ids": (first == image_id).long()}
+    recipe = {"name": "pool", "positions": "original",
+              "vision": {"criteria": {"none": {"type": "uniform"}}, "count": 0, "merge": {"type": "grid_pool", "size": 2}}}
+    with prunekit.apply(model, recipe) as pruner, torch.no_grad():
+        logits = model(**one).logits[0]
+    with torch.no_grad():
+        features = model.model.get_image_features(one["pixel_values"], one["image_grid_thw"]).pooler_output[0]
+        pooled = torch.nn.functional.adaptive_avg_pool2d(features.T.reshape(1, -1, 3, 3), 2).reshape(-1, 4).T
+        positions, _ = model.model.get_rope_index(first, one["mm_token_type_ids"], one["image_grid_thw"],
+                                                  attention_mask=one["attention_mask"])
+        text = [c for c in range(first.shape[1]) if int(first[0, c]) != image_id]  # the image sat after column 3
+        embeds = model.model.get_input_embeddings()(first[:, text])
+        embeds = torch.cat([embeds[:, :4], pooled[None].to(embeds.dtype), embeds[:, 4:]], dim=1)
+        at = positions[:, :, text]
+        at = torch.cat([at[:, :, :4], at[:, :, 3:4].expand(-1, -1, 4), at[:, :, 4:]], dim=2)  # the START token's
+        out = model.model.language_model(inputs_embeds=embeds, position_ids=at,
+                                         attention_mask=torch.ones(1, embeds.shape[1], dtype=torch.long))
+        expected = model.lm_head(out.last_hidden_state)[0]
+    report = pruner.last_report
+    assert report.stages[0].kept_counts.tolist() == [0] and report.stages[0].merged_counts.tolist() == [4]
+    assert report.output_positions[0].tolist() == [*text[:4], -1, -1, -1, -1, *text[4:]]
+    assert torch.allclose(logits, expected, atol=1e-10, rtol=0)
