@@ -313,6 +313,36 @@ def _mrope_frames(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) in ("qwen2_vl", "qwen2_5_vl")
 
 
+class TiledAdapter(DecoderAdapter):
+    """LLaVA-NeXT / LLaVA-OneVision: each image reaches the language model as its base tile, then its
+    high-resolution tiles packed into one unpadded grid with an image-newline token after each row."""
+
+    def vision_units(self, model: nn.Module, hidden: Tensor, layout: TokenLayout) -> Tensor:
+        """The base tile (0) and the packed high-resolution grid (1) of each image; its image-newline tokens (the
+        rows of ``hidden`` equal to the model's ``image_newline``) -2, kept by a vision block. From the embeddings
+        themselves, so a plain forward and ``generate`` (which hands the model pre-encoded images without their
+        sizes) cut images alike."""
+        units = torch.full_like(layout.image_index, -1)  # [batch, seq]
+        newline = getattr(getattr(model, "model", None), "image_newline", None)
+        image_id = getattr(model.config, "image_token_id", None)
+        if newline is None or image_id is None:
+            return units
+        vision = model.config.vision_config
+        base = (vision.image_size // vision.patch_size) ** 2  # the base tile's tokens
+        is_newline = layout.visual & (hidden == newline.to(hidden.dtype)).all(dim=-1)  # [batch, seq]
+        for b in range(layout.batch_size):
+            for span in layout.image_index[b][layout.visual[b]].unique().tolist():
+                here = layout.visual[b] & (layout.image_index[b] == span)
+                newlines = here & is_newline[b]
+                units[b] = torch.where(newlines, torch.full_like(units[b], -2), units[b])
+                if not bool(newlines.any()) or bool((layout.frame_index[b][here] >= 0).any()):
+                    continue  # an image of one tile, or a video (OneVision's closes with a newline): its frames
+                grid = here & ~newlines
+                rank = grid.long().cumsum(0) - 1  # [seq]: index among the image's non-newline tokens
+                units[b] = torch.where(grid, (rank >= base).long(), units[b])
+        return units
+
+
 class MRopeAdapter(DecoderAdapter):
     """Qwen2-VL / Qwen2.5-VL: multimodal RoPE with (temporal, height, width) positions per token.
 
@@ -613,7 +643,7 @@ LLAVA = DecoderAdapter(FamilySpec(
     model_types=("llava",),
     classes=("LlavaForConditionalGeneration",),
 ))
-LLAVA_NEXT = DecoderAdapter(FamilySpec(
+LLAVA_NEXT = TiledAdapter(FamilySpec(
     name="llava_next",
     model_types=("llava_next",),
     classes=("LlavaNextForConditionalGeneration",),
@@ -626,7 +656,7 @@ VIDEO_LLAVA = DecoderAdapter(FamilySpec(
     visual_token_ids=("image_token_id", "video_token_id"),
     vision_layers="model.image_tower.encoder.layers", video_vision_layers="model.video_tower.encoder.layers",
 ))
-LLAVA_ONEVISION = DecoderAdapter(FamilySpec(
+LLAVA_ONEVISION = TiledAdapter(FamilySpec(
     name="llava_onevision",
     model_types=("llava_onevision",),
     classes=("LlavaOnevisionForConditionalGeneration",),

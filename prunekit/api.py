@@ -409,6 +409,13 @@ class Adapter(ABC):
         the tokens of one frame as the projector receives them. None: the projector sees no video frames."""
         return None
 
+    def vision_units(self, model: nn.Module, hidden: Tensor, layout: TokenLayout) -> Tensor:
+        """Where a vision block runs at the language model's input: ``[batch, seq]`` long, the part of its image
+        each visual token belongs to (the block shortens each part apart), -2 for tokens it keeps whatever it
+        scores (e.g. image-newline tokens), -1 where the image (or video frame) is one part. ``hidden``: the
+        embeddings entering decoder layer 0 ``[batch, seq, dim]``. By default every image is one part."""
+        return torch.full_like(layout.image_index, -1)
+
     def _no_vision_stage(self, model: nn.Module | None) -> AdapterError:
         family = f"{type(model).__name__} (adapter {self.name!r})" if model is not None else f"adapter {self.name!r}"
         return AdapterError(

@@ -10,8 +10,10 @@ embeddings), before layer 0: the engine runs it as a stage of its own, so positi
 masks and the KV cache follow the kept tokens as for any stage. The language model runs on exactly the
 tokens it would get had the features been dropped before it.
 
-- Unit: each image (a visual span of the prompt), or each frame of a video span whose frames the adapter
-  knows; ``count`` / ``keep`` apply to each unit's own tokens (a fraction serves 64- and 3000-token images).
+- Unit: each image (a visual span of the prompt), or each part of it the adapter names (LLaVA-NeXT's base tile
+  and high-resolution grid; its image-newline tokens are in no unit and stay), or each frame of a video span
+  whose frames the adapter knows; ``count`` / ``keep`` apply to each unit's own tokens (a fraction serves 64-
+  and 3000-token images).
 - Criteria read :class:`~prunekit.probes.VisionFeatures` (``LayerInput(0)`` criteria: DivPrune, the
   L2-norm and similarity baselines) and mergers get the features; criteria reading the tower
   (``VisionAttention`` / ``VisionKeys`` / ``VisionHidden``) are refused by name: no built-in adapter maps
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from prunekit.api import Adapter, Stage
 from prunekit.errors import AdapterError, RecipeError
+from prunekit.layout import TokenLayout
 from prunekit.probes import TOWER_PROBES
 from prunekit.recipe import VisionRecipe, collect_probes
 from prunekit.record import Prefill
@@ -62,6 +65,7 @@ class InputVision:
     """Runs a recipe's ``vision`` block as a stage before decoder layer 0 (see the module docstring)."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, vision: VisionRecipe, recipe_name: str) -> None:
+        self.model = model
         self.adapter = adapter
         self.vision = vision
         tower = tower_readers(vision)
@@ -78,7 +82,7 @@ class InputVision:
         ``[batch, new_seq, dim]``; ``prefill`` moves on as after a decoder stage (its record marked "vision")."""
         layout = prefill.ctx.layout
         with timed("vision stage"):
-            units = image_units(layout.visual, layout.image_index, layout.frame_index)
+            units = image_units(layout, self.adapter.vision_units(self.model, hidden, layout))
             shortened = self._shorten(hidden, units)
             plan, sources = unit_plan(units, shortened, *layout.visual.shape, hidden.device)
             new_hidden = gather_tokens(hidden, plan.index)  # [batch, new_seq, dim]: text (merged and fill slots: any)
@@ -104,11 +108,15 @@ class InputVision:
         return out
 
 
-def image_units(visual: Tensor, image_index: Tensor, frame_index: Tensor) -> list[tuple[int, Tensor]]:
+def image_units(layout: TokenLayout, parts: Tensor) -> list[tuple[int, Tensor]]:
     """The units a vision block shortens: ``(sample, positions [P] ascending)`` of every image of every sample,
-    a video span cut into its frames where the layout knows them (in sample, then position order)."""
-    span = torch.where(frame_index >= 0, image_index * (int(frame_index.max()) + 2) + frame_index + 1,
-                       image_index * (int(frame_index.max()) + 2))  # [batch, seq]: one id per image or frame
+    cut into the adapter's ``parts`` (``[batch, seq]``: LLaVA-NeXT's base tile and high-resolution grid; -2 for
+    tokens in no unit, kept as they are) or a video span into its frames where the layout knows them, in sample,
+    then position order."""
+    inner = torch.maximum(layout.frame_index, parts)  # [batch, seq]: frame or part, -1 for none
+    width = int(inner.max()) + 2
+    span = layout.image_index * width + inner + 1  # one id per image, part or frame
+    visual = layout.visual & (parts != -2)  # image-newline tokens stay, in no unit
     units = []
     for b in range(visual.shape[0]):
         ids = span[b][visual[b]]

@@ -45,7 +45,7 @@ def test_a_keep_everything_vision_block_is_bit_identical_to_the_bare_model(famil
     assert _hooks(model) == hooks
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "gemma3", "llava_onevision", "internvl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "internvl", "idefics3"])  # tiled ones: below
 def test_each_image_keeps_its_own_share_and_generate_runs(family):
     model = tiny_family_model(family, num_layers=4)
     inputs = family_inputs(model, family, batch=2, seed=2, sizes=SIZES.get(family))
@@ -190,3 +190,64 @@ def test_merged_tokens_take_their_image_s_place_at_the_position_of_the_token_bef
     assert report.stages[0].kept_counts.tolist() == [0] and report.stages[0].merged_counts.tolist() == [4]
     assert report.output_positions[0].tolist() == [*text[:4], -1, -1, -1, -1, *text[4:]]
     assert torch.allclose(logits, expected, atol=1e-10, rtol=0)
+
+
+def _tiles_from_sizes(model, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+    """Per image, the tile of each packed token (0 base, 1.. high resolution, -2 newline), from the image sizes:
+    transformers' own pack_image_features run on a stand-in feature per patch holding its tile number."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config, vision = model.config, model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    stand_in = []
+    for size in image_sizes:
+        n = image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                                      patch_size=vision.image_size)
+        stand_in.append(torch.arange(n, dtype=torch.float64)[:, None, None].expand(n, side * side, 1))
+    extra = ({"vision_feature_select_strategy": config.vision_feature_select_strategy}
+             if config.model_type == "llava_next" else {})
+    packed, _ = model.model.pack_image_features(stand_in, image_sizes, image_newline=torch.tensor([-2.0]), **extra)
+    return [p.reshape(-1).long() for p in packed]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_tiled_images_keep_their_newlines_and_shorten_the_base_tile_and_the_high_resolution_grid_apart(family):
+    """LLaVA-NeXT / OneVision at the input: each image's base tile and packed high-resolution grid keep their own
+    share by L2 norm, every image-newline token stays; the reference finds the tiles from the image sizes."""
+    model = tiny_family_model(family, num_layers=4)
+    inputs = family_inputs(model, family, batch=2, seed=2, sizes=[(24, 24), (16, 32)])
+    with torch.no_grad():
+        packed = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]).pooler_output
+    expected = []
+    for features, tiles in zip(packed, _tiles_from_sizes(model, inputs["image_sizes"])):
+        norms = features.norm(dim=-1)
+        keep = tiles == -2  # newlines
+        for part in (tiles == 0, tiles >= 1):
+            index = part.nonzero().flatten()
+            keep[index[norms[index].topk(int(len(index) * 0.5)).indices]] = True
+        expected.append(keep.nonzero().flatten())
+    for call in ("forward", "generate"):
+        with prunekit.apply(model, _norm_block(keep=0.5)) as pruner, torch.no_grad():
+            if call == "forward":
+                model(**inputs)
+            else:
+                model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        kept = pruner.last_report.stages[0].kept
+        for b, want in enumerate(expected):
+            image = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().flatten()
+            assert kept[b][kept[b] >= 0].tolist() == image[want].tolist(), (call, b)
+
+
+def test_a_onevision_video_is_shortened_frame_by_frame_and_keeps_its_closing_newline():
+    model = tiny_family_model("llava_onevision", num_layers=4)
+    inputs = family_inputs(model, "llava_onevision", batch=1, seed=4, video=True)  # 8 frames of 3x3, one newline
+    with prunekit.apply(model, _norm_block(count=4)) as pruner, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    report = pruner.last_report
+    video = (inputs["input_ids"][0] == model.config.video_token_id).nonzero().flatten()
+    assert len(video) == 8 * 9 + 1
+    kept = report.stages[0].kept[0].tolist()
+    assert report.stages[0].kept_counts.tolist() == [8 * 4 + 1] and video[-1].item() in kept
+    for frame in range(8):  # 4 of each frame's 9 tokens
+        assert sum(int(c) in kept for c in video[frame * 9:(frame + 1) * 9]) == 4
