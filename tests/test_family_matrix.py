@@ -297,6 +297,9 @@ def test_doctor_on_each_familys_config_says_which_recipes_run(row, tmp_path, cap
     for name, status in recipes.items():
         assert status == "runs" or status.startswith("no: "), (name, status)
     vision = [n for n in builtin_recipe_names() if n not in DECODER_RECIPES]
+    before = row.adapter in ("llava", "video_llava")
+    assert report["vision_stage"].startswith("before the projector" if before else "at the language model's input")
+    assert [ok for name, ok in report["probes"].items() if name.startswith("vision stage")] == [True, before]
     if row.adapter in ("llava", "video_llava"):  # a projector that receives each image's (frame's) patches
         assert all(recipes[n] == "runs" for n in vision), {n: recipes[n] for n in vision}
     else:  # vision blocks run at the language model's input: those that read the tower say so, the others run

@@ -251,3 +251,26 @@ def test_a_onevision_video_is_shortened_frame_by_frame_and_keeps_its_closing_new
     assert report.stages[0].kept_counts.tolist() == [8 * 4 + 1] and video[-1].item() in kept
     for frame in range(8):  # 4 of each frame's 9 tokens
         assert sum(int(c) in kept for c in video[frame * 9:(frame + 1) * 9]) == 4
+
+
+def test_beam_search_and_a_sample_without_an_image_beside_one_with():
+    model = tiny_family_model("qwen2_5_vl", num_layers=4)
+    inputs = family_inputs(model, "qwen2_5_vl", batch=2, seed=2, sizes=[(24, 24), (16, 32)])  # 9 and 8 tokens
+    with prunekit.apply(model, _norm_block(keep=0.5)) as pruner, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    assert out.shape[0] == 4 and pruner.last_report.stages[0].kept_counts.tolist() == [4, 4, 4, 4]
+    image = model.config.image_token_id
+    ids = inputs["input_ids"].clone()
+    ids[1][ids[1] == image] = 7  # the second sample's image becomes text
+    first = int(inputs["image_grid_thw"][0].prod())
+    one = {**inputs, "input_ids": ids, "pixel_values": inputs["pixel_values"][:first],
+           "image_grid_thw": inputs["image_grid_thw"][:1], "mm_token_type_ids": (ids == image).long()}
+    mask = one["attention_mask"].bool()
+    with torch.no_grad():
+        bare = model(**one).logits
+        with prunekit.apply(model, _norm_block(keep=1.0)):
+            same = model(**one).logits
+        with prunekit.apply(model, _norm_block(keep=0.5)) as pruner:
+            model.generate(**one, max_new_tokens=2, do_sample=False)
+    assert torch.equal(same[mask], bare[mask])
+    assert pruner.last_report.stages[0].kept_counts.tolist() == [4, 0]
