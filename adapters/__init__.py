@@ -13,6 +13,7 @@ from typing import Any
 
 import inspect
 import math
+import sys
 import threading
 
 import torch
@@ -343,6 +344,45 @@ class TiledAdapter(DecoderAdapter):
         return units
 
 
+def _window_index(visual: nn.Module, grid_thw: Tensor) -> Tensor | None:
+    """Qwen2.5-VL's window order of a call's merged tokens (``[tokens]`` long: the tower runs on them in this
+    order), from the model's own ``get_vision_window_index``; None for a tower without windows (Qwen2-VL)."""
+    if getattr(visual, "window_size", None) is None:
+        return None
+    module = sys.modules[type(visual).__module__]
+    window_index = getattr(module, "get_vision_window_index", None)
+    if window_index is None:  # older releases: a method of the tower
+        return visual.get_window_index(grid_thw)[0]
+    return window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+                        patch_size=visual.patch_size)[0]
+
+
+class MergedPatchTower:
+    """Qwen2-VL / Qwen2.5-VL's vision tower, read for a vision block at the language model's input.
+
+    The tower's blocks run on every patch of a call at once (Qwen2.5-VL in window order), attention split per
+    image (full-attention blocks) or per window; the patch merger then makes one token of each 2x2 patches. A
+    per-patch value maps onto the language model's tokens the same way: the mean over each token's patches, the
+    window order undone, one tensor per image (as LightCompress's VisionZip for Qwen2.5-VL reads the tower).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.visual = model.model.visual
+        self.layers = list(self.visual.blocks)
+        self.unit = int(self.visual.spatial_merge_size) ** 2  # patches per merged token
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.attn
+
+    def to_tokens(self, per_patch: Tensor, grid_thw: Tensor) -> list[Tensor]:
+        """``[patches, ...]`` in the tower's order -> per image (grid) ``[tokens, ...]`` in the prompt's order."""
+        merged = per_patch.reshape(-1, self.unit, *per_patch.shape[1:]).mean(dim=1)  # [tokens, ...] tower order
+        window = _window_index(self.visual, grid_thw)
+        if window is not None:
+            merged = merged[torch.argsort(window.to(merged.device))]
+        return list(merged.split((grid_thw.prod(dim=-1) // self.unit).tolist()))
+
+
 class MRopeAdapter(DecoderAdapter):
     """Qwen2-VL / Qwen2.5-VL: multimodal RoPE with (temporal, height, width) positions per token.
 
@@ -399,6 +439,9 @@ class MRopeAdapter(DecoderAdapter):
 
     def compact_positions(self, positions: Tensor, valid: Tensor, visual: Tensor) -> Tensor:
         return compact_mrope(positions, valid, visual)
+
+    def input_tower(self, model: nn.Module) -> MergedPatchTower | None:
+        return MergedPatchTower(model) if _mrope_frames(model) else None
 
     def stage_kwargs(self, model: nn.Module, hidden: Tensor, attention_mask_2d: Tensor, positions: Tensor,
                      cache: Any, layer_idx: int, blocks: Tensor | None = None) -> dict[str, Any]:

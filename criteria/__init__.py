@@ -19,18 +19,18 @@ from .sparsevlm import SparseVLMRaters, SparseVLMRecycling
 from .tome import ToMeMerge
 from .ttv import TTV, AccumulatedTTV
 from .video import DyCokeTTM, FrameDifference, UniformFrames
-from .visionzip import VisionZipContextual, VisionZipDominant
+from .visionzip import VisionZipContextual, VisionZipDominant, VisionZipReceived, VisionZipTargets
 from .vispruner import ClsAttention, VisPruner
 
 BUILTIN_CRITERIA: list[type[Criterion]] = [
     TTV, AccumulatedTTV, IGA, Attention, FastVAttention, PDropAttention, SparseVLMRaters, DivPrune, Redundancy,
     L2Norm, RandomScore, VisionZipDominant, Uniform, ClsAttention, VisPruner,
     CDPruner, DART, MustDropWindows, UniformFrames, FrameDifference, DyCokeTTM, FastVID,
-    HoliTom, PruneVid,
+    HoliTom, PruneVid, VisionZipReceived,
 ]
 BUILTIN_MERGERS: list[type[Merger]] = [
     SparseVLMRecycling, VisionZipContextual, GridPool, ToMeMerge, MustDropMerge, FastVIDMerge,
-    HoliTomMerge, PruneVidMerge,
+    HoliTomMerge, PruneVidMerge, VisionZipTargets,
 ]
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from prunekit.api import Criterion, ForwardContext, Merger
-from prunekit.probes import Probe, VisionAttention, VisionHidden, VisionKeys
+from prunekit.probes import Probe, VisionAttention, VisionAttentionReceived, VisionHidden, VisionKeys
 from prunekit.sequence import gather_tokens
 
 
@@ -105,3 +105,91 @@ class VisionZipContextual(Merger):
             parts.append(states[:, target_slots] + aggregated)
         merged = torch.cat(parts, dim=1) if parts else hidden.new_zeros(n_images, 0, dim)
         return merged, torch.ones(merged.shape[:2], dtype=torch.bool, device=hidden.device)
+
+
+@dataclass
+class VisionZipReceived(Criterion):
+    """VisionZip for a vision tower without a CLS token, as LightCompress runs it on Qwen2.5-VL: dominant tokens
+    by the attention they receive, then contextual targets spread over the rest.
+
+    As LightCompress (``llmc/compression/token_reduction/visionzip.py``, its Qwen2.5-VL path): the attention
+    of vision layer ``layer`` (-1: the last block, a full-attention block on Qwen2.5-VL), mean over heads,
+    summed over the queries, per merged token (``VisionAttentionReceived``). Of the ``T`` tokens a ``vision``
+    stage keeps, ``c = max(int(T * contextual), 1)`` are contextual targets and the other ``T - c`` the
+    dominant ones, those receiving the most attention; the targets are every ``step``-th of the remaining
+    tokens in order (``step = max(1, m // c)`` over the ``m`` remaining, the first ``c``). LightCompress takes
+    the two counts as ratios of the image's tokens; here they are shares of the stage's ``T``. Scores: 2 for
+    dominant, 1 for targets, 0 otherwise, plus the attention scaled below 0.5. Pair it with
+    ``visionzip_targets``, which merges every other token into its most similar target in place.
+
+    Example::
+
+        vision: {criteria: {dominant: {type: visionzip_received}}, keep: 0.33334,
+                 merge: {type: visionzip_targets}}
+    """
+
+    name: ClassVar[str] = "visionzip_received"
+    layer: int = -1
+    contextual: float = 0.15625
+
+    def validate(self) -> None:
+        if not 0 < self.contextual < 1:
+            raise ValueError(f"contextual (the targets' share of the kept tokens) must be in (0, 1), got "
+                             f"{self.contextual!r}")
+
+    def probes(self, stage_layers: Sequence[int], num_layers: int) -> Iterable[Probe]:
+        return [VisionAttentionReceived(layer=self.layer)]
+
+    def score(self, ctx: ForwardContext) -> Tensor:
+        patches = ctx.layout.seq_len
+        attention = _patch_columns(ctx.capture(VisionAttentionReceived(layer=self.layer)), patches).double()  # [n, P]
+        if ctx.keep_counts is None:
+            raise ValueError("visionzip_received needs the stage's keep count (it is a vision-stage criterion)")
+        keep = int(ctx.keep_counts.max())
+        targets_n = min(max(int(keep * self.contextual), 1), keep)
+        dominant = attention.topk(keep - targets_n, dim=1).indices  # [n, T - c]
+        category = torch.zeros_like(attention)
+        category.scatter_(1, dominant, 2.0)
+        for i in range(attention.shape[0]):
+            rest = (category[i] == 0).nonzero().flatten()  # the non-dominant tokens, in order
+            step = max(1, len(rest) // max(targets_n, 1))
+            category[i, rest[torch.arange(0, len(rest), step, device=rest.device)[:targets_n]]] = 1.0
+        return category + 0.5 * attention / (attention.amax(dim=1, keepdim=True) + 1)
+
+
+@dataclass
+class VisionZipTargets(Merger):
+    """VisionZip's contextual merge in place (LightCompress on Qwen2.5-VL): each dropped token joins the kept
+    contextual target (a kept token ``visionzip_received`` scored below 2) whose key at vision layer ``layer``
+    (mean over heads, ``VisionKeys``) is most cosine-similar; a target becomes its own features plus the mean
+    of its members', in its own place and position.
+
+    Example::
+
+        merge: {type: visionzip_targets, layer: -1}
+    """
+
+    name: ClassVar[str] = "visionzip_targets"
+    in_place: ClassVar[bool] = True
+    layer: int = -1
+
+    def probes(self, stage_layers: Sequence[int], num_layers: int) -> Iterable[Probe]:
+        return [VisionKeys(layer=self.layer)]
+
+    def count(self, dropped: int) -> int:
+        return 0
+
+    def merge_into_kept(self, hidden: Tensor, kept: Tensor, scores: Tensor, ctx: ForwardContext) -> Tensor:
+        keys = _patch_columns(ctx.capture(VisionKeys(layer=self.layer)), hidden.shape[1]).float()  # [n, P, head_dim]
+        metric = keys / keys.norm(dim=-1, keepdim=True)
+        out = hidden.clone()
+        for i in range(hidden.shape[0]):
+            targets = (kept[i] & (scores[i] < 2)).nonzero().flatten()  # [c]
+            members = (~kept[i]).nonzero().flatten()  # [m]
+            if not len(targets) or not len(members):
+                continue
+            assign = (metric[i, members] @ metric[i, targets].T).argmax(dim=1)  # [m]: each member's target
+            sums = hidden.new_zeros(len(targets), hidden.shape[-1]).index_add_(0, assign, hidden[i, members])
+            counts = torch.bincount(assign, minlength=len(targets)).clamp(min=1).to(hidden.dtype)
+            out[i, targets] = hidden[i, targets] + sums / counts[:, None]
+        return out

@@ -19,8 +19,8 @@ from prunekit.errors import (
 from prunekit.hookspecs import hookimpl
 from prunekit.plugins import get_registry, register_plugin, unregister_plugin
 from prunekit.layout import TokenLayout
-from prunekit.probes import (AttentionRows, DecoderKeys, LayerInput, ModuleIO, VisionAttention, VisionFeatures,
-                             VisionHidden, VisionKeys)
+from prunekit.probes import (AttentionRows, DecoderKeys, LayerInput, ModuleIO, VisionAttention,
+                             VisionAttentionReceived, VisionFeatures, VisionHidden, VisionKeys)
 from prunekit.recipe import Recipe, builtin_recipe_names, load_recipe
 from prunekit.report import PruneReport, StageReport
 
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter", "AdapterError", "AttentionRows", "Combiner", "Criterion", "DecoderKeys", "ForwardContext", "LayerInput",
     "LayerInputCriterion", "LayoutError", "Merger", "ModuleIO", "PluginError", "PruneReport", "Pruner", "PrunekitError",
-    "PrunerStateError", "Recipe", "RecipeError", "Schedule", "Stage", "StageReport", "TokenLayout",
-    "VisionAttention", "VisionFeatures", "VisionHidden", "VisionKeys", "apply", "builtin_recipe_names", "get_registry",
-    "hookimpl", "load_recipe", "register_plugin", "unregister_plugin",
+    "PrunerStateError", "Recipe", "RecipeError", "Schedule", "Stage", "StageReport", "TokenLayout", "VisionAttention",
+    "VisionAttentionReceived", "VisionFeatures", "VisionHidden", "VisionKeys", "apply", "builtin_recipe_names",
+    "get_registry", "hookimpl", "load_recipe", "register_plugin", "unregister_plugin",
 ]

@@ -416,6 +416,13 @@ class Adapter(ABC):
         embeddings entering decoder layer 0 ``[batch, seq, dim]``. By default every image is one part."""
         return torch.full_like(layout.image_index, -1)
 
+    def input_tower(self, model: nn.Module) -> Any | None:
+        """Where a vision block runs at the language model's input, what reads the vision tower for it: an object
+        with ``layers`` (the tower's blocks), ``attention(layer)`` and ``to_tokens(per_patch [patches, ...],
+        grid_thw) -> [per image [tokens, ...]]`` (Qwen2/2.5-VL: ``MergedPatchTower``); None (the default): the
+        block's criteria cannot read the tower there."""
+        return None
+
     def _no_vision_stage(self, model: nn.Module | None) -> AdapterError:
         family = f"{type(model).__name__} (adapter {self.name!r})" if model is not None else f"adapter {self.name!r}"
         return AdapterError(

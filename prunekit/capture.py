@@ -29,6 +29,7 @@ from prunekit.probes import (
     ModuleIO,
     Probe,
     VisionAttention,
+    VisionAttentionReceived,
     VisionFeatures,
     VisionHidden,
     VisionKeys,
@@ -185,8 +186,20 @@ def _cls_attention(probe: VisionAttention, query: Tensor, key: Tensor, kwargs: d
     return torch.softmax(logits, dim=-1)[:, :, 0].mean(dim=1)
 
 
+def received_attention(query: Tensor, key: Tensor, kwargs: dict) -> Tensor:
+    """``[..., tokens]``: the softmax attention each key receives, mean over heads, summed over the queries
+    (query, key: ``[..., heads, tokens, head_dim]``)."""
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # [..., heads, q, k]
+    return torch.softmax(logits, dim=-1).mean(dim=-3).sum(dim=-2)
+
+
 def install_vision_attention(site: Site, wanted: Wanted) -> None:
     _vision_tap(site, wanted, _cls_attention)
+
+
+def install_vision_attention_received(site: Site, wanted: Wanted) -> None:
+    _vision_tap(site, wanted, lambda probe, query, key, kwargs: received_attention(query, key, kwargs))
 
 
 def install_vision_keys(site: Site, wanted: Wanted) -> None:
@@ -218,6 +231,7 @@ INSTALLERS: dict[type, Installer] = {
     AttentionRows: install_attention_rows,
     DecoderKeys: install_decoder_keys,
     VisionAttention: install_vision_attention,
+    VisionAttentionReceived: install_vision_attention_received,
     VisionKeys: install_vision_keys,
     VisionHidden: install_vision_hidden,
     VisionFeatures: install_vision_features,

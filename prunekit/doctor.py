@@ -11,7 +11,7 @@ from torch import nn
 from prunekit.errors import AdapterError, PrunekitError
 from prunekit.plugins import get_registry
 from prunekit.probes import AttentionRows
-from prunekit.vision_input import runs_before_projector, tower_readers
+from prunekit.vision_input import runs_before_projector, tower_probes_read, tower_readers
 
 
 def build_skeleton(source: str) -> nn.Module:
@@ -82,6 +82,7 @@ def diagnose(model: nn.Module) -> dict[str, Any]:
                               "at the language model's input, per image (or video frame), on the projected features")
     report["probes"][VISION_FEATURES] = True
     report["probes"][VISION_TOWER] = before
+    report["probes"][VISION_RECEIVED] = before or bool(tower_probes_read(chosen, model))
     layer_kinds = [chosen.layer_kind(model, i) for i in range(len(layers))]
     report["recipes"] = recipe_support(chosen, type(model).__name__, layer_kinds, report["probes"], model)
     return report
@@ -89,6 +90,7 @@ def diagnose(model: nn.Module) -> dict[str, Any]:
 
 VISION_FEATURES = "vision stage: VisionFeatures (the image features it shortens; LayerInput(0) criteria)"
 VISION_TOWER = "vision stage: VisionAttention / VisionKeys / VisionHidden (inside the vision tower)"
+VISION_RECEIVED = "vision stage: VisionAttentionReceived / VisionKeys (inside the vision tower, per merged token)"
 
 
 def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes: dict[str, bool],
@@ -118,7 +120,8 @@ def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes
             except PrunekitError as exc:
                 out[name] = f"no: {exc}"
                 continue
-        tower = [] if recipe.vision is None or tower_ok else tower_readers(recipe.vision)
+        readable = tower_probes_read(adapter, model) if model is not None else ()
+        tower = [] if recipe.vision is None or tower_ok else tower_readers(recipe.vision, readable)
         if tower:
             out[name] = (f"no: its vision block reads the vision tower ({', '.join(tower)}); adapter "
                          f"{adapter.name!r} runs vision blocks at the language model's input, on the projected "

@@ -172,7 +172,7 @@ class Pruner:
         if self.recipe.vision is not None and runs_before_projector(self.adapter, model):
             self._vision = VisionPruner(model, self.adapter, self.recipe.vision, self._running)
         elif self.recipe.vision is not None:
-            self._input_vision = InputVision(model, self.adapter, self.recipe.vision, self.recipe.name)
+            self._input_vision = InputVision(model, self.adapter, self.recipe.vision, self.recipe.name, self._running)
             self.stages = [INPUT_STAGE, *self.stages]
         self._offset = int(self._input_vision is not None)  # engine stage s is the recipe's stage s - offset
         self.stage_layers = tuple(s.layer for s in self.stages)
@@ -243,6 +243,8 @@ class Pruner:
         add(self.model.register_forward_hook(clocked(self._after_model), with_kwargs=True, always_call=True))
         if self._vision is not None:
             self._vision.install(self._timed)
+        if self._input_vision is not None:
+            self._input_vision.install(self._hooks, self._timed)
         language_model = self.adapter.language_model(self.model)
         add(language_model.register_forward_pre_hook(clocked(self._before_language_model), with_kwargs=True))
         first = self.stage_layers[0] if self.stage_layers else self.num_layers

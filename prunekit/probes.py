@@ -110,7 +110,8 @@ class VisionAttention:
 
 @dataclass(frozen=True)
 class VisionKeys:
-    """The keys of one vision-encoder layer, mean over heads: ``[n_images, tokens, head_dim]``."""
+    """The keys of one vision-encoder layer, mean over heads: ``[n_images, tokens, head_dim]`` (on Qwen2/2.5-VL
+    after the tower's rotary embedding, one per merged token: the mean over its 2x2 patches)."""
 
     site: ClassVar[str] = "vision"
     layer: int
@@ -119,6 +120,18 @@ class VisionKeys:
 @dataclass(frozen=True)
 class VisionHidden:
     """The output hidden states of one vision-encoder layer: ``[n_images, tokens, dim]``."""
+
+    site: ClassVar[str] = "vision"
+    layer: int
+
+
+@dataclass(frozen=True)
+class VisionAttentionReceived:
+    """The attention each vision-tower token receives at one vision layer: softmax over keys, mean over heads,
+    summed over the queries that see it (its image, or on Qwen2/2.5-VL its attention block: the image for a
+    full-attention layer, a window otherwise). Capture: ``[n_images, tokens]``; on a LLaVA tower the CLS token
+    first; on Qwen2/2.5-VL one value per merged token (the mean over its 2x2 patches, as LightCompress's VisionZip
+    for Qwen2.5-VL reads it). Works on towers without a CLS token, where ``VisionAttention`` cannot."""
 
     site: ClassVar[str] = "vision"
     layer: int
@@ -139,6 +152,6 @@ class VisionFeatures:
     layer: ClassVar[int] = -1  # no layer of its own: read where the stage runs
 
 
-Probe = Union[ModuleIO, AttentionRows, LayerInput, DecoderKeys, VisionAttention, VisionKeys, VisionHidden,
-              VisionFeatures]
-TOWER_PROBES = (VisionAttention, VisionKeys, VisionHidden)  # the vision probes a hook inside the tower captures
+Probe = Union[ModuleIO, AttentionRows, LayerInput, DecoderKeys, VisionAttention, VisionAttentionReceived, VisionKeys,
+              VisionHidden, VisionFeatures]
+TOWER_PROBES = (VisionAttention, VisionAttentionReceived, VisionKeys, VisionHidden)  # the vision probes a hook inside the tower captures

@@ -30,11 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.api import Adapter, Stage
-from prunekit.errors import AdapterError, RecipeError
+from prunekit.capture import received_attention
+from prunekit.errors import AdapterError, LayoutError, RecipeError
+from prunekit.hooks import HookSet
 from prunekit.layout import TokenLayout
-from prunekit.probes import TOWER_PROBES
+from prunekit.probes import TOWER_PROBES, VisionAttentionReceived, VisionKeys
 from prunekit.recipe import VisionRecipe, collect_probes
-from prunekit.record import Prefill
+from prunekit.record import Prefill, Running
 from prunekit.scoring import Timer
 from prunekit.sequence import Assembly, gather_tokens
 from prunekit.step import advance
@@ -54,28 +56,85 @@ def runs_before_projector(adapter: Adapter, model: nn.Module) -> bool:
     return True
 
 
-def tower_readers(vision: VisionRecipe) -> list[str]:
-    """``"key (probe type)"`` of every part of a vision block that reads inside the vision tower."""
+def tower_readers(vision: VisionRecipe, readable: tuple[type, ...] = ()) -> list[str]:
+    """``"key (probe type)"`` of every part of a vision block that reads inside the vision tower, other than
+    through the probe types in ``readable``."""
     wanted = collect_probes(vision.parts(), (0,), 1_000_000, "vision", "vision")  # the depth is not checked here
     return sorted({f"{getattr(plugin, 'key', '') or 'merge'} ({type(probe).__name__})"
-                   for plugin, probe in wanted if isinstance(probe, TOWER_PROBES)})
+                   for plugin, probe in wanted if isinstance(probe, TOWER_PROBES) and not isinstance(probe, readable)})
+
+
+def tower_probes_read(adapter: Adapter, model: nn.Module) -> tuple[type, ...]:
+    """The tower probe types a vision block at the language model's input can read on ``model``."""
+    return InputVision.READ_IN_TOWER if adapter.input_tower(model) is not None else ()
 
 
 class InputVision:
     """Runs a recipe's ``vision`` block as a stage before decoder layer 0 (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, vision: VisionRecipe, recipe_name: str) -> None:
+    READ_IN_TOWER = (VisionAttentionReceived, VisionKeys)  # what an adapter's input tower delivers per token
+
+    def __init__(self, model: nn.Module, adapter: Adapter, vision: VisionRecipe, recipe_name: str,
+                 running: Running) -> None:
         self.model = model
         self.adapter = adapter
         self.vision = vision
-        tower = tower_readers(vision)
-        if tower:
+        self.running = running
+        self.tower = adapter.input_tower(model)
+        depth = len(self.tower.layers) if self.tower is not None else 1_000_000
+        self.wanted = [(plugin, probe) for plugin, probe in
+                       collect_probes(vision.parts(), (0,), depth, "vision", f"recipe {recipe_name!r}, vision")
+                       if isinstance(probe, TOWER_PROBES)]
+        names = tower_readers(vision, self.READ_IN_TOWER if self.tower is not None else ())
+        if names:
+            readable = (f"{type(model).__name__}'s tower gives {', '.join(k.__name__ for k in self.READ_IN_TOWER)} "
+                        "(per merged token)" if self.tower is not None else
+                        f"prunekit reads no tower of {type(model).__name__} there")
             raise RecipeError(
-                f"recipe {recipe_name!r}, vision: {', '.join(tower)} read the vision tower, which prunekit reads "
-                f"before the projector of LLaVA-1.5 and Video-LLaVA only; on {type(model).__name__} (adapter "
-                f"{adapter.name!r}) the vision block runs at the language model's input, on each image's projected "
-                "features: use criteria that read those (LayerInput(0) / VisionFeatures: divprune, l2norm, "
+                f"recipe {recipe_name!r}, vision: {', '.join(names)} read the vision tower, which prunekit reads "
+                f"before the projector of LLaVA-1.5 and Video-LLaVA; on {type(model).__name__} (adapter "
+                f"{adapter.name!r}) the vision block runs at the language model's input, and {readable}. Use "
+                "criteria that read the projected features (LayerInput(0) / VisionFeatures: divprune, l2_norm, "
                 "similarity, uniform) and mergers, or a decoder-stage recipe")
+
+    def install(self, hooks: HookSet, timed: Timer) -> None:
+        """Hooks that read the tower (only when the block asks): each tower call's per-patch values, mapped onto
+        its images' language-model tokens when the tower returns."""
+        if not self.wanted:
+            return
+        tower, running = self.tower, self.running
+        probes = list(dict.fromkeys(probe for _, probe in self.wanted))
+        layer_of = {id(tower.attention(layer)): i for i, layer in enumerate(tower.layers)}
+        n = len(tower.layers)
+        pieces: dict[Any, list[Tensor]] = {}
+        grids: list[Tensor] = []
+
+        def start(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            pieces.clear()
+            grids[:] = [kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]]
+
+        def on_attention(module: nn.Module, query: Tensor, key: Tensor, kwargs: dict) -> None:
+            layer = layer_of.get(id(module))
+            read = [p for p in probes if layer is not None and p.layer % n == layer]
+            if not read:
+                return
+            with torch.no_grad(), timed("probes"):
+                for q, k in _blocks(query, key, kwargs):  # [1, heads, len, head_dim] each
+                    for probe in read:
+                        value = (received_attention(q, k, kwargs)[0] if isinstance(probe, VisionAttentionReceived)
+                                 else k[0].float().mean(dim=0))  # [len] / [len, head_dim]
+                        pieces.setdefault(probe, []).append(value)
+
+        def finish(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            captures = running.vision_record().captures
+            with timed("probes"):
+                for probe, parts in pieces.items():  # one list per tower call: images, then a call's videos
+                    captures.setdefault(probe, []).extend(tower.to_tokens(torch.cat(parts), grids[0]))
+            pieces.clear()
+
+        hooks.add(tower.visual.register_forward_pre_hook(start, with_kwargs=True))
+        hooks.tap(tower.attention(tower.layers[0]).config, on_attention)
+        hooks.add(tower.visual.register_forward_hook(finish, with_kwargs=True))
 
     def prune(self, prefill: Prefill, hidden: Tensor, positions_policy: str, timed: Timer) -> Tensor:
         """Shorten every image (or frame) of the prefill: ``hidden`` ``[batch, seq, dim]`` entering layer 0 ->
@@ -83,7 +142,7 @@ class InputVision:
         layout = prefill.ctx.layout
         with timed("vision stage"):
             units = image_units(layout, self.adapter.vision_units(self.model, hidden, layout))
-            shortened = self._shorten(hidden, units)
+            shortened = self._shorten(hidden, units, self._tower_captures(layout, units))
             plan, sources = unit_plan(units, shortened, *layout.visual.shape, hidden.device)
             new_hidden = gather_tokens(hidden, plan.index)  # [batch, new_seq, dim]: text (merged and fill slots: any)
             for b, slots, rows in sources:  # the units' slots [n] of sample b <- their shortened rows [n, dim]
@@ -93,7 +152,27 @@ class InputVision:
             prefill.visual_original = prefill.ctx.layout.visual_counts()  # later stages keep shares of these
         return new_hidden
 
-    def _shorten(self, hidden: Tensor, units: list[tuple[int, Tensor]]) -> list[tuple[Tensor, Tensor, int]]:
+    def _tower_captures(self, layout: TokenLayout, units: list[tuple[int, Tensor]]) -> dict[Any, list[Tensor]]:
+        """What the tower probes read, one tensor per unit (``{probe: [per unit [P, ...]]}``); {} without them."""
+        if not self.wanted:
+            return {}
+        record = self.running.vision
+        captures = {} if record is None else record.captures
+        if layout.has_frames:
+            raise LayoutError(f"{type(self.model).__name__}: this vision block reads the vision tower per image; "
+                              "the call holds a video, whose frames it does not map yet (use VisionFeatures criteria)")
+        out = {}
+        for probe in dict.fromkeys(p for _, p in self.wanted):
+            per_image = captures.get(probe, [])
+            sizes = [len(where) for _, where in units]
+            if [len(t) for t in per_image] != sizes:
+                raise LayoutError(f"{probe}: the tower gave {[len(t) for t in per_image]} tokens per image, the "
+                                  f"prompt holds images of {sizes} tokens (one image per placeholder run, in order)")
+            out[probe] = per_image
+        return out
+
+    def _shorten(self, hidden: Tensor, units: list[tuple[int, Tensor]], tower: dict[Any, list[Tensor]]
+                 ) -> list[tuple[Tensor, Tensor, int]]:
         """Each unit's shortened tokens ``[t, dim]``, kept patches (unit-relative, ascending) and leading
         merged count; units of one size are shortened together, as the images of one projector call."""
         out: list[Any] = [None] * len(units)
@@ -102,10 +181,22 @@ class InputVision:
             by_size.setdefault(len(where), []).append(i)
         for members in by_size.values():
             features = torch.stack([hidden[units[i][0], units[i][1]] for i in members])  # [n, P, dim]
-            tokens, kept, lead = shorten_images(self.vision, features, {}, 1)  # [n, t, dim], [n, k]
+            captures = {probe: torch.stack([values[i] for i in members]).to(hidden.device)
+                        for probe, values in tower.items()}  # [n, P] / [n, P, head_dim]
+            tokens, kept, lead = shorten_images(self.vision, features, captures, 1)  # [n, t, dim], [n, k]
             for row, i in enumerate(members):
                 out[i] = (tokens[row], kept[row], lead)
         return out
+
+
+def _blocks(query: Tensor, key: Tensor, kwargs: dict) -> list[tuple[Tensor, Tensor]]:
+    """The attention blocks of one tapped call: itself (sdpa / eager call once per image or window), or a
+    flash-attention call's sequences split by its ``cu_seq_lens_q``."""
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        return [(query, key)]
+    lengths = (bounds[1:] - bounds[:-1]).tolist()
+    return list(zip(query.split(lengths, dim=2), key.split(lengths, dim=2)))
 
 
 def image_units(layout: TokenLayout, parts: Tensor) -> list[tuple[int, Tensor]]:

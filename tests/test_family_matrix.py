@@ -299,13 +299,16 @@ def test_doctor_on_each_familys_config_says_which_recipes_run(row, tmp_path, cap
     vision = [n for n in builtin_recipe_names() if n not in DECODER_RECIPES]
     before = row.adapter in ("llava", "video_llava")
     assert report["vision_stage"].startswith("before the projector" if before else "at the language model's input")
-    assert [ok for name, ok in report["probes"].items() if name.startswith("vision stage")] == [True, before]
+    qwen_tower = row.family in ("qwen2_vl", "qwen2_5_vl")  # read at the input, per merged token
+    assert [ok for name, ok in report["probes"].items() if name.startswith("vision stage")] == [
+        True, before, before or qwen_tower]
     if row.adapter in ("llava", "video_llava"):  # a projector that receives each image's (frame's) patches
         assert all(recipes[n] == "runs" for n in vision), {n: recipes[n] for n in vision}
     else:  # vision blocks run at the language model's input: those that read the tower say so, the others run
-        from prunekit.vision_input import tower_readers
+        from prunekit.vision_input import InputVision, tower_readers
 
-        reads = {n for n in vision if tower_readers(load_recipe(n).vision)}
+        readable = InputVision.READ_IN_TOWER if qwen_tower else ()
+        reads = {n for n in vision if tower_readers(load_recipe(n).vision, readable)}
         assert reads and reads != set(vision)
         assert all("reads the vision tower" in recipes[n] for n in reads), {n: recipes[n] for n in reads}
         assert all(recipes[n] == "runs" for n in set(vision) - reads), {n: recipes[n] for n in vision}

@@ -151,7 +151,7 @@ def test_criteria_that_read_the_vision_tower_are_refused_where_the_block_runs_at
     hooks = _hooks(model)
     for name in ("visionzip", "fastervlm-64", "vispruner-64", "mustdrop-192"):
         with pytest.raises(prunekit.RecipeError, match=rf"read the vision tower, which prunekit reads before the "
-                                                       rf"projector of LLaVA-1.5 and Video-LLaVA only; on "
+                                                       rf"projector of LLaVA-1.5 and Video-LLaVA; on "
                                                        rf"{type(model).__name__}"):
             prunekit.apply(model, name)
     assert _hooks(model) == hooks
@@ -274,3 +274,109 @@ def test_beam_search_and_a_sample_without_an_image_beside_one_with():
             model.generate(**one, max_new_tokens=2, do_sample=False)
     assert torch.equal(same[mask], bare[mask])
     assert pruner.last_report.stages[0].kept_counts.tolist() == [4, 0]
+
+
+def _lightcompress_visionzip(model, inputs: dict, keep: float, contextual: float) -> tuple[list[int], torch.Tensor]:
+    """LightCompress's VisionZip on a one-image Qwen2.5-VL prompt, written out again: the last vision block's
+    attention over the whole call under a block-diagonal mask (one block per image), mean over heads, summed over
+    queries; per merged token the mean over its 4 patches and its keys' mean, the window order undone; dominant
+    tokens by that attention, targets evenly spaced among the rest, every other token added (as a mean) to its most
+    key-similar target. Returns the kept prompt columns and the language model's input embeddings there."""
+    import sys
+
+    visual = model.model.visual
+    qwen = sys.modules[type(visual).__module__]  # modeling_qwen2_vl or modeling_qwen2_5_vl
+    block = visual.blocks[-1]
+    seen = {}
+    handle = block.register_forward_pre_hook(lambda m, args, kwargs: seen.update(hidden=args[0], **kwargs),
+                                             with_kwargs=True)
+    with torch.no_grad():
+        try:
+            features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+        finally:
+            handle.remove()
+        x = block.norm1(seen["hidden"])  # [patches, dim]
+        seq = x.shape[0]
+        heads = block.attn.num_heads
+        q, k, _ = block.attn.qkv(x).reshape(seq, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = seen["position_embeddings"]
+        q, k = qwen.apply_rotary_pos_emb_vision(q, k, cos, sin)
+        bounds = seen["cu_seqlens"].tolist()
+        mask = torch.full((seq, seq), float("-inf"), dtype=q.dtype)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            mask[lo:hi, lo:hi] = 0
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # [heads, seq, head_dim]
+        weights = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5 + mask, dim=-1)
+        if getattr(visual, "window_size", None):  # Qwen2.5-VL runs its tower in window order
+            window, _ = qwen.get_vision_window_index(inputs["image_grid_thw"], visual.spatial_merge_size,
+                                                     visual.window_size, visual.patch_size)
+            reverse = torch.argsort(window)
+        else:  # Qwen2-VL: the patches come grouped by merged token, in order
+            reverse = torch.arange(seq // 4)
+        attention = weights.mean(dim=0).sum(dim=0).view(-1, 4).mean(dim=-1)[reverse]  # [tokens]
+        keys = k.reshape(heads, -1, 4, k.shape[-1]).mean(dim=2)[:, reverse].mean(dim=0)  # [tokens, head_dim]
+        n = attention.shape[0]
+        total = int(n * keep)
+        targets_n = max(int(total * contextual), 1)
+        dominant = attention.topk(total - targets_n).indices
+        is_dominant = torch.zeros(n, dtype=torch.bool)
+        is_dominant[dominant] = True
+        rest = (~is_dominant).nonzero().flatten()
+        metric = keys[rest] / keys[rest].norm(dim=-1, keepdim=True)
+        step = max(1, len(rest) // targets_n)
+        target_slots = torch.arange(0, len(rest), step)[:targets_n]
+        others = torch.tensor([i for i in range(len(rest)) if i not in target_slots.tolist()])
+        assign = torch.nn.functional.one_hot((metric[others] @ metric[target_slots].T).argmax(dim=1), targets_n)
+        assign = assign.to(features.dtype)
+        members = features[rest][others]
+        contextual_tokens = features[rest][target_slots] + assign.T @ members / assign.sum(dim=0).clamp(min=1)[:, None]
+        merged = features.clone()
+        merged[rest[target_slots]] = contextual_tokens
+        kept = is_dominant.clone()
+        kept[rest[target_slots]] = True
+    ids = inputs["input_ids"][0]
+    image_columns = (ids == model.config.image_token_id).nonzero().flatten()
+    columns = sorted(set(range(len(ids))) - set(image_columns.tolist()) | set(image_columns[kept].tolist()))
+    embeds = model.model.get_input_embeddings()(ids[columns][None])
+    embeds[0, ids[columns] == model.config.image_token_id] = merged[kept].to(embeds.dtype)
+    return columns, embeds
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_visionzip_received_on_qwen_equals_lightcompress_s_formula_by_hand(family):
+    """visionzip-received at the language model's input of a Qwen2.5-VL (one 48x48 image: 36 tokens in 2x2-token
+    windows, so the tower's window order matters) and a Qwen2-VL: the kept columns and the prefill and cached
+    decode logits equal LightCompress's VisionZip for Qwen2.5-VL written out by hand, the language model run on
+    its tokens."""
+    model = tiny_family_model(family, num_layers=4, dtype=torch.float64)
+    inputs = family_inputs(model, family, batch=1, seed=5, sizes=[(48, 48)], dtype=torch.float64)
+    columns, embeds = _lightcompress_visionzip(model, inputs, keep=0.33334, contextual=0.15625)
+    with torch.no_grad():
+        full, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"],
+                                             attention_mask=inputs["attention_mask"])
+        lm = model.model.language_model
+        out = lm(inputs_embeds=embeds, position_ids=full[:, :, columns], attention_mask=torch.ones(1, len(columns),
+                 dtype=torch.long), use_cache=True)
+        expected = model.lm_head(out.last_hidden_state)[0]
+    with prunekit.apply(model, "visionzip-received") as pruner, torch.no_grad():
+        logits = model(**inputs).logits[0]
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True)
+    report = pruner.last_report
+    assert report.stages[0].kept_counts.tolist() == [12]  # int(36 * 0.33334): 10 dominant + 2 targets
+    assert report.output_positions[0].tolist() == columns
+    assert torch.allclose(logits, expected, atol=1e-10, rtol=0)
+    # the cached decode steps continue after the prompt's largest position, as the bare model's would
+    cache, mask, token = out.past_key_values, torch.ones(1, len(columns), dtype=torch.long), expected[-1].argmax()
+    top = int(full.max())
+    for step in range(2):
+        assert torch.allclose(generated.logits[step][0], (expected[-1] if step == 0 else step_logits).float(),
+                              atol=1e-6, rtol=0)
+        mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
+        with torch.no_grad():
+            out = lm(inputs_embeds=model.model.get_input_embeddings()(token.view(1, 1)),
+                     position_ids=torch.full((3, 1, 1), top + 1 + step), attention_mask=mask, use_cache=True,
+                     **with_cache(lm, cache))
+            step_logits = model.lm_head(out.last_hidden_state)[0, -1]
+        cache, token = out.past_key_values, step_logits.argmax()
+    assert torch.allclose(generated.logits[2][0], step_logits.float(), atol=1e-6, rtol=0)
