@@ -367,16 +367,13 @@ def test_visionzip_received_on_qwen_equals_lightcompress_s_formula_by_hand(famil
     assert report.output_positions[0].tolist() == columns
     assert torch.allclose(logits, expected, atol=1e-10, rtol=0)
     # the cached decode steps continue after the prompt's largest position, as the bare model's would
-    cache, mask, token = out.past_key_values, torch.ones(1, len(columns), dtype=torch.long), expected[-1].argmax()
+    cache, mask, step_logits = out.past_key_values, torch.ones(1, len(columns), dtype=torch.long), expected[-1]
     top = int(full.max())
-    for step in range(2):
-        assert torch.allclose(generated.logits[step][0], (expected[-1] if step == 0 else step_logits).float(),
-                              atol=1e-6, rtol=0)
+    for step in range(3):
+        assert torch.allclose(generated.logits[step][0], step_logits.float(), atol=1e-6, rtol=0), step
         mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
         with torch.no_grad():
-            out = lm(inputs_embeds=model.model.get_input_embeddings()(token.view(1, 1)),
+            out = lm(inputs_embeds=model.model.get_input_embeddings()(step_logits.argmax().view(1, 1)),
                      position_ids=torch.full((3, 1, 1), top + 1 + step), attention_mask=mask, use_cache=True,
                      **with_cache(lm, cache))
-            step_logits = model.lm_head(out.last_hidden_state)[0, -1]
-        cache, token = out.past_key_values, step_logits.argmax()
-    assert torch.allclose(generated.logits[2][0], step_logits.float(), atol=1e-6, rtol=0)
+        cache, step_logits = out.past_key_values, model.lm_head(out.last_hidden_state)[0, -1]
