@@ -5,9 +5,10 @@
 A random-weight Qwen2.5-VL-7B-shaped model at width 256: a 28-layer Qwen2 decoder (MLP 5.3x, M-RoPE) and a
 2-layer vision tower (patch 14, 2x2 merge). One ``side`` x ``side`` image gives (side / 28)^2 tokens (1024 at
 896 px). ``divprune-per-image`` (a vision block: 9.8 % of each image, before layer 0) is compared with
-``divprune`` (a layer-0 decoder stage keeping 9.8 % of the sample's visual tokens: the same tokens for one image)
-and ``pooling-64``. Ratios measured in one process (recipes interleaved per repeat after a warm-up): prefill time,
-decoder time, the pruning work (``pruner.clock.total``) as a share of the unpruned prefill, and the analytic
+``divprune`` (a layer-0 decoder stage keeping 9.8 % of the sample's visual tokens: the same tokens for one image),
+``visionzip-received`` (LightCompress's VisionZip for Qwen2.5-VL: the tower's attention received, 1/3 of each
+image) and ``pooling-64``. Ratios measured in one process (recipes interleaved per repeat after a warm-up): prefill
+time, decoder time, the pruning work (``pruner.clock.total``) as a share of the unpruned prefill, and the analytic
 decoder TFLOPs from the report's tokens per layer. Not a test.
 """
 
@@ -24,7 +25,7 @@ from prunekit.flops import DecoderDims, prefill_flops
 from prunekit.testing import END_ID, IMAGE_ID, START_ID, VIDEO_ID
 from suite import _pruner, time_prefills  # benchmarks/suite.py: the same timing loop
 
-RECIPES = ("none", "divprune-per-image", "divprune", "pooling-64")
+RECIPES = ("none", "divprune-per-image", "divprune", "visionzip-received", "pooling-64")
 
 
 def qwen_model(num_layers: int = 28):

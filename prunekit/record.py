@@ -35,10 +35,15 @@ class PromptRewrite:
 class VisionRecord:
     """The vision stage's share of one forward: vision-tower captures and what the projector kept."""
 
-    captures: dict[Probe, Tensor] = field(default_factory=dict)  # vision probe -> [n_images, tokens, ...]
+    captures: dict[Probe, Any] = field(default_factory=dict)  # vision probe -> [n_images, tokens, ...] (read for
+    # a vision block at the language model's input: a list, one [tokens, ...] tensor per image)
     kept_patches: Tensor | None = None  # [n_images, k] long: patches the projector kept, in order
     lead: int = 0  # merged tokens put before each image's kept patches
     features: Tensor | None = None  # [n_images, t, hidden]: the projector output (the shortened images)
+    # a tower read for a vision block at the language model's input (Qwen2/2.5-VL): the running tower call's
+    # per-patch pieces (probe -> one tensor per attention block, in order) and its grid_thw
+    tower_pieces: dict[Probe, list[Tensor]] = field(default_factory=dict)
+    tower_grid: Tensor | None = None
 
 
 @dataclass

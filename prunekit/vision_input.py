@@ -106,18 +106,18 @@ class InputVision:
         probes = list(dict.fromkeys(probe for _, probe in self.wanted))
         layer_of = {id(tower.attention(layer)): i for i, layer in enumerate(tower.layers)}
         n = len(tower.layers)
-        pieces: dict[Any, list[Tensor]] = {}
-        grids: list[Tensor] = []
 
-        def start(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            pieces.clear()
-            grids[:] = [kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]]
+        def start(module: nn.Module, args: tuple, kwargs: dict) -> None:  # per thread: the running forward's record
+            record = running.vision_record()
+            record.tower_pieces = {}
+            record.tower_grid = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
 
         def on_attention(module: nn.Module, query: Tensor, key: Tensor, kwargs: dict) -> None:
             layer = layer_of.get(id(module))
             read = [p for p in probes if layer is not None and p.layer % n == layer]
             if not read:
                 return
+            pieces = running.vision_record().tower_pieces
             with torch.no_grad(), timed("probes"):
                 for q, k in _blocks(query, key, kwargs):  # [1, heads, len, head_dim] each
                     for probe in read:
@@ -126,11 +126,11 @@ class InputVision:
                         pieces.setdefault(probe, []).append(value)
 
         def finish(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            captures = running.vision_record().captures
+            record = running.vision_record()
             with timed("probes"):
-                for probe, parts in pieces.items():  # one list per tower call: images, then a call's videos
-                    captures.setdefault(probe, []).extend(tower.to_tokens(torch.cat(parts), grids[0]))
-            pieces.clear()
+                for probe, parts in record.tower_pieces.items():  # per tower call: a call's images, then its videos
+                    record.captures.setdefault(probe, []).extend(tower.to_tokens(torch.cat(parts), record.tower_grid))
+            record.tower_pieces = {}
 
         hooks.add(tower.visual.register_forward_pre_hook(start, with_kwargs=True))
         hooks.tap(tower.attention(tower.layers[0]).config, on_attention)

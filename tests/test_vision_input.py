@@ -377,3 +377,41 @@ def test_visionzip_received_on_qwen_equals_lightcompress_s_formula_by_hand(famil
                      position_ids=torch.full((3, 1, 1), top + 1 + step), attention_mask=mask, use_cache=True,
                      **with_cache(lm, cache))
         cache, step_logits = out.past_key_values, model.lm_head(out.last_hidden_state)[0, -1]
+
+
+def test_threads_reading_the_qwen_tower_at_once_each_get_the_lone_answer():
+    """The tower probes keep each forward's pieces in the calling thread's record: four threads calling one
+    pruned Qwen2.5-VL with images of different sizes get what each prompt gets alone."""
+    import threading
+
+    model = tiny_family_model("qwen2_5_vl", num_layers=4)
+    prompts = [family_inputs(model, "qwen2_5_vl", batch=1, seed=30 + t, sizes=[[(48, 48), (32, 64)][t % 2]])
+               for t in range(4)]
+
+    def call(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        return logits, pruner.last_report.stages[0].kept
+
+    failures: list[str] = []
+    with prunekit.apply(model, "visionzip-received") as pruner:
+        alone = [call(p) for p in prompts]
+        start = threading.Barrier(len(prompts))
+
+        def worker(t: int) -> None:
+            start.wait()
+            for i in range(5):
+                try:
+                    logits, kept = call(prompts[t])
+                except Exception as error:  # noqa: BLE001 - every failure is reported
+                    failures.append(f"thread {t} call {i}: {type(error).__name__}: {error}")
+                    continue
+                if not (torch.equal(logits, alone[t][0]) and torch.equal(kept, alone[t][1])):
+                    failures.append(f"thread {t} call {i}: a different answer")
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures[:3]
