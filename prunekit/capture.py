@@ -186,12 +186,23 @@ def _cls_attention(probe: VisionAttention, query: Tensor, key: Tensor, kwargs: d
     return torch.softmax(logits, dim=-1)[:, :, 0].mean(dim=1)
 
 
+RECEIVED_CHUNK = 1 << 26  # softmax entries one chunk of queries may hold (256 MiB in float32)
+
+
 def received_attention(query: Tensor, key: Tensor, kwargs: dict) -> Tensor:
     """``[..., tokens]``: the softmax attention each key receives, mean over heads, summed over the queries
-    (query, key: ``[..., heads, tokens, head_dim]``)."""
+    (query, key: ``[..., heads, tokens, head_dim]``). Queries go in chunks, so memory stays at
+    :data:`RECEIVED_CHUNK` entries however many patches an image has (16k patches x 16 heads would be 17 GB)."""
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # [..., heads, q, k]
-    return torch.softmax(logits, dim=-1).mean(dim=-3).sum(dim=-2)
+    keys = key.float().transpose(-1, -2)  # [..., heads, head_dim, k]
+    per_query = max(1, query.shape[-3] * key.shape[-2])  # entries one query row takes over the heads
+    step = max(1, RECEIVED_CHUNK // (per_query * max(1, query[..., 0, 0, 0].numel())))
+    total = None
+    for start in range(0, query.shape[-2], step):
+        logits = torch.matmul(query[..., start:start + step, :].float(), keys) * scaling  # [..., heads, chunk, k]
+        part = torch.softmax(logits, dim=-1).mean(dim=-3).sum(dim=-2)  # [..., k]
+        total = part if total is None else total + part
+    return total
 
 
 def install_vision_attention(site: Site, wanted: Wanted) -> None:

@@ -415,3 +415,18 @@ def test_threads_reading_the_qwen_tower_at_once_each_get_the_lone_answer():
         for thread in threads:
             thread.join()
     assert not failures, failures[:3]
+
+
+def test_received_attention_in_query_chunks_equals_the_whole_matrix(monkeypatch):
+    """The attention-received probe sums softmax rows chunk by chunk of queries: the sums equal those of the whole
+    attention matrix, summed query by query in float64."""
+    import prunekit.capture as capture
+
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 4, 50, 8, generator=g), torch.randn(2, 4, 50, 8, generator=g)
+    expected = torch.zeros(2, 50, dtype=torch.float64)
+    for i in range(50):  # one query row at a time
+        row = torch.softmax((query[:, :, i:i + 1].double() @ key.double().transpose(-1, -2)) / 8 ** 0.5, dim=-1)
+        expected += row.mean(dim=1)[:, 0]
+    monkeypatch.setattr(capture, "RECEIVED_CHUNK", 2 * 4 * 50 * 7)  # chunks of 7 queries
+    assert torch.allclose(capture.received_attention(query, key, {}).double(), expected, atol=1e-5, rtol=0)
