@@ -14,16 +14,12 @@ decoder TFLOPs from the report's tokens per layer. Not a test.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-from prunekit.flops import DecoderDims, prefill_flops
 from prunekit.testing import END_ID, IMAGE_ID, START_ID, VIDEO_ID
-from suite import _pruner, time_prefills  # benchmarks/suite.py: the same timing loop
+from suite import table_main, vision_stage_table  # benchmarks/suite.py: the same timing loop and table
 
 RECIPES = ("none", "divprune-per-image", "divprune", "visionzip-received", "pooling-64")
 
@@ -59,47 +55,10 @@ def run(side: int, repeats: int) -> list[str]:
     model = qwen_model()
     inputs = image_inputs(side)
     n_visual = int((inputs["input_ids"] == IMAGE_ID).sum())
-    dims = DecoderDims.from_config(model.config)
-    timings = time_prefills(model, inputs, RECIPES, repeats)
-    base = statistics.median(timings["none"].total)
-    base_decoder = statistics.median(timings["none"].decoder)
-    lines = [f"### Qwen2.5-VL vision block at the language model's input (28 layers, width 256; one {side} px image "
-             f"= {n_visual} visual tokens, {inputs['input_ids'].shape[1]} prompt tokens; median of {repeats})", "",
-             "| recipe | where | kept visual | prefill ms | x none | decoder ms | x none | pruning work (% of unpruned "
-             "prefill) | decoder TFLOPs | x none |", "|---|---|---|---|---|---|---|---|---|---|"]
-    base_flops = None
-    for name in RECIPES:
-        with _pruner(model, name, measure=False) as pruner, torch.no_grad():
-            model(**inputs, use_cache=True)
-            report = pruner.last_report if pruner is not None else None
-        length = inputs["input_ids"].shape[1]
-        tokens = [length] * dims.num_layers if report is None else report.tokens_per_layer
-        flops = prefill_flops(tokens, dims)
-        base_flops = base_flops or flops
-        kept = n_visual if report is None else int(report[0].kept_counts[0] + report[0].merged_counts[0])
-        where = "-" if report is None else report[0].where
-        total, decoder = statistics.median(timings[name].total), statistics.median(timings[name].decoder)
-        work = statistics.median(timings[name].overhead)
-        lines.append(f"| {name} | {where} | {kept} | {total * 1e3:.0f} | {total / base:.3f} | {decoder * 1e3:.0f} | "
-                     f"{decoder / base_decoder:.3f} | {100 * work / base:.2f} | {flops / 1e12:.4f} | "
-                     f"{flops / base_flops:.3f} |")
-    return lines + [""]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", type=int, default=896, help="image side in pixels (a multiple of 28)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    lines = run(args.side, args.repeats)
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    return 0
+    title = (f"### Qwen2.5-VL vision block at the language model's input (28 layers, width 256; one {side} px image "
+             f"= {n_visual} visual tokens, {inputs['input_ids'].shape[1]} prompt tokens; median of {repeats})")
+    return vision_stage_table(title, model, inputs, RECIPES, repeats, n_visual)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(table_main(__doc__, run, {"side": (int, 896, "image side in pixels (a multiple of 28)")}))

@@ -18,13 +18,14 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import prunekit
 from prunekit.attention import attention_rows, query_weights
 from prunekit.bench import _kv_bytes, _peak_memory, build_model
-from prunekit.flops import DecoderDims, recipe_estimate
+from prunekit.flops import DecoderDims, prefill_flops, recipe_estimate
 from prunekit.testing import LLAVA15_SHAPED, llava_inputs
 from prunekit.compat import cache_of, with_cache
 
@@ -103,6 +104,52 @@ def prefill_table(title: str, model, inputs, recipes, repeats: int, n_visual: in
         lines.append(f"| {name} | {median(t.total) * 1e3:.1f} | {median(t.decoder) * 1e3:.1f} | {ratio:.3f} | "
                      f"{flops:.3f} | {ratio / flops:.2f} | {100 * median(t.overhead) / base_total:.2f} |")
     return lines + [""]
+
+
+def vision_stage_table(title: str, model, inputs: dict, recipes, repeats: int, n_visual: int) -> list[str]:
+    """A vision-stage table: per recipe where its first stage runs, the visual tokens it keeps, prefill and decoder
+    time (and their ratios to none), the pruning work as a share of the unpruned prefill, and the analytic decoder
+    TFLOPs from the report's tokens per layer."""
+    dims = DecoderDims.from_config(model.config)
+    timings = time_prefills(model, inputs, recipes, repeats)
+    base = statistics.median(timings["none"].total)
+    base_decoder = statistics.median(timings["none"].decoder)
+    lines = [title, "", "| recipe | where | kept visual | prefill ms | x none | decoder ms | x none | pruning work (% of "
+             "unpruned prefill) | decoder TFLOPs | x none |", "|---|---|---|---|---|---|---|---|---|---|"]
+    base_flops = None
+    for name in recipes:
+        with _pruner(model, name, measure=False) as pruner, torch.no_grad():
+            model(**inputs, use_cache=True)
+            report = pruner.last_report if pruner is not None else None
+        length = inputs["input_ids"].shape[1]
+        flops = prefill_flops([length] * dims.num_layers if report is None else report.tokens_per_layer, dims)
+        base_flops = base_flops or flops
+        kept = n_visual if report is None else int(report[0].kept_counts[0] + report[0].merged_counts[0])
+        where = "-" if report is None else report[0].where
+        total, decoder = statistics.median(timings[name].total), statistics.median(timings[name].decoder)
+        work = statistics.median(timings[name].overhead)
+        lines.append(f"| {name} | {where} | {kept} | {total * 1e3:.0f} | {total / base:.3f} | {decoder * 1e3:.0f} | "
+                     f"{decoder / base_decoder:.3f} | {100 * work / base:.2f} | {flops / 1e12:.4f} | "
+                     f"{flops / base_flops:.3f} |")
+    return lines + [""]
+
+
+def table_main(doc: str, run, options: dict[str, tuple[type, Any, str]], argv: list[str] | None = None) -> int:
+    """The command line of a one-table benchmark: ``options`` (``--name: (type, default, help)``), ``--repeats``
+    and ``--out``; ``run(**options, repeats=...)`` returns the table's lines, printed (and written to ``--out``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, (kind, default, text) in options.items():
+        parser.add_argument(f"--{name}", type=kind, default=default, help=text)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    torch.set_num_threads(1)
+    text = "\n".join(run(**args))
+    print(text)
+    if out is not None:
+        out.write_text(text + "\n")
+    return 0
 
 
 def qwen_shaped(num_layers: int = 28, tokens_side: int = 110):

@@ -12,17 +12,15 @@ kept counts (tokens per layer x 2 x KV heads x head_dim x bytes). Not a test.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
 from prunekit.bench import _kv_bytes, _peak_memory
 from prunekit.compat import cache_of
 from prunekit.testing import END_ID, START_ID, family_config
-from suite import _pruner, time_prefills  # benchmarks/suite.py: the same timing loop
+from suite import _pruner, table_main, time_prefills  # benchmarks/suite.py: the same timing loop
 
 RECIPES = ("none", "uniform-frames", "frame-difference", "dycoke", "fastvid", "prunevid", "holitom")
 
@@ -89,21 +87,6 @@ def run(frames: int, side: int, repeats: int) -> list[str]:
     return lines + [""]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=16, help="temporal patches of the clip")
-    parser.add_argument("--side", type=int, default=24, help="patches per side of a frame (even)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    lines = run(args.frames, args.side, args.repeats)
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(table_main(__doc__, run, {"frames": (int, 16, "temporal patches of the clip"),
+                                       "side": (int, 24, "patches per side of a frame (even)")}))
