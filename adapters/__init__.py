@@ -319,14 +319,17 @@ class TiledAdapter(DecoderAdapter):
     high-resolution tiles packed into one unpadded grid with an image-newline token after each row."""
 
     def vision_units(self, model: nn.Module, hidden: Tensor, layout: TokenLayout) -> Tensor:
-        """The base tile (0) and the packed high-resolution grid (1) of each image; its image-newline tokens (the
-        rows of ``hidden`` equal to the model's ``image_newline``) -2, kept by a vision block. From the embeddings
-        themselves, so a plain forward and ``generate`` (which hands the model pre-encoded images without their
-        sizes) cut images alike."""
+        """The base tile and the packed high-resolution grid of each image (``2 k`` and ``2 k + 1`` for the
+        ``k``-th image of a run of image tokens); its image-newline tokens (the rows of ``hidden`` equal to the
+        model's ``image_newline``) -2, kept by a vision block. From the embeddings themselves, so a plain forward
+        and ``generate`` (which hands the model pre-encoded images without their sizes) cut images alike.
+
+        Images placed side by side (``<image><image>``) share one run of image tokens; they are told apart by
+        the runs between newlines: an image's first run is its base tile plus one grid row (``base + w``), each
+        further row ``w`` tokens, so a run of another length starts the next image."""
         units = torch.full_like(layout.image_index, -1)  # [batch, seq]
         newline = getattr(getattr(model, "model", None), "image_newline", None)
-        image_id = getattr(model.config, "image_token_id", None)
-        if newline is None or image_id is None:
+        if newline is None:
             return units
         vision = model.config.vision_config
         base = (vision.image_size // vision.patch_size) ** 2  # the base tile's tokens
@@ -335,13 +338,43 @@ class TiledAdapter(DecoderAdapter):
             for span in layout.image_index[b][layout.visual[b]].unique().tolist():
                 here = layout.visual[b] & (layout.image_index[b] == span)
                 newlines = here & is_newline[b]
+                if not bool(newlines.any()):
+                    continue  # no newline: one unit (a family without tiles)
                 units[b] = torch.where(newlines, torch.full_like(units[b], -2), units[b])
-                if not bool(newlines.any()) or bool((layout.frame_index[b][here] >= 0).any()):
-                    continue  # an image of one tile, or a video (OneVision's closes with a newline): its frames
-                grid = here & ~newlines
-                rank = grid.long().cumsum(0) - 1  # [seq]: index among the image's non-newline tokens
-                units[b] = torch.where(grid, (rank >= base).long(), units[b])
+                if bool((layout.frame_index[b][here] >= 0).any()):
+                    continue  # a video (OneVision's closes with a newline): its frames are the units
+                parts = _tile_parts(here.nonzero().flatten().tolist(), set(newlines.nonzero().flatten().tolist()),
+                                    base)
+                if parts is not None:
+                    for column, part in parts.items():
+                        units[b, column] = part
         return units
+
+
+def _tile_parts(columns: list[int], newlines: set[int], base: int) -> dict[int, int] | None:
+    """``{column: part}`` for the image tokens of one run (``columns`` in order, ``newlines`` among them): per
+    image ``k``, ``2 k`` for its base tile and ``2 k + 1`` for its grid rows (see ``TiledAdapter.vision_units``);
+    None when the run does not parse as whole images (then it stays one unit)."""
+    runs, current = [], []
+    for column in columns:
+        if column in newlines:
+            runs.append(current)
+            current = []
+        else:
+            current.append(column)
+    if current:  # tokens after the last newline: not a packed image
+        return None
+    parts, image, width = {}, -1, None
+    for run in runs:
+        if width is None or len(run) != width:  # a new image: its base tile, then its first grid row
+            if len(run) < base:
+                return None
+            image, width = image + 1, len(run) - base
+            parts.update({column: 2 * image for column in run[:base]})
+            parts.update({column: 2 * image + 1 for column in run[base:]})
+        else:
+            parts.update({column: 2 * image + 1 for column in run})
+    return parts
 
 
 def _window_index(visual: nn.Module, grid_thw: Tensor) -> Tensor | None:

@@ -14,6 +14,9 @@ from prunekit.probes import Probe, VisionAttention, VisionAttentionReceived, Vis
 from prunekit.sequence import gather_tokens
 
 
+TARGETS = "visionzip_targets"  # ctx.buffers key: visionzip_received's contextual targets, [n_images, patches] bool
+
+
 def _patch_columns(capture: Tensor, patches: int) -> Tensor:
     """Drop leading non-patch tokens (CLS) of a vision capture: [n_images, tokens, ...] -> [n_images, patches, ...]."""
     return capture[:, capture.shape[1] - patches:]
@@ -119,8 +122,9 @@ class VisionZipReceived(Criterion):
     dominant ones, those receiving the most attention; the targets are every ``step``-th of the remaining
     tokens in order (``step = max(1, m // c)`` over the ``m`` remaining, the first ``c``). LightCompress takes
     the two counts as ratios of the image's tokens; here they are shares of the stage's ``T``. Scores: 2 for
-    dominant, 1 for targets, 0 otherwise, plus the attention scaled below 0.5. Pair it with
-    ``visionzip_targets``, which merges every other token into its most similar target in place.
+    dominant, 1 for targets, 0 otherwise, plus the attention scaled below 0.5; the targets also go to
+    ``ctx.buffers["visionzip_targets"]`` for ``visionzip_targets``, which merges every other token into its
+    most similar target in place.
 
     Example::
 
@@ -154,13 +158,14 @@ class VisionZipReceived(Criterion):
             rest = (category[i] == 0).nonzero().flatten()  # the non-dominant tokens, in order
             step = max(1, len(rest) // max(targets_n, 1))
             category[i, rest[torch.arange(0, len(rest), step, device=rest.device)[:targets_n]]] = 1.0
+        ctx.buffers[TARGETS] = category == 1.0  # [n, P]: the contextual targets, for visionzip_targets
         return category + 0.5 * attention / (attention.amax(dim=1, keepdim=True) + 1)
 
 
 @dataclass
 class VisionZipTargets(Merger):
     """VisionZip's contextual merge in place (LightCompress on Qwen2.5-VL): each dropped token joins the kept
-    contextual target (a kept token ``visionzip_received`` scored below 2) whose key at vision layer ``layer``
+    contextual target (``visionzip_received`` names them) whose key at vision layer ``layer``
     (mean over heads, ``VisionKeys``) is most cosine-similar; a target becomes its own features plus the mean
     of its members', in its own place and position.
 
@@ -180,11 +185,15 @@ class VisionZipTargets(Merger):
         return 0
 
     def merge_into_kept(self, hidden: Tensor, kept: Tensor, scores: Tensor, ctx: ForwardContext) -> Tensor:
+        chosen = ctx.buffers.get(TARGETS)  # [n, P] bool, from visionzip_received
+        if chosen is None:
+            raise ValueError("visionzip_targets merges into the contextual targets visionzip_received picks: use "
+                             "it in a vision block whose criteria include visionzip_received")
         keys = _patch_columns(ctx.capture(VisionKeys(layer=self.layer)), hidden.shape[1]).float()  # [n, P, head_dim]
         metric = keys / keys.norm(dim=-1, keepdim=True)
         out = hidden.clone()
         for i in range(hidden.shape[0]):
-            targets = (kept[i] & (scores[i] < 2)).nonzero().flatten()  # [c]
+            targets = (kept[i] & chosen[i]).nonzero().flatten()  # [c]
             members = (~kept[i]).nonzero().flatten()  # [m]
             if not len(targets) or not len(members):
                 continue

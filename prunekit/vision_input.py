@@ -15,11 +15,12 @@ tokens it would get had the features been dropped before it.
   whose frames the adapter knows; ``count`` / ``keep`` apply to each unit's own tokens (a fraction serves 64-
   and 3000-token images).
 - Criteria read :class:`~prunekit.probes.VisionFeatures` (``LayerInput(0)`` criteria: DivPrune, the
-  L2-norm and similarity baselines) and mergers get the features; criteria reading the tower
-  (``VisionAttention`` / ``VisionKeys`` / ``VisionHidden``) are refused by name: no built-in adapter maps
-  a tower's tokens onto these families' language-model tokens yet.
+  L2-norm and similarity baselines) and mergers get the features. Where the adapter reads the tower for
+  it (``Adapter.input_tower``: Qwen2/2.5-VL) criteria may also read ``VisionAttentionReceived`` and
+  ``VisionKeys``, one value per language-model token; any other tower probe is refused by name.
 - Merged tokens of a unit sit inside it (``lead`` of them before its kept tokens, the rest after), at the
-  position of the token before them, as at a decoder stage.
+  position of the real token before them (of the first real token after them when the unit leads its row),
+  as at a decoder stage.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class InputVision:
         with timed("vision stage"):
             units = image_units(layout, self.adapter.vision_units(self.model, hidden, layout))
             shortened = self._shorten(hidden, units, self._tower_captures(layout, units))
-            plan, sources = unit_plan(units, shortened, *layout.visual.shape, hidden.device)
+            plan, sources = unit_plan(units, shortened, layout.valid, hidden.device)
             new_hidden = gather_tokens(hidden, plan.index)  # [batch, new_seq, dim]: text (merged and fill slots: any)
             for b, slots, rows in sources:  # the units' slots [n] of sample b <- their shortened rows [n, dim]
                 new_hidden[b, slots] = rows.to(hidden.dtype)
@@ -163,7 +164,9 @@ class InputVision:
                               "the call holds a video, whose frames it does not map yet (use VisionFeatures criteria)")
         out = {}
         for probe in dict.fromkeys(p for _, p in self.wanted):
-            per_image = captures.get(probe, [])
+            # this forward's images are the tower's last call (an earlier call outside a forward, e.g. the
+            # user's own get_image_features, left its images before them)
+            per_image = captures.get(probe, [])[-len(units):] if units else []
             sizes = [len(where) for _, where in units]
             if [len(t) for t in per_image] != sizes:
                 raise LayoutError(f"{probe}: the tower gave {[len(t) for t in per_image]} tokens per image, the "
@@ -216,14 +219,17 @@ def image_units(layout: TokenLayout, parts: Tensor) -> list[tuple[int, Tensor]]:
     return units
 
 
-def unit_plan(units: list[tuple[int, Tensor]], shortened: list[tuple[Tensor, Tensor, int]], batch: int, seq: int,
+def unit_plan(units: list[tuple[int, Tensor]], shortened: list[tuple[Tensor, Tensor, int]], valid: Tensor,
               device: torch.device) -> tuple[Assembly, list[tuple[int, Tensor, Tensor]]]:
     """The next sequence: every token outside the units, and each unit's shortened tokens in its place (``lead``
     merged ones, the kept patches, the other merged ones), rows left-filled to one length.
 
-    Returns the :class:`Assembly` (kept tokens index the current sequence; merged slots anchor at the token
-    before them) and, per sample, the slots that take a unit's shortened rows: ``(sample, slots, rows)``.
+    Returns the :class:`Assembly` (kept tokens index the current sequence; merged slots anchor at the real
+    token before them, ``valid`` ``[batch, seq]`` telling padding apart) and, per sample, the slots that take a
+    unit's shortened rows: ``(sample, slots, rows)``.
     """
+    batch, seq = valid.shape
+    real = valid.cpu()
     dropped = torch.zeros(batch, seq, dtype=torch.bool)
     rows_of: list[list[tuple[int, Tensor]]] = [[] for _ in range(batch)]  # (key, row) per unit token
     for (b, where), (tokens, kept, lead) in zip(units, shortened):
@@ -261,11 +267,13 @@ def unit_plan(units: list[tuple[int, Tensor]], shortened: list[tuple[Tensor, Ten
             else:
                 index[b, s] = key // 4
                 from_current[b, s] = True
-                previous = s
+                if bool(real[b, key // 4]):  # padding is never an anchor
+                    previous = s
             if row is not None:
                 slots.append(s)
                 rows.append(row)
-        first_real = (from_current[b].nonzero().flatten()[:1].tolist() or [pad])[0]
+        anchors = from_current[b] & real[b].gather(0, index[b])  # [width]: slots of real current tokens
+        first_real = (anchors.nonzero().flatten()[:1].tolist() or [pad])[0]
         leading = (merged[b] >= 0) & (torch.arange(width) < first_real)
         anchor[b] = torch.where(leading, torch.full_like(anchor[b], first_real), anchor[b])
         if slots:

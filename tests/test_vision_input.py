@@ -430,3 +430,65 @@ def test_received_attention_in_query_chunks_equals_the_whole_matrix(monkeypatch)
         expected += row.mean(dim=1)[:, 0]
     monkeypatch.setattr(capture, "RECEIVED_CHUNK", 2 * 4 * 50 * 7)  # chunks of 7 queries
     assert torch.allclose(capture.received_attention(query, key, {}).double(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_tiled_images_side_by_side_are_told_apart(family):
+    """Three images with nothing between them (``<image><image><image>``, as OneVision's chat template writes
+    them) keep what they keep with a text token between each: every image its own base tile and grid."""
+    model = tiny_family_model(family, num_layers=4)
+    g = torch.Generator().manual_seed(0)
+    pixel = torch.randn(3, 5, 3, 24, 24, generator=g)
+    sizes = torch.tensor([[24, 24], [16, 32], [24, 24]])
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixel, image_sizes=sizes).pooler_output
+    n = [f.shape[0] for f in features]
+    image = model.config.image_token_id
+    recipe = {"name": "v", "positions": "original", "vision": {"criteria": {"n": {"type": "l2_norm"}}, "count": 2}}
+    kept_per_image = []
+    for between in ([], [7]):
+        ids = torch.tensor([[1, 5, 6, *([image] * n[0]), *between, *([image] * n[1]), *between, *([image] * n[2]),
+                             9, 10]])
+        with prunekit.apply(model, recipe) as pruner, torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel, image_sizes=sizes)
+        kept = set(pruner.last_report.stages[0].kept[0].tolist())
+        columns = (ids[0] == image).nonzero().flatten().tolist()
+        kept_per_image.append([[c - columns[sum(n[:i])] for c in columns[sum(n[:i]):sum(n[:i + 1])] if c in kept]
+                               for i in range(3)])
+    assert kept_per_image[0] == kept_per_image[1]
+    newlines = [(f == model.model.image_newline).all(dim=-1).sum().item() for f in features]
+    assert [len(k) for k in kept_per_image[0]] == [4 + lines for lines in newlines]  # 2 base + 2 grid + newlines
+
+
+def test_an_image_encoded_outside_a_forward_does_not_disturb_the_next_one():
+    model = tiny_family_model("qwen2_5_vl", num_layers=4)
+    inputs = family_inputs(model, "qwen2_5_vl", batch=1, seed=5, sizes=[(48, 48)])
+    with prunekit.apply(model, "visionzip-received") as pruner, torch.no_grad():
+        first = model(**inputs).logits
+        model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])  # the user's own call
+        assert torch.equal(model(**inputs).logits, first)
+    assert pruner.last_report.stages[0].kept_counts.tolist() == [12]
+
+
+def test_merged_tokens_leading_a_padded_row_anchor_at_its_first_real_token():
+    from prunekit.vision_input import unit_plan
+
+    valid = torch.tensor([[False, False, True, True, True, True], [True, True, True, True, True, True]])
+    units = [(0, torch.tensor([2, 3])), (1, torch.tensor([0, 1]))]  # each row's image starts its real tokens
+    tokens = torch.randn(1, 4)
+    shortened = [(tokens, torch.zeros(0, dtype=torch.long), 1), (tokens, torch.zeros(0, dtype=torch.long), 1)]
+    plan, _ = unit_plan(units, shortened, valid, torch.device("cpu"))
+    for b in range(2):
+        slot = int((plan.merged[b] >= 0).nonzero()[0])
+        anchor = int(plan.anchor[b, slot])
+        assert plan.from_current[b, anchor] and bool(valid[b, plan.index[b, anchor]]), b  # a real token
+        assert int(plan.index[b, anchor]) == (4 if b == 0 else 2)  # the first real token after the image
+
+
+def test_visionzip_targets_without_visionzip_received_says_what_it_needs():
+    model = tiny_family_model("qwen2_5_vl", num_layers=4)
+    inputs = family_inputs(model, "qwen2_5_vl", batch=1, seed=5, sizes=[(48, 48)])
+    recipe = {"name": "t", "vision": {"criteria": {"n": {"type": "l2_norm"}}, "keep": 0.5,
+                                      "merge": {"type": "visionzip_targets"}}}
+    with prunekit.apply(model, recipe), torch.no_grad(), pytest.raises(ValueError, match="visionzip_received"):
+        model(**inputs)
