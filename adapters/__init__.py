@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import inspect
+import itertools
 import math
 import sys
 import threading
@@ -318,22 +319,39 @@ class TiledAdapter(DecoderAdapter):
     """LLaVA-NeXT / LLaVA-OneVision: each image reaches the language model as its base tile, then its
     high-resolution tiles packed into one unpadded grid with an image-newline token after each row."""
 
-    def vision_units(self, model: nn.Module, hidden: Tensor, layout: TokenLayout) -> Tensor:
-        """The base tile and the packed high-resolution grid of each image (``2 k`` and ``2 k + 1`` for the
-        ``k``-th image of a run of image tokens); its image-newline tokens (the rows of ``hidden`` equal to the
-        model's ``image_newline``) -2, kept by a vision block. From the embeddings themselves, so a plain forward
-        and ``generate`` (which hands the model pre-encoded images without their sizes) cut images alike.
+    def read_call(self, model: nn.Module, layout: TokenLayout, call: Any) -> TokenLayout:
+        """Keep what the call says of its images' tiles for :meth:`vision_units`: ``image_sizes`` (a plain
+        forward), or the tower's tile count of pre-encoded images (``generate`` passes ``mm_encoder_outputs``)."""
+        layout = super().read_call(model, layout, call)
+        sizes = call.get("image_sizes")
+        encoded = (call.get("mm_encoder_outputs") or {}).get("image")
+        tower = getattr(encoded, "last_hidden_state", None)
+        pairs = None if sizes is None else torch.as_tensor(sizes).tolist()
+        _TILES.sizes = None if pairs is None else [tuple(int(v) for v in pair) for pair in pairs]
+        _TILES.total = None if not isinstance(tower, Tensor) else int(tower.shape[0])
+        return layout
 
-        Images placed side by side (``<image><image>``) share one run of image tokens; they are told apart by
-        the runs between newlines: an image's first run is its base tile plus one grid row (``base + w``), each
-        further row ``w`` tokens, so a run of another length starts the next image."""
+    def vision_units(self, model: nn.Module, hidden: Tensor, layout: TokenLayout) -> Tensor:
+        """Each tile of each image apart: ``64 k`` for the ``k``-th image's base tile (of a run of image tokens),
+        ``64 k + t`` for its high-resolution tile ``t`` (row-major, from 1), or ``64 k + 63`` for its whole grid
+        where the tiles cannot be told apart; image-newline tokens (the rows of ``hidden`` equal to the model's
+        ``image_newline``) -2, kept by a vision block.
+
+        Images placed side by side (``<image><image>``) share one run of image tokens: an image's first run
+        between newlines is its base tile plus one grid row (``base + w``), each further row ``w`` tokens, so a
+        run of another length starts the next image. Each tile's place in the unpadded grid follows from the
+        image's tile grid: from ``image_sizes`` as transformers picks it, or, when ``generate`` hands the model
+        pre-encoded images without their sizes, from the grid's shape (the pinpoint whose tiles the unpadded grid
+        fills along one side), checked against the tower's tile count; when that is ambiguous the grid is one
+        unit."""
         units = torch.full_like(layout.image_index, -1)  # [batch, seq]
         newline = getattr(getattr(model, "model", None), "image_newline", None)
         if newline is None:
             return units
         vision = model.config.vision_config
-        base = (vision.image_size // vision.patch_size) ** 2  # the base tile's tokens
+        side = vision.image_size // vision.patch_size
         is_newline = layout.visual & (hidden == newline.to(hidden.dtype)).all(dim=-1)  # [batch, seq]
+        images: list[tuple[int, list[int], list[list[int]]]] = []  # (sample, base columns, grid rows of columns)
         for b in range(layout.batch_size):
             for span in layout.image_index[b][layout.visual[b]].unique().tolist():
                 here = layout.visual[b] & (layout.image_index[b] == span)
@@ -343,18 +361,27 @@ class TiledAdapter(DecoderAdapter):
                 units[b] = torch.where(newlines, torch.full_like(units[b], -2), units[b])
                 if bool((layout.frame_index[b][here] >= 0).any()):
                     continue  # a video (OneVision's closes with a newline): its frames are the units
-                parts = _tile_parts(here.nonzero().flatten().tolist(), set(newlines.nonzero().flatten().tolist()),
-                                    base)
-                if parts is not None:
-                    for column, part in parts.items():
-                        units[b, column] = part
+                parsed = _packed_images(here.nonzero().flatten().tolist(),
+                                        set(newlines.nonzero().flatten().tolist()), side * side)
+                images += [(b, base, rows) for base, rows in (parsed or [])]
+        grids = _tile_grids(model, [(len(rows), len(rows[0]) if rows else 0) for _, _, rows in images], side)
+        numbering: dict[int, int] = {}  # sample -> images numbered so far (units of one run stay apart)
+        for (b, base, rows), grid in zip(images, grids):
+            k = numbering.get(b, 0)
+            numbering[b] = k + 1
+            units[b, base] = 64 * k
+            for r, row in enumerate(rows):
+                for c, column in enumerate(row):
+                    units[b, column] = 64 * k + (63 if grid is None else _tile_of(r, c, grid, side))
         return units
 
 
-def _tile_parts(columns: list[int], newlines: set[int], base: int) -> dict[int, int] | None:
-    """``{column: part}`` for the image tokens of one run (``columns`` in order, ``newlines`` among them): per
-    image ``k``, ``2 k`` for its base tile and ``2 k + 1`` for its grid rows (see ``TiledAdapter.vision_units``);
-    None when the run does not parse as whole images (then it stays one unit)."""
+_TILES = threading.local()  # the running forward's image sizes / tower tile count (TiledAdapter.read_call)
+
+
+def _packed_images(columns: list[int], newlines: set[int], base: int) -> list[tuple[list[int], list[list[int]]]] | None:
+    """The images of one run of image tokens (``columns`` in order, ``newlines`` among them): per image its base
+    tile's columns and its grid rows' columns; None when the run does not parse as whole packed images."""
     runs, current = [], []
     for column in columns:
         if column in newlines:
@@ -364,17 +391,52 @@ def _tile_parts(columns: list[int], newlines: set[int], base: int) -> dict[int, 
             current.append(column)
     if current:  # tokens after the last newline: not a packed image
         return None
-    parts, image, width = {}, -1, None
+    images: list[tuple[list[int], list[list[int]]]] = []
+    width = None
     for run in runs:
         if width is None or len(run) != width:  # a new image: its base tile, then its first grid row
             if len(run) < base:
                 return None
-            image, width = image + 1, len(run) - base
-            parts.update({column: 2 * image for column in run[:base]})
-            parts.update({column: 2 * image + 1 for column in run[base:]})
+            width = len(run) - base
+            images.append((run[:base], [run[base:]] if width else []))
         else:
-            parts.update({column: 2 * image + 1 for column in run})
-    return parts
+            images[-1][1].append(run)
+    return images
+
+
+def _tile_grids(model: nn.Module, shapes: list[tuple[int, int]], side: int) -> list[tuple[int, int, int, int] | None]:
+    """Per image of a call with grid ``shapes`` (rows, width in tokens; (0, 0) for a lone base tile), its tile grid
+    and the unpadded grid's offset in it, ``(tiles_high, tiles_wide, row_offset, column_offset)``, or None."""
+    config = model.config
+    sizes, total = getattr(_TILES, "sizes", None), getattr(_TILES, "total", None)
+
+    def fits(shape: tuple[int, int], tiles: tuple[int, int]) -> tuple[int, int, int, int] | None:
+        (height, width), (high, wide) = shape, tiles
+        full_h, full_w = high * side, wide * side
+        if not (height <= full_h and width <= full_w and (height == full_h or width == full_w)):
+            return None
+        return high, wide, (full_h - height) // 2, (full_w - width) // 2
+
+    if sizes is not None and len(sizes) == len(shapes):
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        grids = []
+        for size, shape in zip(sizes, shapes):
+            high, wide = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            grids.append(fits(shape, (high, wide)) if shape[0] else None)
+        return grids
+    tile = config.vision_config.image_size
+    pinpoints = sorted({(h // tile, w // tile) for h, w in config.image_grid_pinpoints})
+    options = [[fit for fit in (fits(shape, p) for p in pinpoints) if fit] if shape[0] else [None] for shape in shapes]
+    combos = [combo for combo in itertools.product(*options)
+              if total is None or sum(1 + (g[0] * g[1] if g else 0) for g in combo) == total]
+    return list(combos[0]) if len(combos) == 1 else [None] * len(shapes)
+
+
+def _tile_of(row: int, column: int, grid: tuple[int, int, int, int], side: int) -> int:
+    """The high-resolution tile (from 1, row-major) of the unpadded grid's token at ``row``, ``column``."""
+    high, wide, row_offset, column_offset = grid
+    return (row + row_offset) // side * wide + (column + column_offset) // side + 1
 
 
 def _window_index(visual: nn.Module, grid_thw: Tensor) -> Tensor | None:

@@ -170,7 +170,8 @@ def test_merged_tokens_take_their_image_s_place_at_the_position_of_the_token_bef
            "pixel_values": inputs["pixel_values"][:36], "image_grid_thw": inputs["image_grid_thw"][:1],
            "mm_token_type_ids": (first == image_id).long()}
     recipe = {"name": "pool", "positions": "original",
-              "vision": {"criteria": {"none": {"type": "uniform"}}, "count": 0, "merge": {"type": "grid_pool", "size": 2}}}
+              "vision": {"criteria": {"none": {"type": "uniform"}}, "count": 0,
+                         "merge": {"type": "grid_pool", "size": 2}}}
     with prunekit.apply(model, recipe) as pruner, torch.no_grad():
         logits = model(**one).logits[0]
     with torch.no_grad():
@@ -210,12 +211,16 @@ def _tiles_from_sizes(model, image_sizes: torch.Tensor) -> list[torch.Tensor]:
     return [p.reshape(-1).long() for p in packed]
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
-def test_tiled_images_keep_their_newlines_and_shorten_the_base_tile_and_the_high_resolution_grid_apart(family):
-    """LLaVA-NeXT / OneVision at the input: each image's base tile and packed high-resolution grid keep their own
-    share by L2 norm, every image-newline token stays; the reference finds the tiles from the image sizes."""
+@pytest.mark.parametrize("family, sizes", [
+    ("llava_next", [(24, 24), (16, 32)]), ("llava_onevision", [(24, 24), (16, 32)]),
+    ("llava_next", [(20, 48), (48, 40)]), ("llava_next", [(48, 20), (40, 48)]),  # cropped grids: offsets count
+])
+def test_tiled_images_keep_their_newlines_and_shorten_each_tile_apart(family, sizes):
+    """LLaVA-NeXT / OneVision at the input: each image's base tile and each high-resolution tile keep their own
+    share by L2 norm, every image-newline token stays, in a forward (image sizes in the call) and in generate (the
+    tiles found from the grid's shape); the reference finds the tiles from the image sizes."""
     model = tiny_family_model(family, num_layers=4)
-    inputs = family_inputs(model, family, batch=2, seed=2, sizes=[(24, 24), (16, 32)])
+    inputs = family_inputs(model, family, batch=2, seed=2, sizes=sizes)
     with torch.no_grad():
         packed = model.model.get_image_features(
             pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]).pooler_output
@@ -223,10 +228,11 @@ def test_tiled_images_keep_their_newlines_and_shorten_the_base_tile_and_the_high
     for features, tiles in zip(packed, _tiles_from_sizes(model, inputs["image_sizes"])):
         norms = features.norm(dim=-1)
         keep = tiles == -2  # newlines
-        for part in (tiles == 0, tiles >= 1):
-            index = part.nonzero().flatten()
+        for tile in tiles[tiles >= 0].unique().tolist():  # the base tile and each high-resolution tile
+            index = (tiles == tile).nonzero().flatten()
             keep[index[norms[index].topk(int(len(index) * 0.5)).indices]] = True
         expected.append(keep.nonzero().flatten())
+    assert any(int(t.max()) >= 2 for t in _tiles_from_sizes(model, inputs["image_sizes"]))  # several tiles
     for call in ("forward", "generate"):
         with prunekit.apply(model, _norm_block(keep=0.5)) as pruner, torch.no_grad():
             if call == "forward":
@@ -435,7 +441,7 @@ def test_received_attention_in_query_chunks_equals_the_whole_matrix(monkeypatch)
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
 def test_tiled_images_side_by_side_are_told_apart(family):
     """Three images with nothing between them (``<image><image><image>``, as OneVision's chat template writes
-    them) keep what they keep with a text token between each: every image its own base tile and grid."""
+    them) keep what they keep with a text token between each: every image its own base tile and tiles."""
     model = tiny_family_model(family, num_layers=4)
     g = torch.Generator().manual_seed(0)
     pixel = torch.randn(3, 5, 3, 24, 24, generator=g)
@@ -456,8 +462,10 @@ def test_tiled_images_side_by_side_are_told_apart(family):
         kept_per_image.append([[c - columns[sum(n[:i])] for c in columns[sum(n[:i]):sum(n[:i + 1])] if c in kept]
                                for i in range(3)])
     assert kept_per_image[0] == kept_per_image[1]
-    newlines = [(f == model.model.image_newline).all(dim=-1).sum().item() for f in features]
-    assert [len(k) for k in kept_per_image[0]] == [4 + lines for lines in newlines]  # 2 base + 2 grid + newlines
+    tiles = _tiles_from_sizes(model, sizes)
+    assert [len(k) for k in kept_per_image[0]] == [  # 2 of each tile, and the newlines
+        sum(min(2, int((t == tile).sum())) for tile in t[t >= 0].unique().tolist()) + int((t == -2).sum())
+        for t in tiles]
 
 
 def test_an_image_encoded_outside_a_forward_does_not_disturb_the_next_one():
