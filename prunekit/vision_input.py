@@ -10,8 +10,8 @@ embeddings), before layer 0: the engine runs it as a stage of its own, so positi
 masks and the KV cache follow the kept tokens as for any stage. The language model runs on exactly the
 tokens it would get had the features been dropped before it.
 
-- Unit: each image (a visual span of the prompt), or each part of it the adapter names (LLaVA-NeXT's base tile
-  and high-resolution grid; its image-newline tokens are in no unit and stay), or each frame of a video span
+- Unit: each image (a visual span of the prompt), or each part of it the adapter names (LLaVA-NeXT's and
+  OneVision's tiles; their image-newline tokens are in no unit and stay), or each frame of a video span
   whose frames the adapter knows; ``count`` / ``keep`` apply to each unit's own tokens (a fraction serves 64-
   and 3000-token images).
 - Criteria read :class:`~prunekit.probes.VisionFeatures` (``LayerInput(0)`` criteria: DivPrune, the
