@@ -959,9 +959,19 @@ MATRIX_RECIPE_REASONS: dict[str, str] = {
 }
 
 
+VISION_BLOCKS = {  # where a recipe's vision block runs, per adapter (tests/test_family_matrix.py runs one on each)
+    "llava": "before the projector, per image; tower probes",
+    "video_llava": "before the projector, per image or video frame; tower probes",
+    "llava_next": "at the LM input, per tile",
+    "llava_onevision": "at the LM input, per tile or video frame",
+    "qwen2_vl": "at the LM input, per image; attention received and keys of the tower",
+}
+
+
 def family_matrix_markdown() -> str:
     """The supported-family table of docs/adapters.md, generated from :data:`MATRIX`."""
-    lines = ["| family | class | adapter | decoder-stage recipes | notes |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| family | class | adapter | decoder-stage recipes | vision blocks | notes |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for row in MATRIX:
         if row.reason is not None:
             status = f"no: {row.reason}"
@@ -969,7 +979,8 @@ def family_matrix_markdown() -> str:
             status = "all but " + "; ".join(f"`{name}` ({why})" for name, why in row.recipe_reasons)
         else:
             status = "all"
-        lines.append(f"| {row.family} | `{row.classes}` | {row.adapter} | {status} | {row.notes} |")
+        vision = "-" if row.reason is not None else VISION_BLOCKS.get(row.adapter, "at the LM input, per image")
+        lines.append(f"| {row.family} | `{row.classes}` | {row.adapter} | {status} | {vision} | {row.notes} |")
     lines.append("")
     lines.extend(f"Not run in the matrix: `{name}*`: {why}." for name, why in MATRIX_RECIPE_REASONS.items())
     return "\n".join(lines)
