@@ -114,7 +114,9 @@ def _cmd_flops(args: argparse.Namespace) -> int:
                           "text_tokens": args.text_tokens, "recipes": out}, indent=2))
         return 0
     clip = f" (one clip of {args.frames} frames)" if args.frames else ""
-    print(f"{args.model}: {dims.num_layers} layers, hidden {dims.hidden_size}, MLP {dims.intermediate_size}; "
+    widths = set(dims.layer_widths or (dims.intermediate_size,))
+    mlp = widths.pop() if len(widths) == 1 else f"{min(widths)}-{max(widths)} (per layer)"
+    print(f"{args.model}: {dims.num_layers} layers, hidden {dims.hidden_size}, MLP {mlp}; "
           f"{args.visual_tokens} visual{clip} + {args.text_tokens} text tokens")
     print(f"{'recipe':<20} {'TFLOPs':>8} {'ratio':>7} {'seq TFLOPs':>11} {'seq ratio':>10}")
     for row in out:

@@ -52,6 +52,7 @@ class DecoderDims:
     hidden_size: int
     intermediate_size: int  # the dense layers' MLP width
     moe: MoeDims | None = None
+    layer_widths: tuple[int, ...] | None = None  # a config giving each layer its own MLP width (Gemma 3n)
 
     @classmethod
     def from_config(cls, config: Any) -> DecoderDims:
@@ -59,13 +60,17 @@ class DecoderDims:
         layers = int(text.num_hidden_layers)
         moe = moe_dims(text, layers)
         dense = getattr(text, "intermediate_size_mlp", None) if moe is not None else None  # Llama 4
-        return cls(layers, int(text.hidden_size), int(dense or text.intermediate_size), moe)
+        width = dense or text.intermediate_size
+        if isinstance(width, (list, tuple)):  # one width per layer
+            widths = tuple(int(w) for w in width)
+            return cls(layers, int(text.hidden_size), widths[0], moe, widths)
+        return cls(layers, int(text.hidden_size), int(width), moe)
 
     def mlp_width(self, layer: int) -> float:
         """The MLP width layer ``layer`` costs (active experts, shared experts and router for an MoE layer)."""
         if self.moe is not None and layer in self.moe.layers:
             return self.moe.mlp_width()
-        return self.intermediate_size
+        return self.layer_widths[layer] if self.layer_widths is not None else self.intermediate_size
 
 
 def moe_dims(text: Any, num_layers: int) -> MoeDims | None:

@@ -47,6 +47,22 @@ def test_llama4_counts_the_shared_expert_and_its_dense_layers_width():
 
 
 @pytest.mark.skipif(not hasattr(transformers, "Qwen3VLMoeConfig"), reason="no Qwen3-VL-MoE in this transformers")
+def test_a_config_with_one_mlp_width_per_layer_counts_each_layers_own(tmp_path, capsys):
+    """Gemma 3n gives each layer its MLP width (a list): each layer costs its own, by the papers' formula."""
+    from prunekit.cli import main
+    from prunekit.testing import gemma3n_config
+
+    config = gemma3n_config(4)
+    config.text_config.intermediate_size = [128, 256, 128, 512]
+    dims = DecoderDims.from_config(config)
+    d, n = config.text_config.hidden_size, 40
+    by_hand = sum(4 * n * d * d + 2 * n * n * d + 3 * n * d * m for m in (128, 256, 128, 512))
+    assert prefill_flops([n] * 4, dims) == by_hand
+    config.save_pretrained(tmp_path)
+    assert main(["flops", str(tmp_path), "--recipe", "fastv", "--visual-tokens", "32"]) == 0
+    assert "MLP 128-512 (per layer)" in capsys.readouterr().out
+
+
 def test_prunekit_flops_on_an_moe_config(tmp_path, capsys):
     from prunekit.cli import main
 
