@@ -154,24 +154,37 @@ class InputVision:
         return new_hidden
 
     def _tower_captures(self, layout: TokenLayout, units: list[tuple[int, Tensor]]) -> dict[Any, list[Tensor]]:
-        """What the tower probes read, one tensor per unit (``{probe: [per unit [P, ...]]}``); {} without them."""
+        """What the tower probes read, one tensor per unit (``{probe: [per unit [P, ...]]}``); {} without them.
+
+        The tower encodes a call's images (one tensor each), then its videos (one tensor each, frame-major): an
+        image unit takes its image's, a video's frame units split their video's in order."""
         if not self.wanted:
             return {}
         record = self.running.vision
         captures = {} if record is None else record.captures
-        if layout.has_frames:
-            raise LayoutError(f"{type(self.model).__name__}: this vision block reads the vision tower per image; "
-                              "the call holds a video, whose frames it does not map yet (use VisionFeatures criteria)")
+        frame_of = [int(layout.frame_index[b, where[0]]) for b, where in units]  # -1: an image unit
+        videos: dict[tuple[int, int], list[int]] = {}  # (sample, span) -> its frame units, in order
+        for i, (b, where) in enumerate(units):
+            if frame_of[i] >= 0:
+                videos.setdefault((b, int(layout.image_index[b, where[0]])), []).append(i)
+        images = [i for i in range(len(units)) if frame_of[i] < 0]
+        wanted_sizes = [len(units[i][1]) for i in images] + [sum(len(units[i][1]) for i in f) for f in videos.values()]
         out = {}
         for probe in dict.fromkeys(p for _, p in self.wanted):
-            # this forward's images are the tower's last call (an earlier call outside a forward, e.g. the
-            # user's own get_image_features, left its images before them)
-            per_image = captures.get(probe, [])[-len(units):] if units else []
-            sizes = [len(where) for _, where in units]
-            if [len(t) for t in per_image] != sizes:
-                raise LayoutError(f"{probe}: the tower gave {[len(t) for t in per_image]} tokens per image, the "
-                                  f"prompt holds images of {sizes} tokens (one image per placeholder run, in order)")
-            out[probe] = per_image
+            # this forward's tower calls are the last ones (a call outside a forward, e.g. the user's own
+            # get_image_features, left its images before them)
+            encoded = captures.get(probe, [])[-len(wanted_sizes):] if wanted_sizes else []
+            if [len(t) for t in encoded] != wanted_sizes:
+                raise LayoutError(f"{probe}: the tower gave {[len(t) for t in encoded]} tokens per image or video, "
+                                  f"the prompt holds {wanted_sizes} (its images in order, then its videos)")
+            per_unit: list[Tensor] = [encoded[0]] * len(units)
+            for image, i in enumerate(images):
+                per_unit[i] = encoded[image]
+            for video, frames in enumerate(videos.values()):
+                parts = encoded[len(images) + video].split([len(units[i][1]) for i in frames])
+                for i, part in zip(frames, parts):
+                    per_unit[i] = part
+            out[probe] = per_unit
         return out
 
     def _shorten(self, hidden: Tensor, units: list[tuple[int, Tensor]], tower: dict[Any, list[Tensor]]

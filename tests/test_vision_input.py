@@ -283,22 +283,26 @@ def test_beam_search_and_a_sample_without_an_image_beside_one_with():
 
 
 def _lightcompress_visionzip(model, inputs: dict, keep: float, contextual: float) -> tuple[list[int], torch.Tensor]:
-    """LightCompress's VisionZip on a one-image Qwen2.5-VL prompt, written out again: the last vision block's
-    attention over the whole call under a block-diagonal mask (one block per image), mean over heads, summed over
-    queries; per merged token the mean over its 4 patches and its keys' mean, the window order undone; dominant
-    tokens by that attention, targets evenly spaced among the rest, every other token added (as a mean) to its most
-    key-similar target. Returns the kept prompt columns and the language model's input embeddings there."""
+    """LightCompress's VisionZip on a Qwen2/2.5-VL prompt holding one image, or one video whose frames (temporal
+    patches) are each handled as an image, written out again: the last vision block's attention over the whole
+    call under a block-diagonal mask (one block per image or frame), mean over heads, summed over queries; per
+    merged token the mean over its 4 patches and its keys' mean, the window order undone; dominant tokens by that
+    attention, targets evenly spaced among the rest, every other token added (as a mean) to its most key-similar
+    target. Returns the kept prompt columns and the language model's input embeddings there."""
     import sys
 
     visual = model.model.visual
     qwen = sys.modules[type(visual).__module__]  # modeling_qwen2_vl or modeling_qwen2_5_vl
+    video = "pixel_values_videos" in inputs
+    grid = inputs["video_grid_thw" if video else "image_grid_thw"]
     block = visual.blocks[-1]
     seen = {}
     handle = block.register_forward_pre_hook(lambda m, args, kwargs: seen.update(hidden=args[0], **kwargs),
                                              with_kwargs=True)
     with torch.no_grad():
         try:
-            features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+            encode = model.model.get_video_features if video else model.model.get_image_features
+            features = encode(inputs["pixel_values_videos" if video else "pixel_values"], grid).pooler_output[0]
         finally:
             handle.remove()
         x = block.norm1(seen["hidden"])  # [patches, dim]
@@ -314,38 +318,68 @@ def _lightcompress_visionzip(model, inputs: dict, keep: float, contextual: float
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # [heads, seq, head_dim]
         weights = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5 + mask, dim=-1)
         if getattr(visual, "window_size", None):  # Qwen2.5-VL runs its tower in window order
-            window, _ = qwen.get_vision_window_index(inputs["image_grid_thw"], visual.spatial_merge_size,
-                                                     visual.window_size, visual.patch_size)
+            window, _ = qwen.get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size,
+                                                     visual.patch_size)
             reverse = torch.argsort(window)
         else:  # Qwen2-VL: the patches come grouped by merged token, in order
             reverse = torch.arange(seq // 4)
         attention = weights.mean(dim=0).sum(dim=0).view(-1, 4).mean(dim=-1)[reverse]  # [tokens]
         keys = k.reshape(heads, -1, 4, k.shape[-1]).mean(dim=2)[:, reverse].mean(dim=0)  # [tokens, head_dim]
-        n = attention.shape[0]
-        total = int(n * keep)
-        targets_n = max(int(total * contextual), 1)
-        dominant = attention.topk(total - targets_n).indices
-        is_dominant = torch.zeros(n, dtype=torch.bool)
-        is_dominant[dominant] = True
-        rest = (~is_dominant).nonzero().flatten()
-        metric = keys[rest] / keys[rest].norm(dim=-1, keepdim=True)
-        step = max(1, len(rest) // targets_n)
-        target_slots = torch.arange(0, len(rest), step)[:targets_n]
-        others = torch.tensor([i for i in range(len(rest)) if i not in target_slots.tolist()])
-        assign = torch.nn.functional.one_hot((metric[others] @ metric[target_slots].T).argmax(dim=1), targets_n)
-        assign = assign.to(features.dtype)
-        members = features[rest][others]
-        contextual_tokens = features[rest][target_slots] + assign.T @ members / assign.sum(dim=0).clamp(min=1)[:, None]
-        merged = features.clone()
-        merged[rest[target_slots]] = contextual_tokens
-        kept = is_dominant.clone()
-        kept[rest[target_slots]] = True
+        merged, kept = features.clone(), torch.zeros(len(attention), dtype=torch.bool)
+        frames = int(grid[0, 0]) if video else 1
+        per_frame = len(attention) // frames
+        for f in range(frames):  # each frame (or the image) on its own
+            lo = f * per_frame
+            part = slice(lo, lo + per_frame)
+            n = per_frame
+            total = int(n * keep)
+            targets_n = max(int(total * contextual), 1)
+            dominant = attention[part].topk(total - targets_n).indices
+            is_dominant = torch.zeros(n, dtype=torch.bool)
+            is_dominant[dominant] = True
+            rest = (~is_dominant).nonzero().flatten()
+            metric = keys[part][rest] / keys[part][rest].norm(dim=-1, keepdim=True)
+            step = max(1, len(rest) // targets_n)
+            target_slots = torch.arange(0, len(rest), step)[:targets_n]
+            others = torch.tensor([i for i in range(len(rest)) if i not in target_slots.tolist()])
+            assign = torch.nn.functional.one_hot((metric[others] @ metric[target_slots].T).argmax(dim=1), targets_n)
+            assign = assign.to(features.dtype)
+            frame_features = features[part]
+            members = frame_features[rest][others]
+            merged[lo + rest[target_slots]] = (frame_features[rest][target_slots]
+                                               + assign.T @ members / assign.sum(dim=0).clamp(min=1)[:, None])
+            kept[lo + dominant] = True
+            kept[lo + rest[target_slots]] = True
     ids = inputs["input_ids"][0]
-    image_columns = (ids == model.config.image_token_id).nonzero().flatten()
+    token = model.config.video_token_id if video else model.config.image_token_id
+    image_columns = (ids == token).nonzero().flatten()
     columns = sorted(set(range(len(ids))) - set(image_columns.tolist()) | set(image_columns[kept].tolist()))
     embeds = model.model.get_input_embeddings()(ids[columns][None])
-    embeds[0, ids[columns] == model.config.image_token_id] = merged[kept].to(embeds.dtype)
+    embeds[0, ids[columns] == token] = merged[kept].to(embeds.dtype)
     return columns, embeds
+
+
+def test_visionzip_received_on_a_qwen_video_goes_frame_by_frame():
+    """A Qwen2.5-VL video (4 temporal patches of 4x4 tokens): each frame is an image to visionzip-received; the
+    kept columns and the prefill logits equal the formula by hand applied frame by frame."""
+    from prunekit.testing import qwen_video_inputs
+
+    model = tiny_family_model("qwen2_5_vl", num_layers=4, dtype=torch.float64)
+    inputs = qwen_video_inputs(model, [(4, 8, 8)], seed=3)
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].double()
+    columns, embeds = _lightcompress_visionzip(model, inputs, keep=0.33334, contextual=0.15625)
+    with torch.no_grad():
+        full, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                             video_grid_thw=inputs["video_grid_thw"],
+                                             attention_mask=inputs["attention_mask"])
+        out = model.model.language_model(inputs_embeds=embeds, position_ids=full[:, :, columns],
+                                         attention_mask=torch.ones(1, len(columns), dtype=torch.long))
+        expected = model.lm_head(out.last_hidden_state)[0]
+        with prunekit.apply(model, "visionzip-received") as pruner:
+            logits = model(**inputs).logits[0]
+    assert pruner.last_report.stages[0].kept_counts.tolist() == [4 * 5]  # int(16 * 0.33334) of each frame
+    assert pruner.last_report.output_positions[0].tolist() == columns
+    assert torch.allclose(logits, expected, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
@@ -500,3 +534,31 @@ def test_visionzip_targets_without_visionzip_received_says_what_it_needs():
                                       "merge": {"type": "visionzip_targets"}}}
     with prunekit.apply(model, recipe), torch.no_grad(), pytest.raises(ValueError, match="visionzip_received"):
         model(**inputs)
+
+
+def test_an_image_and_a_video_in_one_qwen_call_each_read_their_own_tower_values():
+    """The tower encodes a call's images, then its videos; with the video first in the prompt, each still gets
+    its own values: the same tokens kept as in a call holding it alone."""
+    from prunekit.testing import qwen_video_inputs
+
+    model = tiny_family_model("qwen2_5_vl", num_layers=4)
+    clip = qwen_video_inputs(model, [(4, 8, 8)], seed=3)
+    still = family_inputs(model, "qwen2_5_vl", batch=1, seed=5, sizes=[(48, 48)])
+    image_id, video_id = model.config.image_token_id, model.config.video_token_id
+    video_span = clip["input_ids"][0][(clip["input_ids"][0] == video_id)].tolist()
+    image_span = still["input_ids"][0][(still["input_ids"][0] == image_id)].tolist()
+    ids = torch.tensor([[1, 5, START_ID, *video_span, END_ID, 6, START_ID, *image_span, END_ID, 7, 8]])
+    both = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": still["pixel_values"],
+            "image_grid_thw": still["image_grid_thw"], "pixel_values_videos": clip["pixel_values_videos"],
+            "video_grid_thw": clip["video_grid_thw"],
+            "mm_token_type_ids": (ids == image_id).long() + 2 * (ids == video_id).long()}
+
+    def kept_within(inputs: dict, token: int) -> list[int]:
+        with prunekit.apply(model, "visionzip-received") as pruner, torch.no_grad():
+            model(**inputs)
+        columns = (inputs["input_ids"][0] == token).nonzero().flatten().tolist()
+        kept = set(pruner.last_report.stages[0].kept[0].tolist())
+        return [i for i, c in enumerate(columns) if c in kept]
+
+    assert kept_within(both, video_id) == kept_within(clip, video_id)
+    assert kept_within(both, image_id) == kept_within(still, image_id)
