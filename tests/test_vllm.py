@@ -150,8 +150,15 @@ def test_keep_everything_gives_transformers_answers(plugin, tmp_path, toy, quest
     assert all(k == list(range(PATCHES)) for k in kept.values())
 
 
+# visionzip-received reads vision layer -1 as LightCompress does on Qwen2.5-VL; vLLM builds LLaVA's tower only up to
+# its feature layer (-2), so it reads that one here
+VISIONZIP_RECEIVED_25 = ("visionzip-received", ["vision.keep=0.25", "vision.criteria.dominant.layer=-2",
+                                                "vision.merge.layer=-2"])
+
+
 @needs_vllm
-@pytest.mark.parametrize("recipe", [VISIONZIP_25, DIVPRUNE_25], ids=["visionzip-25%", "divprune-25%"])
+@pytest.mark.parametrize("recipe", [VISIONZIP_25, DIVPRUNE_25, VISIONZIP_RECEIVED_25],
+                         ids=["visionzip-25%", "divprune-25%", "visionzip-received-25%"])
 def test_pruned_vllm_keeps_the_transformers_patches(plugin, tmp_path, toy, questions, recipe):
     name, overrides = recipe
     hf_answers, hf_kept, prints = transformers_run(plugin, toy, questions, (name, overrides))
@@ -345,7 +352,8 @@ def transformers_qwen_run(plugin, folder, questions, images, recipe):
 
 
 @needs_vllm
-@pytest.mark.parametrize("recipe", [NEXT_KEEP_ALL, DIVPRUNE_25], ids=["keep-all", "divprune-25%"])
+@pytest.mark.parametrize("recipe", [NEXT_KEEP_ALL, DIVPRUNE_25, ("divprune-per-image", ["vision.keep=0.25"])],
+                         ids=["keep-all", "divprune-25%", "vision-block-25%"])
 def test_qwen2_5_vl_keeps_the_transformers_tokens_at_their_grid_positions(plugin, tmp_path, monkeypatch,
                                                                          qwen_checkpoint, questions, recipe):
     from vllm_helpers import enable_pruning_hook, qwen_images, qwen_prompt

@@ -35,6 +35,7 @@ fingerprint and kept tokens. docs/serving.md has the commands.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -92,11 +93,14 @@ require_vllm()
 
 from prunekit.api import Combiner, Criterion, ForwardContext, Merger, Stage  # noqa: E402
 from prunekit.layout import TokenLayout  # noqa: E402
-from prunekit.probes import LayerInput, VisionAttention, VisionHidden, VisionKeys  # noqa: E402
+from prunekit.capture import received_attention  # noqa: E402
+from prunekit.probes import (LayerInput, VisionAttention, VisionAttentionReceived, VisionFeatures,  # noqa: E402
+                             VisionHidden, VisionKeys)
 from prunekit.recipe import Recipe, VisionRecipe, collect_probes, load_recipe, resolve_stages  # noqa: E402
 from prunekit.scoring import score  # noqa: E402
 from prunekit.sequence import gather_tokens, select  # noqa: E402
 from prunekit.vision import shorten_images, vision_stage_tokens  # noqa: E402
+from prunekit.vision_input import tower_readers  # noqa: E402
 
 
 # -- which recipes vLLM can serve -----------------------------------------------------------------
@@ -141,9 +145,12 @@ def _refuse(recipe: Recipe, why: str) -> NotServableError:
                             f"{valid_list(sorted(IMAGE_ONLY_CRITERIA))} (docs/serving.md)")
 
 
-def plan_recipe(source: Any, overrides: Sequence[str] | None, num_layers: int, vision_layers: int) -> ServingPlan:
+def plan_recipe(source: Any, overrides: Sequence[str] | None, num_layers: int, vision_layers: int,
+                family: str | None = None) -> ServingPlan:
     """The serving plan of a recipe (name, YAML path, dict or Recipe) for a decoder of ``num_layers`` layers and
-    a vision tower of ``vision_layers``; :class:`NotServableError` when vLLM cannot run it."""
+    a vision tower of ``vision_layers``; :class:`NotServableError` when vLLM cannot run it. ``family``: the
+    config's ``model_type``; on Qwen2.5-VL a vision block runs as prunekit runs it there, at the language model's
+    input on each image's projected tokens (the same per-image stage as a layer-0 one)."""
     if isinstance(source, str) and source == NO_PRUNING:
         return ServingPlan(NO_PRUNING)
     recipe = load_recipe(source, overrides)
@@ -153,6 +160,13 @@ def plan_recipe(source: Any, overrides: Sequence[str] | None, num_layers: int, v
     if recipe.vision is not None and recipe.schedule is not None:
         raise _refuse(recipe, "besides its vision block it has decoder stages (they prune inside the decoder, and "
                               "vLLM's paged KV cache keeps every prompt token at every layer)")
+    if recipe.vision is not None and family == "qwen2_5_vl" and not tower_readers(recipe.vision):
+        vision = recipe.vision
+        if vision.merger is not None and vision.merger.lead:
+            raise _refuse(recipe, f"its vision block's merger {vision.merger.name!r} puts tokens before the kept ones")
+        stage = dataclasses.replace(vision.stage, positions=vision.stage.positions or recipe.positions)
+        return ServingPlan(recipe.name, projected=_projected_stage(recipe, dict(vision.criteria), vision.combiner,
+                                                                   stage, vision.merger, num_layers))
     if recipe.vision is not None:
         collect_probes(recipe.vision.parts(), (0,), vision_layers, "vision", f"recipe {recipe.name!r}, vision")
         return ServingPlan(recipe.name, vision=recipe.vision)
@@ -160,9 +174,17 @@ def plan_recipe(source: Any, overrides: Sequence[str] | None, num_layers: int, v
     if len(stages) != 1 or stages[0].layer != 0:
         raise _refuse(recipe, f"its stages prune before decoder layers {[s.layer for s in stages]}, not once before "
                               "layer 0 (vLLM's paged KV cache keeps every prompt token at every layer)")
-    merger = recipe.merger
+    stage = dataclasses.replace(stages[0], positions=stages[0].positions or recipe.positions)
+    return ServingPlan(recipe.name, projected=_projected_stage(recipe, dict(recipe.criteria), recipe.combiner, stage,
+                                                               recipe.merger, num_layers))
+
+
+def _projected_stage(recipe: Recipe, criteria: dict[str, Criterion], combiner: Combiner, stage: Stage,
+                     merger: Merger | None, num_layers: int) -> ProjectedStage:
+    """One stage on each image's projected tokens (a layer-0 stage, or a vision block run at the language model's
+    input), checked: its criteria and merger read those tokens only, its positions are compact."""
     if merger is not None and merger.name not in IMAGE_ONLY_MERGERS and not getattr(merger, "image_only", False):
-        raise _refuse(recipe, f"its decoder stage merges dropped tokens with {merger.name!r}, which is not known to "
+        raise _refuse(recipe, f"its stage merges dropped tokens with {merger.name!r}, which is not known to "
                               "build its tokens from the image's own tokens alone (mergers served at layer 0: "
                               f"{valid_list(sorted(IMAGE_ONLY_MERGERS))}; a third-party one declares image_only = "
                               "True)")
@@ -170,10 +192,10 @@ def plan_recipe(source: Any, overrides: Sequence[str] | None, num_layers: int, v
         raise _refuse(recipe, f"its merger {merger.name!r} reads "
                               f"{', '.join(str(p) for p in merger.probes((0,), num_layers))}, not only the projected "
                               "visual tokens entering layer 0")
-    if (stages[0].positions or recipe.positions) != "compact":
-        raise _refuse(recipe, f"positions {stages[0].positions or recipe.positions!r} keeps gaps in the positions of the kept tokens; "
+    if stage.positions != "compact":
+        raise _refuse(recipe, f"positions {stage.positions!r} keeps gaps in the positions of the kept tokens; "
                               "vLLM numbers the prompt's placeholders contiguously (use positions: compact)")
-    for key, criterion in recipe.criteria.items():
+    for key, criterion in criteria.items():
         if criterion.name not in IMAGE_ONLY_CRITERIA and not getattr(criterion, "image_only", False):
             probes = ", ".join(str(p) for p in criterion.probes((0,), num_layers)) or "none"
             raise _refuse(recipe, f"criterion {key!r} ({criterion.name!r}, probes: {probes}) is not known to read "
@@ -184,8 +206,7 @@ def plan_recipe(source: Any, overrides: Sequence[str] | None, num_layers: int, v
             if probe != LayerInput(layer=0):
                 raise _refuse(recipe, f"criterion {key!r} ({criterion.name!r}) reads {probe}, not only the "
                                       "projected visual tokens entering layer 0")
-    projected = ProjectedStage(dict(recipe.criteria), recipe.combiner, stages[0], num_layers, merger)
-    return ServingPlan(recipe.name, projected=projected)
+    return ProjectedStage(criteria, combiner, stage, num_layers, merger)
 
 
 def recipe_source(config: Any) -> tuple[str, list[str]] | None:
@@ -214,21 +235,26 @@ def plan_for_config(config: Any) -> ServingPlan:
                             f"the environment variable {RECIPE_ENV}; {NO_PRUNING!r} serves the model unpruned")
     vision = config.vision_config
     vision_layers = getattr(vision, "num_hidden_layers", None) or vision.depth  # Qwen2.5-VL's tower has a depth
-    plan = _cached_plan(named[0], tuple(named[1]), config.text_config.num_hidden_layers, vision_layers)
     family = getattr(config, "model_type", None)
+    plan = _cached_plan(named[0], tuple(named[1]), config.text_config.num_hidden_layers, vision_layers, family)
     if plan.vision is not None and family in NO_VISION_STAGE:
+        served = ("vision blocks whose criteria read the projected tokens only (e.g. 'divprune-per-image'): this "
+                  f"one reads the vision tower ({', '.join(tower_readers(plan.vision))}), which the plugin does not "
+                  "read" if family == "qwen2_5_vl" else "no vision block: prunekit.apply shortens each tile apart "
+                  "there, the plugin each image's whole token list")
         raise NotServableError(
             f"recipe {plan.name!r} has a 'vision:' block, which {NO_VISION_STAGE[family]} cannot run: prunekit has no "
             f"stage before its projector (the {family} adapter names no projector; prunekit.apply runs such a block "
-            "at the language model's input, which this plugin does not serve); serve a layer-0 stage on the "
-            "projected tokens instead, e.g. 'divprune' (docs/serving.md)")
+            f"at the language model's input); the plugin serves {served}. A layer-0 stage on the projected tokens "
+            "runs instead, e.g. 'divprune' (docs/serving.md)")
     return plan
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_plan(name: str, overrides: tuple[str, ...], num_layers: int, vision_layers: int) -> ServingPlan:
+def _cached_plan(name: str, overrides: tuple[str, ...], num_layers: int, vision_layers: int,
+                 family: str | None = None) -> ServingPlan:
     """:func:`plan_recipe` once per recipe (the processor asks for every image)."""
-    return plan_recipe(name, list(overrides), num_layers, vision_layers)
+    return plan_recipe(name, list(overrides), num_layers, vision_layers, family)
 
 
 # -- pruning one batch of images ------------------------------------------------------------------
@@ -290,6 +316,8 @@ def capture_vision(tower: nn.Module, probes: Sequence[Any], depth: int) -> Itera
     handles = []
     try:
         for probe in dict.fromkeys(probes):
+            if isinstance(probe, VisionFeatures):
+                continue  # no hook: the stage hands the features over itself
             layer = probe.layer % depth
             if layer >= len(layers):
                 raise NotServableError(f"{probe} reads vision layer {layer} of {depth}, but vLLM builds the tower only "
@@ -326,6 +354,8 @@ def _store_attention(captures: dict, probe: Any, attention: nn.Module):
         with torch.no_grad():
             if isinstance(probe, VisionKeys):
                 captures[probe] = key.mean(dim=1)  # [n_images, tokens, head_dim]
+            elif isinstance(probe, VisionAttentionReceived):
+                captures[probe] = received_attention(query, key, {"scaling": scale})  # [n_images, tokens]
             else:
                 assert isinstance(probe, VisionAttention)
                 q = query[:, :, probe.query: probe.query + 1].float()  # [n_images, heads, 1, head_dim]
