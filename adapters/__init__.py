@@ -369,10 +369,10 @@ class TiledAdapter(DecoderAdapter):
         for (b, base, rows), grid in zip(images, grids):
             k = numbering.get(b, 0)
             numbering[b] = k + 1
-            units[b, base] = 64 * k
-            for r, row in enumerate(rows):
-                for c, column in enumerate(row):
-                    units[b, column] = 64 * k + (63 if grid is None else _tile_of(r, c, grid, side))
+            columns = base + [column for row in rows for column in row]
+            parts = [0] * len(base) + [63 if grid is None else _tile_of(r, c, grid, side)
+                                       for r, row in enumerate(rows) for c in range(len(row))]
+            units[b, columns] = 64 * k + torch.tensor(parts, device=units.device)  # one write per image
         return units
 
 

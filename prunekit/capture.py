@@ -11,6 +11,7 @@ prune layer a ``LayerInput`` capture arrives before the scoring pass of its ``At
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -195,8 +196,8 @@ def received_attention(query: Tensor, key: Tensor, kwargs: dict) -> Tensor:
     :data:`RECEIVED_CHUNK` entries however many patches an image has (16k patches x 16 heads would be 17 GB)."""
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     keys = key.float().transpose(-1, -2)  # [..., heads, head_dim, k]
-    per_query = max(1, query.shape[-3] * key.shape[-2])  # entries one query row takes over the heads
-    step = max(1, RECEIVED_CHUNK // (per_query * max(1, query[..., 0, 0, 0].numel())))
+    per_query = math.prod(query.shape[:-3]) * query.shape[-3] * key.shape[-2]  # entries of one query row, all heads
+    step = max(1, RECEIVED_CHUNK // max(1, per_query))
     total = None
     for start in range(0, query.shape[-2], step):
         logits = torch.matmul(query[..., start:start + step, :].float(), keys) * scaling  # [..., heads, chunk, k]

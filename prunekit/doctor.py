@@ -104,6 +104,7 @@ def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes
     fed = getattr(adapter, "fed_layer_kinds", None)  # None: the adapter does not say (assume every kind)
     rows_ok = probes["AttentionRows (through the attention interface)"]
     tower_ok = probes[VISION_TOWER]
+    readable = tower_probes_read(adapter, model) if model is not None else ()  # tower probes the input route reads
     out: dict[str, str] = {}
     for name in builtin_recipe_names():
         try:
@@ -120,7 +121,6 @@ def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes
             except PrunekitError as exc:
                 out[name] = f"no: {exc}"
                 continue
-        readable = tower_probes_read(adapter, model) if model is not None else ()
         tower = [] if recipe.vision is None or tower_ok else tower_readers(recipe.vision, readable)
         if tower:
             out[name] = (f"no: its vision block reads the vision tower ({', '.join(tower)}); adapter "

@@ -217,9 +217,9 @@ def _blocks(query: Tensor, key: Tensor, kwargs: dict) -> list[tuple[Tensor, Tens
 
 def image_units(layout: TokenLayout, parts: Tensor) -> list[tuple[int, Tensor]]:
     """The units a vision block shortens: ``(sample, positions [P] ascending)`` of every image of every sample,
-    cut into the adapter's ``parts`` (``[batch, seq]``: LLaVA-NeXT's base tile and high-resolution grid; -2 for
-    tokens in no unit, kept as they are) or a video span into its frames where the layout knows them, in sample,
-    then position order."""
+    cut into the adapter's ``parts`` (``[batch, seq]``: LLaVA-NeXT's and OneVision's tiles; -2 for tokens in no
+    unit, kept as they are) or a video span into its frames where the layout knows them, in sample, then position
+    order."""
     inner = torch.maximum(layout.frame_index, parts)  # [batch, seq]: frame or part, -1 for none
     width = int(inner.max()) + 2
     span = layout.image_index * width + inner + 1  # one id per image, part or frame
