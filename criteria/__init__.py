@@ -11,7 +11,7 @@ from .dart import DART
 from .diversity import DivPrune, L2Norm, Redundancy
 from .fastvid import FastVID, FastVIDMerge
 from .holitom import HoliTom, HoliTomMerge
-from .mustdrop import MustDropMerge, MustDropWindows
+from .mustdrop import MustDropDualAttention, MustDropMerge, MustDropWindows
 from .pooling import GridPool, Uniform
 from .prunevid import PruneVid, PruneVidMerge
 from .random import RandomScore
@@ -26,7 +26,7 @@ BUILTIN_CRITERIA: list[type[Criterion]] = [
     TTV, AccumulatedTTV, IGA, Attention, FastVAttention, PDropAttention, SparseVLMRaters, DivPrune, Redundancy,
     L2Norm, RandomScore, VisionZipDominant, Uniform, ClsAttention, VisPruner,
     CDPruner, DART, MustDropWindows, UniformFrames, FrameDifference, DyCokeTTM, FastVID,
-    HoliTom, PruneVid, VisionZipReceived,
+    HoliTom, PruneVid, VisionZipReceived, MustDropDualAttention,
 ]
 BUILTIN_MERGERS: list[type[Merger]] = [
     SparseVLMRecycling, VisionZipContextual, GridPool, ToMeMerge, MustDropMerge, FastVIDMerge,

@@ -41,6 +41,9 @@ class ForwardContext:
     keep_counts: Tensor | None = None  # [batch] visual tokens the stage being scored keeps
     buffers: dict[str, Tensor] = field(default_factory=dict)
     captures: dict[Probe, Tensor] = field(default_factory=dict)
+    # vision-tower probes a decoder criterion declared: probe -> [n_images, tokens, ...], images in prompt order
+    # (not gathered: they describe the images, not the current sequence)
+    tower: dict[Probe, Tensor] = field(default_factory=dict)
 
     @property
     def layer(self) -> int:
@@ -50,7 +53,7 @@ class ForwardContext:
     def capture(self, probe: Probe) -> Tensor:
         """The value of a probe the criterion declared, on the current sequence."""
         try:
-            return self.captures[probe]
+            return self.captures[probe] if probe.site == "decoder" or probe not in self.tower else self.tower[probe]
         except KeyError:
             raise KeyError(
                 f"{probe} was not captured in this forward; a criterion must declare it in probes()"
@@ -188,6 +191,8 @@ class Stage:
     ``original``) overrides the recipe's position policy at this stage (None: the recipe's).
     ``cut_earlier``: in decode steps the layers before this one attend to the visual tokens this stage
     keeps only, as if their caches were cut to its selection (PruneVid); the prefill is unchanged.
+    ``cut_from``: the first layer ``cut_earlier`` cuts (the layers before it keep their whole cache; MustDrop
+    cuts layers 2 and on).
     """
 
     layer: int
@@ -195,6 +200,7 @@ class Stage:
     count: int | None = None
     positions: str | None = None
     cut_earlier: bool = False
+    cut_from: int = 0
 
     def keep_counts(self, n_visual: Tensor) -> Tensor:
         """Visual tokens to keep per sample, given each sample's original count (``[batch]`` long)."""
@@ -215,6 +221,12 @@ class Stage:
         if self.positions not in (None, "compact", "original"):
             raise ValueError(f"{what}.positions must be 'compact' or 'original' (or absent: the recipe's), got "
                              f"{self.positions!r}")
+        if not isinstance(self.cut_from, numbers.Integral) or not 0 <= self.cut_from < max(self.layer, 1):
+            raise ValueError(f"{what}.cut_from must be an int in 0..{max(self.layer - 1, 0)} (a layer before the "
+                             f"stage's layer {self.layer}), got {self.cut_from!r}")
+        if self.cut_from and not self.cut_earlier:
+            raise ValueError(f"{what}.cut_from ({self.cut_from}) names the first layer cut_earlier cuts; set "
+                             "cut_earlier: true with it")
 
 
 class Schedule:

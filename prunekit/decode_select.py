@@ -129,24 +129,21 @@ def _with_columns(args: tuple, kwargs: dict, columns: Tensor) -> tuple[tuple, di
 
 
 class EarlierCacheCut:
-    """Stages with ``cut_earlier``: in each decode step the layers before such a stage attend to the cached visual
-    tokens it kept only (an attention mask over their caches, which keep every token)."""
+    """Stages with ``cut_earlier``: in each decode step the layers before such a stage (from its ``cut_from`` on)
+    attend to the cached visual tokens it kept only (an attention mask over their caches, which keep every token).
+    Layers before the first stage cache the whole prompt; they are cut the same way."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, layers: Sequence[nn.Module], stage_layers: Sequence[int],
+    def __init__(self, model: nn.Module, adapter: Adapter, layers: Sequence[nn.Module], stages: Sequence[Any],
                  cuts: Sequence[int], running: Running, stage_of_layer: Sequence[int]) -> None:
         self.layers = list(layers)
         self.running = running
         self.stage_of_layer = list(stage_of_layer)
         self.cut_of_layer = {}  # layer -> the stage whose kept visual tokens it reads (the nearest cut after it)
-        if any(stage_layers[stage] == 0 for stage in cuts):
+        if any(stages[stage].layer == 0 for stage in cuts):
             raise RecipeError("cut_earlier on the stage before layer 0: no layer comes before it")
         for stage in sorted(cuts, reverse=True):
-            for layer in range(stage_layers[stage]):
+            for layer in range(stages[stage].cut_from, stages[stage].layer):
                 self.cut_of_layer[layer] = stage
-        if self.cut_of_layer and min(stage_layers) != 0:
-            raise RecipeError(f"cut_earlier at the stage before layer {stage_layers[min(cuts)]} needs a stage before "
-                              f"layer 0 (the layers before the first stage cache the unpruned prompt); the first "
-                              f"stage prunes before layer {min(stage_layers)}")
         _refuse_flash(adapter, model, "cut_earlier")
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}
 
@@ -162,7 +159,8 @@ class EarlierCacheCut:
         key = ("cut", self.cut_of_layer[layer], self.stage_of_layer[layer])
         if key not in decode.columns:  # once per step for the layers that share a cut and a stage
             cached = decode.cached
-            cut, own = cached.records[key[1]], cached.records[key[2]]
+            cut = cached.records[key[1]]
+            own = cached.records[key[2]] if key[2] >= 0 else cached.prompt_record()
             keep = ~own.visual | slots_holding(own, cut, cut.visual)  # [batch, slots]: the cut's kept visual tokens
             decode.columns[key] = step_columns(decode, keep)
         return _with_columns(args, kwargs, decode.columns[key])

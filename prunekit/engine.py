@@ -38,7 +38,7 @@ from prunekit.attention import CaptureFn
 from prunekit.capture import Site, install_probes
 from prunekit.compat import cache_in, cache_of
 from prunekit.decode_select import DecodeSelector, EarlierCacheCut
-from prunekit.errors import AdapterError, LayoutError, PrunerStateError
+from prunekit.errors import AdapterError, LayoutError, PrunerStateError, RecipeError
 from prunekit.hooks import HookSet
 from prunekit.layout import TokenLayout
 from prunekit.plugins import find_adapter
@@ -54,7 +54,7 @@ from prunekit.recipe import (
 from prunekit.record import CacheRecord, Decode, Prefill, Running, StageRecord, max_position
 from prunekit.report import PruneReport, StageReport, build_report
 from prunekit.step import decode_layer_kwargs, decode_step_kwargs, prefill_layer_kwargs, prune
-from prunekit.vision import VisionPruner, rewrite_decode_kwargs
+from prunekit.vision import TowerProbes, VisionPruner, rewrite_decode_kwargs, tower_depth
 from prunekit.vision_input import INPUT_STAGE, InputVision, runs_before_projector
 
 
@@ -178,8 +178,15 @@ class Pruner:
         self.stage_layers = tuple(s.layer for s in self.stages)
         check_decode(self.recipe, self.stages, self.num_layers, type(model).__name__)
         self.adapter.check_prune_layers(model, self.stage_layers)
-        self._probes = collect_probes(self.recipe.parts(), self._criteria_layers, self.num_layers, "decoder",
-                                      f"recipe {self.recipe.name!r}")
+        probes = collect_probes(self.recipe.parts(), self._criteria_layers, self.num_layers, "decoder",
+                                f"recipe {self.recipe.name!r}", tower_layers=tower_depth(self.adapter, model) or 0)
+        self._probes = [(plugin, probe) for plugin, probe in probes if probe.site == "decoder"]
+        tower = [(plugin, probe) for plugin, probe in probes if probe.site == "vision"]
+        if tower and self.recipe.vision is not None:
+            raise RecipeError(f"recipe {self.recipe.name!r}: decoder criteria read the vision tower, and a vision "
+                              "block shortens its images; the tower's captures would no longer describe the tokens "
+                              "the language model gets. Use one or the other")
+        self._tower = TowerProbes(model, self.adapter, tower, self._running, self.recipe.name) if tower else None
         # stage index of every layer (-1 before the first prune)
         self._stage_of_layer = [max((s for s, L in enumerate(self.stage_layers) if L <= i), default=-1)
                                 for i in range(self.num_layers)]
@@ -195,7 +202,7 @@ class Pruner:
                         DecodeSelector(model, self.adapter, self.layers, self.recipe.decode, self._running,
                                        self._stage_of_layer))
         cuts = [s for s, stage in enumerate(self.stages) if stage.cut_earlier]
-        self._cut = (EarlierCacheCut(model, self.adapter, self.layers, self.stage_layers, cuts, self._running,
+        self._cut = (EarlierCacheCut(model, self.adapter, self.layers, self.stages, cuts, self._running,
                                      self._stage_of_layer) if cuts else None)
 
     @property
@@ -252,6 +259,8 @@ class Pruner:
             add(self.layers[i].register_forward_pre_hook(clocked(self._stage_inputs_hook(i)), with_kwargs=True))
         install_probes(Site(self.model, self.adapter, self._hooks, self._running, self._timed, self.layers,
                             self._criteria_layers), self._probes)
+        if self._tower is not None:
+            self._tower.install(self._hooks, self._timed)
         for s, stage in enumerate(self.stages):  # after the probes, which read the unpruned input
             prepend = s < self._offset  # the vision block runs first: layer 0's probes see the shortened images
             add(self.layers[stage.layer].register_forward_pre_hook(self._prune_hook(s, stage), with_kwargs=True,
@@ -343,7 +352,8 @@ class Pruner:
         self._running.forward = Prefill(
             ctx=ctx, positions=None,
             visual_original=layout.visual_counts(), prompt_valid=layout.valid.sum(dim=1),
-            prompt_length=input_ids.shape[1], cache=cache, rewrite=rewrite, visual_before_vision=visual_before,
+            prompt_length=input_ids.shape[1], cache=cache, prompt_visual=layout.visual.clone(), rewrite=rewrite,
+            visual_before_vision=visual_before,
             rewrite_visual=layout.visual if rewrite is not None else None,
             rewrite_valid=layout.valid if rewrite is not None else None, labels=labels,
             loss_kwargs={k: v for k, v in call.items() if k not in self._signature.parameters} if labels else {},
@@ -364,7 +374,7 @@ class Pruner:
         shift = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)  # [batch]
         records = [StageRecord(layer=stage.layer, original_index=slots, visual=slots.bool(), valid=slots.bool(),
                                shift=shift) for stage in self.stages]
-        return CacheRecord(prompt_length=0, records=records, seen=past)
+        return CacheRecord(prompt_length=0, records=records, seen=past, prompt_visual=slots.bool())
 
     def _start_turn(self, cached: CacheRecord | None, cache: Any, call: dict[str, Any], input_ids: Tensor,
                     mask: Tensor | None) -> Prefill | None:
@@ -401,7 +411,8 @@ class Pruner:
         ctx = ForwardContext(layout=layout, stage_layers=self._criteria_layers, num_layers=self.num_layers)
         return Prefill(ctx=ctx, positions=None, visual_original=layout.visual_counts(),
                        prompt_valid=layout.valid.sum(dim=1), prompt_length=turn_length, cache=cache,
-                       past=cached, past_mask=self._unpruned_mask(cached, input_ids, mask))
+                       prompt_visual=layout.visual.clone(), past=cached,
+                       past_mask=self._unpruned_mask(cached, input_ids, mask))
 
     @staticmethod
     def _check_cache_and_mask(cache: Any, mask: Any) -> None:
@@ -479,10 +490,10 @@ class Pruner:
         self.last_report = build_report(forward, vision, self._stage_of_layer)
         cache = forward.cache if forward.cache is not None else cache_of(output)
         if forward.past is not None:  # a later turn: the cache's record now covers the conversation so far
-            self._caches[cache] = forward.past.continued(forward.past_mask, forward.records)
+            self._caches[cache] = forward.past.continued(forward.past_mask, forward.records, forward.prompt_visual)
         elif cache is not None:
             self._caches[cache] = CacheRecord(forward.prompt_length, forward.records, seen=forward.prompt_length,
-                                              rewrite=forward.rewrite)
+                                              rewrite=forward.rewrite, prompt_visual=forward.prompt_visual)
         return self._with_loss(forward, output) if forward.labels else None
 
     def _before_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -564,6 +575,8 @@ class Pruner:
             if stage_index < self._offset:
                 hidden = self._input_vision.prune(prefill, hidden, self.recipe.positions, self._timed)
             else:
+                if self._tower is not None:
+                    prefill.ctx.tower = self._tower.captures()
                 hidden = prune(prefill, self.recipe, self.adapter, stage, stage_index, hidden, self._timed,
                                criteria_stage=stage_index - self._offset)
             built = prefill_layer_kwargs(prefill, self.adapter, self.model, stage.layer, hidden, self._timed)

@@ -389,7 +389,10 @@ def resolve_stages(recipe: Recipe, num_layers: int) -> list[Stage]:
         if stage.layer >= depth:
             raise RecipeError(f"{where}: stage {i} prunes before layer {stage.layer}, past reference_depth "
                               f"{depth} (valid layers 0..{depth - 1}; {_depth_note(recipe, num_layers)})")
-    scaled = [dataclasses.replace(stage, layer=int(math.ceil(stage.layer * ratio))) for stage in stages]
+    scaled = [dataclasses.replace(stage, layer=int(math.ceil(stage.layer * ratio)),
+                                  cut_from=min(int(math.ceil(stage.cut_from * ratio)),
+                                               max(int(math.ceil(stage.layer * ratio)) - 1, 0)))
+              for stage in stages]
     layers = [stage.layer for stage in scaled]
     if len(set(layers)) < len(layers) and len({stage.layer for stage in stages}) == len(stages):
         raise RecipeError(
@@ -484,11 +487,12 @@ def check_decode(recipe: Recipe, stages: Sequence[Stage], num_layers: int, model
 
 
 def collect_probes(parts: list[tuple[str, Any]], stage_layers: Sequence[int], num_layers: int, site: str,
-                   where: str) -> list[tuple[Any, Any]]:
+                   where: str, tower_layers: int | None = None) -> list[tuple[Any, Any]]:
     """Every ``(plugin, probe)`` the parts ask for, checked: a known probe type read at ``site``
-    (``"decoder"`` or ``"vision"``), inside the ``num_layers`` layers there (vision: negative from the end)."""
+    (``"decoder"`` or ``"vision"``), inside the ``num_layers`` layers there (vision: negative from the end).
+    ``tower_layers``: decoder criteria may also read the vision tower, of this depth (0: the model's tower cannot
+    be read from a decoder stage)."""
     known = get_args(Probe)
-    low = -num_layers if site == "vision" else 0
     out = []
     for key, plugin in parts:
         at = f"{where}, criteria.{key}" if key != "merge" else f"{where}, merge"
@@ -501,11 +505,20 @@ def collect_probes(parts: list[tuple[str, Any]], stage_layers: Sequence[int], nu
                 probe = VisionFeatures()  # in a vision block, "what enters layer 0" is the image's features
             if not isinstance(probe, known):
                 raise RecipeError(f"{at}: {probe!r} is not a probe; valid: {valid_list(k.__name__ for k in known)}")
-            if probe.site != site:
+            depth, read = num_layers, site
+            if probe.site == "vision" and site == "decoder" and tower_layers is not None \
+                    and not isinstance(probe, VisionFeatures):
+                if not tower_layers:
+                    raise RecipeError(f"{at}: {probe} reads the vision tower from a decoder stage, which needs a "
+                                      "projector that receives each image's patches one to one (LLaVA-1.5, "
+                                      "Video-LLaVA); this model's images reach the language model another way")
+                depth, read = tower_layers, "vision"  # a decoder criterion reading the tower (MustDrop's key set)
+            if probe.site != read:
                 raise RecipeError(f"{at}: {probe} reads the {probe.site}, but this stage runs in the {site} "
                                   f"(use {valid_list(k.__name__ for k in known if k.site == site)})")
-            if not low <= probe.layer < num_layers:
-                raise RecipeError(f"{at}: {probe} reads {site} layer {probe.layer}, past the depth: "
-                                  f"valid layers {low}..{num_layers - 1}")
+            low = -depth if read == "vision" else 0
+            if not low <= probe.layer < depth:
+                raise RecipeError(f"{at}: {probe} reads {read} layer {probe.layer}, past the depth: "
+                                  f"valid layers {low}..{depth - 1}")
             out.append((plugin, probe))
     return out

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.api import ForwardContext
+from prunekit.errors import LayoutError
 from prunekit.probes import AttentionRows, Probe
 
 
@@ -69,6 +70,7 @@ class Prefill:
     prompt_valid: Tensor  # [batch] long: real (non-padding) tokens of the prompt
     prompt_length: int
     cache: Any
+    prompt_visual: Tensor | None = None  # [batch, prompt_length] bool: visual tokens of the prompt layer 0 receives
     prompt_max_position: Tensor | None = None  # [batch] long: largest RoPE position of the prompt
     rewrite: PromptRewrite | None = None  # how a vision stage shortened the prompt
     rewrite_visual: Tensor | None = None  # [batch, short_len] bool: visual tokens of the shortened prompt
@@ -112,17 +114,29 @@ class CacheRecord:
     seen: int  # tokens the cache has seen (prompt + decoded)
     rewrite: PromptRewrite | None = None
     decode_rows: list[Tensor] | None = None  # a decode block's last attention row over each sample's visual slots
+    prompt_visual: Tensor | None = None  # [batch, prompt_length] bool: the prompt's visual tokens (unpruned)
+
+    def prompt_record(self) -> StageRecord:
+        """The slots of the layers before the first stage: the whole prompt, unpruned."""
+        if self.prompt_visual is None:
+            raise LayoutError("this cache's record does not know its prompt's visual tokens (a cache another "
+                              "pruner filled); cut_earlier cannot cut the layers before the first stage")
+        batch = self.prompt_visual.shape[0]
+        index = torch.arange(self.prompt_length, device=self.prompt_visual.device).expand(batch, -1)
+        return StageRecord(layer=0, original_index=index, visual=self.prompt_visual,
+                           valid=torch.ones_like(self.prompt_visual), shift=torch.zeros_like(index[:, 0]))
 
     def stage_mask(self, stage: int, mask_2d: Tensor) -> Tensor:
         """[batch, slots]: which of stage ``stage``'s cached slots hold real tokens, given the 2D mask over
         the unpruned sequence ``mask_2d`` [batch, >= seen] (its decoded part is kept whole)."""
         return torch.cat([self.records[stage].valid, mask_2d[:, self.prompt_length:self.seen]], dim=1)
 
-    def continued(self, mask_2d: Tensor, turn: list[StageRecord]) -> CacheRecord:
+    def continued(self, mask_2d: Tensor, turn: list[StageRecord], turn_visual: Tensor | None) -> CacheRecord:
         """This record after a later turn whose stages left ``turn``: per stage, the cached slots, then the
         tokens decoded since, then the turn's kept slots (indices over the whole unpruned conversation).
 
-        mask_2d: [batch, seen + turn_length] bool, the 2D mask of the turn's forward.
+        mask_2d: [batch, seen + turn_length] bool, the 2D mask of the turn's forward; turn_visual: [batch,
+        turn_length] bool, the turn's visual tokens.
         """
         turn_length = mask_2d.shape[1] - self.seen
         decoded = torch.arange(self.prompt_length, self.seen, device=mask_2d.device)  # [decoded]
@@ -138,7 +152,13 @@ class CacheRecord:
                 valid=torch.cat([self.stage_mask(stage, mask_2d), new.valid], dim=1),
             ))
         total = self.seen + turn_length
-        return CacheRecord(prompt_length=total, records=records, seen=total, rewrite=self.rewrite)
+        prompt_visual = None
+        if self.prompt_visual is not None and turn_visual is not None:
+            between = torch.zeros(turn_visual.shape[0], self.seen - self.prompt_length, dtype=torch.bool,
+                                  device=turn_visual.device)  # decoded tokens
+            prompt_visual = torch.cat([self.prompt_visual, between, turn_visual], dim=1)
+        return CacheRecord(prompt_length=total, records=records, seen=total, rewrite=self.rewrite,
+                           prompt_visual=prompt_visual)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from prunekit.api import Adapter, ForwardContext
 from prunekit.capture import Site, install_probes
-from prunekit.errors import LayoutError, RecipeError
+from prunekit.errors import AdapterError, LayoutError, RecipeError
 from prunekit.hooks import HookSet
 from prunekit.layout import TokenLayout, run_starts
 from prunekit.probes import VisionAttention, VisionFeatures
@@ -304,3 +304,39 @@ def original_positions(rewrite: PromptRewrite, shortened_visual: Tensor, vision:
     start_column = rewrite.image_starts[image] - rewrite.sample_of_image[image] * rewrite.original_length
     origin = torch.where(is_patch, start_column + patch, origin)
     return torch.where(shortened_visual & ~is_patch, torch.full_like(origin, -1), origin)
+
+
+def tower_depth(adapter: Adapter, model: nn.Module) -> int | None:
+    """Layers of the vision tower whose patches reach the projector one to one (LLaVA-1.5, Video-LLaVA); None
+    where a vision block runs at the language model's input instead (the tower is not read for decoder criteria)."""
+    try:
+        adapter.projector(model)
+        return len(adapter.vision_layers(model))
+    except (AdapterError, NotImplementedError):
+        return None
+
+
+class TowerProbes:
+    """Vision-tower probes that decoder criteria declare (MustDrop's key set: the CLS attention of the last vision
+    layer): installed on every tower, they fill the forward's vision record, which the criteria read through
+    ``ctx.capture`` as ``[n_images, tokens, ...]``, images in prompt order. Only where :func:`tower_depth` finds
+    the tower (``collect_probes`` refuses them elsewhere)."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, wanted: list, running: Running, recipe: str) -> None:
+        readers = ", ".join(sorted({f"{getattr(p, 'key', '')} ({type(probe).__name__})" for p, probe in wanted}))
+        if adapter.vision_has_cls(model) is False and any(
+                isinstance(probe, VisionAttention) and probe.query == 0 for _, probe in wanted):
+            raise RecipeError(f"recipe {recipe!r}: {readers} read the vision tower's CLS attention (token 0), but "
+                              f"{type(model).__name__}'s tower has no CLS token")
+        self.model, self.adapter, self.wanted, self.running = model, adapter, wanted, running
+
+    def install(self, hooks: HookSet, timed: Timer) -> None:
+        for layers in self.adapter.vision_towers(self.model):
+            install_probes(Site(self.model, self.adapter, hooks, self.running, timed, vision_layers=list(layers)),
+                           self.wanted)
+
+    def captures(self) -> dict:
+        """This forward's tower captures (empty when no image was encoded)."""
+        record = self.running.vision
+        return {} if record is None else {probe: record.captures[probe] for _, probe in self.wanted
+                                          if probe in record.captures}

@@ -142,9 +142,11 @@ CUT = {"name": "cut-earlier", "positions": "original", "criteria": {"n": {"type"
 
 
 @torch.no_grad()
-def reference_cut(ref: RefModel, input_ids, pixel_values, kept: list[torch.Tensor], steps: int):
-    """Greedy decoding without a cache: the prompt's visual tokens dropped before layers 0 and 3 (``kept``), and
-    every decoded token's rows in layers 0..2 reading only the visual tokens kept before layer 3."""
+def reference_cut(ref: RefModel, input_ids, pixel_values, kept: list[torch.Tensor], steps: int,
+                  stage_layers=(0, 3), cut_from: int = 0):
+    """Greedy decoding without a cache: the prompt's visual tokens dropped before each of ``stage_layers``
+    (``kept``: what each keeps), and every decoded token's rows in layers ``cut_from``..(last stage - 1)
+    reading only the visual tokens kept before the last stage."""
     prompt_length = input_ids.shape[0]
     decoded: list[int] = []
     logits = []
@@ -154,13 +156,13 @@ def reference_cut(ref: RefModel, input_ids, pixel_values, kept: list[torch.Tenso
         original = torch.arange(h.shape[0])
         visual = torch.cat([input_ids == ref.image_token_id, torch.zeros(len(decoded), dtype=torch.bool)])
         for index, layer in enumerate(ref.layers):
-            if index in (0, 3):
-                keep = ~visual | torch.isin(original, kept[0 if index == 0 else 1])
+            if index in stage_layers:
+                keep = ~visual | torch.isin(original, kept[stage_layers.index(index)])
                 h, original, visual = h[keep], original[keep], visual[keep]
             hide = torch.zeros(h.shape[0], h.shape[0], dtype=torch.bool)
-            if index < 3:
+            if cut_from <= index < stage_layers[-1]:
                 decoded_rows = original >= prompt_length
-                hide[decoded_rows] = visual & ~torch.isin(original, kept[1])
+                hide[decoded_rows] = visual & ~torch.isin(original, kept[-1])
             attn_out, _ = _attend(ref, layer, rms_norm(h, layer.input_layernorm), original, hide)
             h2 = h + attn_out
             h = h2 + ref.mlp(layer, rms_norm(h2, layer.post_attention_layernorm))
@@ -182,10 +184,27 @@ def test_cut_earlier_equals_the_cache_free_reference(llava64, single_inputs64):
     torch.testing.assert_close(uncut[0], logits[0], rtol=0, atol=0)  # and not the prefill
 
 
+def test_cut_from_a_layer_before_the_first_stage_equals_the_reference(llava64, single_inputs64):
+    """MustDrop's cut: layers 1..3 (layer 1 runs before any stage, on the whole prompt) read the visual tokens
+    the stage before layer 4 kept; layer 0 keeps its whole cache."""
+    recipe = dict(CUT, schedule={"type": "stages", "stages": [
+        {"layer": 2, "keep": 0.75}, {"layer": 4, "keep": 0.4, "cut_earlier": True, "cut_from": 1}]})
+    ids, logits, pruner = _run(llava64, single_inputs64, recipe)
+    kept = [stage.kept[0] for stage in pruner.last_report]
+    expected, expected_logits = reference_cut(RefModel(llava64), single_inputs64["input_ids"][0],
+                                              single_inputs64["pixel_values"], kept, STEPS, (2, 4), cut_from=1)
+    assert ids.tolist() == expected.tolist()
+    torch.testing.assert_close(logits, expected_logits.float(), rtol=0, atol=1e-5)
+    _, from_two, _ = _run(llava64, single_inputs64, dict(recipe, schedule={"type": "stages", "stages": [
+        {"layer": 2, "keep": 0.75}, {"layer": 4, "keep": 0.4, "cut_earlier": True, "cut_from": 2}]}))
+    assert not torch.allclose(from_two[1:], logits[1:], atol=1e-4)  # layer 1's cut reaches the decode steps
+
+
 @pytest.mark.parametrize("stages,message", [
     ([{"layer": 0, "keep": 0.5, "cut_earlier": True}], "cut_earlier on the stage before layer 0: no layer comes"),
-    ([{"layer": 2, "keep": 0.75}, {"layer": 4, "keep": 0.5, "cut_earlier": True}],
-     "cut_earlier at the stage before layer 4 needs a stage before layer 0"),
+    ([{"layer": 2, "keep": 0.75}, {"layer": 4, "keep": 0.5, "cut_from": 1}],
+     "cut_from \\(1\\) names the first layer cut_earlier cuts; set cut_earlier: true"),
+    ([{"layer": 4, "keep": 0.5, "cut_earlier": True, "cut_from": 4}], "cut_from must be an int in 0..3"),
 ])
 def test_cut_earlier_without_earlier_pruned_layers_is_named(llava32, stages, message):
     with pytest.raises(RecipeError, match=message):
