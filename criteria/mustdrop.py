@@ -135,6 +135,8 @@ class MustDropDualAttention(Criterion):
     """
 
     name: ClassVar[str] = "mustdrop_dual_attention"
+    count_from_input: ClassVar[bool] = True
+    tower_from_decoder: ClassVar[bool] = True
     global_thr: float = 0.011
     individual_thr: float = 0.01
     key_fraction: float = 0.08

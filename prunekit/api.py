@@ -108,6 +108,14 @@ class Criterion:
     def validate(self) -> None:
         """Raise ``ValueError`` naming a bad parameter; called once when the recipe is built."""
 
+    #: True for a criterion that drops tokens of its own (scores them -inf) by a rule on the input, a threshold:
+    #: its stages' counts depend on the image and question, and the FLOPs model's counts are an upper bound.
+    count_from_input: ClassVar[bool] = False
+    #: True for a decoder criterion that also reads vision-tower probes (MustDrop's key set): they are installed on
+    #: the tower and read through ``ctx.capture`` as ``[n_images, tokens, ...]``. Other criteria's vision probes
+    #: belong in a ``vision`` block.
+    tower_from_decoder: ClassVar[bool] = False
+
     def clip_count(self, frames: int, per_frame: int) -> int | None:
         """For the FLOPs model (``prunekit flops --frames``): the visual tokens a criterion that keeps a count of
         its own (scores the rest -inf) leaves of one clip of ``frames`` frames of ``per_frame`` tokens. None: it

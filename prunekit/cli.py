@@ -78,14 +78,17 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
         recipe = load_recipe(name)
         flops = recipe_estimate(recipe, dims, 576, 0)
         rows.append({"name": name, "description": recipe.description, "tflops": round(flops.visual_tflops, 3),
-                     "flops_ratio": round(flops.visual_ratio, 3), "file": str(path)})
+                     "flops_ratio": round(flops.visual_ratio, 3), "upper_bound": flops.bound, "file": str(path)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     width = max(len(r["name"]) for r in rows)
     print(f"{'recipe'.ljust(width)}  TFLOPs  ratio  (LLaVA-1.5-7B, 576 visual tokens)  description")
     for r in rows:
-        print(f"{r['name'].ljust(width)}  {r['tflops']:6.2f}  {r['flops_ratio']:5.3f}  {r['description']}")
+        bound = "<=" if r["upper_bound"] else "  "
+        print(f"{r['name'].ljust(width)}{bound}{r['tflops']:6.2f}  {r['flops_ratio']:5.3f}  {r['description']}")
+    if any(r["upper_bound"] for r in rows):
+        print("<=: an upper bound; the recipe's counts depend on the image and question (a run's report has them)")
     return 0
 
 
@@ -120,8 +123,9 @@ def _cmd_flops(args: argparse.Namespace) -> int:
           f"{args.visual_tokens} visual{clip} + {args.text_tokens} text tokens")
     print(f"{'recipe':<20} {'TFLOPs':>8} {'ratio':>7} {'seq TFLOPs':>11} {'seq ratio':>10}")
     for row in out:
+        bound = " (upper bound: counts depend on the input)" if row["upper_bound"] else ""
         print(f"{row['recipe']:<20} {row['tflops']:>8.3f} {row['ratio']:>7.3f} "
-              f"{row['sequence_tflops']:>11.3f} {row['sequence_ratio']:>10.3f}")
+              f"{row['sequence_tflops']:>11.3f} {row['sequence_ratio']:>10.3f}{bound}")
     return 0
 
 

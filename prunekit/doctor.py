@@ -11,6 +11,7 @@ from torch import nn
 from prunekit.errors import AdapterError, PrunekitError
 from prunekit.plugins import get_registry
 from prunekit.probes import AttentionRows
+from prunekit.vision import tower_depth
 from prunekit.vision_input import runs_before_projector, tower_probes_read, tower_readers
 
 
@@ -111,7 +112,8 @@ def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes
             recipe = scale_to_depth(load_recipe(name), num_layers)
             stages = check_stages(recipe, num_layers, model_name)
             layers = tuple(s.layer for s in stages)
-            wanted = collect_probes(recipe.parts(), layers, num_layers, "decoder", f"recipe {name!r}")
+            wanted = collect_probes(recipe.parts(), layers, num_layers, "decoder", f"recipe {name!r}",
+                                    tower_layers=None if model is None else tower_depth(adapter, model) or 0)
         except (PrunekitError, ValueError) as exc:
             out[name] = f"no: {exc}"
             continue

@@ -19,6 +19,8 @@ over ``E`` experts; dense layers of an MoE model keep ``3 n d m`` with their own
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,12 +147,14 @@ class FlopsEstimate:
     visual_ratio: float
     sequence_tflops: float  # every token of the sequence
     sequence_ratio: float
-    visual_tokens: list[int]  # per layer
+    visual_tokens: list[float]  # per layer
+    bound: bool = False  # a criterion's own count depends on the input: an upper bound (no pruning by it)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "tflops": round(self.visual_tflops, 4), "ratio": round(self.visual_ratio, 4),
             "sequence_tflops": round(self.sequence_tflops, 4), "sequence_ratio": round(self.sequence_ratio, 4),
+            "upper_bound": self.bound,
         }
 
 
@@ -165,12 +169,21 @@ def estimate(stages: Sequence[Stage], dims: DecoderDims, n_visual: int = 576, n_
     """
     visual = visual_tokens_per_layer(stages, dims.num_layers, n_visual if entering is None else entering, merger,
                                      own_counts)
+    return measured_estimate(visual, dims, n_visual, n_text)
+
+
+def measured_estimate(visual: Sequence[float], dims: DecoderDims, n_visual: int = 576, n_text: int = 0,
+                      bound: bool = False) -> FlopsEstimate:
+    """Prefill FLOPs of layers that ran on ``visual`` visual tokens each (a run's report: the mean of
+    ``visual_tokens_per_layer`` over the prompts, for recipes whose counts depend on the input) and ``n_text``
+    others, against ``n_visual`` unpruned."""
+    visual = list(visual)
     base_visual = prefill_flops([n_visual] * dims.num_layers, dims)
     base_sequence = prefill_flops([n_visual + n_text] * dims.num_layers, dims)
     pruned_visual = prefill_flops(visual, dims)
     pruned_sequence = prefill_flops([v + n_text for v in visual], dims)
     return FlopsEstimate(pruned_visual / 1e12, pruned_visual / base_visual, pruned_sequence / 1e12,
-                         pruned_sequence / base_sequence, visual)
+                         pruned_sequence / base_sequence, visual, bound)
 
 
 def recipe_estimate(recipe: Any, dims: DecoderDims, n_visual: int = 576, n_text: int = 0,
@@ -179,7 +192,8 @@ def recipe_estimate(recipe: Any, dims: DecoderDims, n_visual: int = 576, n_text:
 
     ``frames``: the ``n_visual`` tokens are one clip of that many equal frames; a vision stage shortens each
     frame (Video-LLaVA), and a stage whose criteria keep a count of their own on such a clip
-    (:meth:`~prunekit.api.Criterion.clip_count`) keeps at most that.
+    (:meth:`~prunekit.api.Criterion.clip_count`) keeps at most that. A criterion whose count depends on the input
+    (``count_from_input``, a threshold) drops nothing here: the estimate is an upper bound (``bound``).
     """
     if frames is not None and n_visual % frames:
         raise LayoutError(f"{n_visual} visual tokens are not {frames} equal frames: give the visual tokens as "
@@ -199,5 +213,8 @@ def recipe_estimate(recipe: Any, dims: DecoderDims, n_visual: int = 576, n_text:
                   if c is not None]
         if counts:  # the criteria score on the stage's input: the first stage's
             own_counts[stages[0].layer] = min(counts)
-    return estimate(stages, dims, n_visual, n_text, recipe.merger, entering, own_counts)
+    result = estimate(stages, dims, n_visual, n_text, recipe.merger, entering, own_counts)
+    if any(getattr(criterion, "count_from_input", False) for criterion in recipe.criteria.values()):
+        result = dataclasses.replace(result, bound=True)
+    return result
 

@@ -490,8 +490,9 @@ def collect_probes(parts: list[tuple[str, Any]], stage_layers: Sequence[int], nu
                    where: str, tower_layers: int | None = None) -> list[tuple[Any, Any]]:
     """Every ``(plugin, probe)`` the parts ask for, checked: a known probe type read at ``site``
     (``"decoder"`` or ``"vision"``), inside the ``num_layers`` layers there (vision: negative from the end).
-    ``tower_layers``: decoder criteria may also read the vision tower, of this depth (0: the model's tower cannot
-    be read from a decoder stage)."""
+    ``tower_layers``: decoder criteria that say so (``tower_from_decoder``) may also read the vision tower, of this
+    depth (0: the model's tower cannot be read from a decoder stage; None: not known here, such probes pass
+    unchecked)."""
     known = get_args(Probe)
     out = []
     for key, plugin in parts:
@@ -506,8 +507,10 @@ def collect_probes(parts: list[tuple[str, Any]], stage_layers: Sequence[int], nu
             if not isinstance(probe, known):
                 raise RecipeError(f"{at}: {probe!r} is not a probe; valid: {valid_list(k.__name__ for k in known)}")
             depth, read = num_layers, site
-            if probe.site == "vision" and site == "decoder" and tower_layers is not None \
-                    and not isinstance(probe, VisionFeatures):
+            if probe.site == "vision" and site == "decoder" and getattr(plugin, "tower_from_decoder", False):
+                if tower_layers is None:  # the model is not known here: apply() checks it on the model
+                    out.append((plugin, probe))
+                    continue
                 if not tower_layers:
                     raise RecipeError(f"{at}: {probe} reads the vision tower from a decoder stage, which needs a "
                                       "projector that receives each image's patches one to one (LLaVA-1.5, "

@@ -950,6 +950,8 @@ MATRIX: tuple[MatrixRow, ...] = (
     _untested("molmo2", "Molmo2ForConditionalGeneration", min_transformers=_LATER),
     _untested("minimax_m3_vl", "MiniMaxM3SparseForConditionalGeneration"),
     _untested("muse_spark", "MuseSparkForConditionalGeneration", min_transformers=_LATER),
+    _untested("llava_onevision1_5", "LlavaOnevision15ForConditionalGeneration", min_transformers="5.25.0"),
+    _untested("ovis2_5", "Ovis2_5ForConditionalGeneration", min_transformers="5.25.0"),
 )
 
 # Recipes (by name prefix) that the matrix does not run on any family, and why (shown under the table).

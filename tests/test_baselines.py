@@ -31,8 +31,13 @@ def test_every_builtin_recipe_runs_through_generate(llava576, name):
     assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
     report = pruner.last_report
     # the tokens every layer ran on are what the analytic FLOPs model predicts
-    predicted = recipe_estimate(prunekit.load_recipe(name), DecoderDims.from_config(llava576.config), 576).visual_tokens
-    assert report.visual_tokens_per_layer[0].tolist() == predicted
+    analytic = recipe_estimate(prunekit.load_recipe(name), DecoderDims.from_config(llava576.config), 576)
+    if analytic.bound:  # a threshold's counts depend on the input: never above the bound, and dropping some here
+        assert all(got <= bound for got, bound in zip(report.visual_tokens_per_layer[0].tolist(),
+                                                        analytic.visual_tokens))
+        assert report.visual_tokens_per_layer[0].tolist() != analytic.visual_tokens
+    else:
+        assert report.visual_tokens_per_layer[0].tolist() == analytic.visual_tokens
     for stage in report:
         for row in range(2):
             kept = stage.kept[row][stage.kept[row] >= 0]  # -1 pads a row that kept fewer

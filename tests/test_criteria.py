@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import prunekit
 from conftest import SHAPE
 from criteria_helpers import capture_scores
 from prunekit.normalize import NORMALIZATIONS

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import prunekit
-from conftest import SHAPE576
 from criteria_helpers import inputs576
 from prunekit.errors import RecipeError
 from prunekit.flops import DecoderDims, recipe_estimate

@@ -180,3 +180,26 @@ def test_mustdrop_key_set_refuses_copies_it_cannot_map(llava32):
     inputs = llava_inputs(SHAPE, batch=1, seed=3)
     with prunekit.apply(llava32, "mustdrop", THRESHOLDS), pytest.raises(LayoutError, match="the key set maps"):
         llava32.generate(**inputs, max_new_tokens=2, do_sample=False, num_beams=2)
+
+
+def test_mustdrop_flops_are_a_bound_and_the_measured_counts_give_the_real_ones(llava32):
+    """The FLOPs model cannot know a threshold's counts: `prunekit flops` marks its figure an upper bound (no
+    pruning), and the FLOPs of a run's per-layer counts are the sum of the layers' FLOPs written out here."""
+    from prunekit.flops import DecoderDims, estimate, measured_estimate, recipe_estimate
+
+    dims = DecoderDims.from_config(llava32.config)
+    analytic = recipe_estimate(prunekit.load_recipe("mustdrop"), dims, SHAPE.visual_tokens)
+    assert analytic.bound and analytic.visual_ratio == 1.0
+    assert not recipe_estimate(prunekit.load_recipe("fastv"), dims, SHAPE.visual_tokens).bound
+    with prunekit.apply(llava32, "mustdrop", THRESHOLDS) as pruner, torch.no_grad():
+        llava32(**llava_inputs(SHAPE, batch=1, seed=3))
+    counts = pruner.last_report.visual_tokens_per_layer[0].tolist()
+    d, m = dims.hidden_size, dims.intermediate_size
+
+    def by_hand(tokens):
+        return sum(4 * n * d * d + 2 * n * n * d + 3 * n * d * m for n in tokens)
+
+    measured = measured_estimate(counts, dims, SHAPE.visual_tokens)
+    assert measured.visual_ratio == pytest.approx(by_hand(counts) / by_hand([SHAPE.visual_tokens] * len(counts)))
+    assert measured.visual_ratio < 1.0 and not measured.bound
+    assert estimate([], dims, SHAPE.visual_tokens).visual_tokens == [SHAPE.visual_tokens] * len(counts)

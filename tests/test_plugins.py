@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
-import torch
 
 import prunekit
 from conftest import SHAPE

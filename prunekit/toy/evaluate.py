@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 import prunekit
 from prunekit.errors import PrunekitError
-from prunekit.flops import DecoderDims, estimate, recipe_estimate
+from prunekit.flops import DecoderDims, estimate, measured_estimate, recipe_estimate
 from prunekit.toy import stats
 from prunekit.toy.oracle import ground_truth
 from prunekit.toy import task as default_task
@@ -64,9 +64,10 @@ def _batches(processor, questions: Sequence[Question], batch_size: int, rank: in
 
 
 def _answers(model, processor, batches: dict[int, tuple[dict, list[list[int]]]],
-             recipe: str | dict | None) -> dict[int, tuple[list[str], list[set[int]]]]:
-    """Per batch index: greedy one-word answers and, per question, the patches kept at the last stage."""
-    results: dict[int, tuple[list[str], list[set[int]]]] = {}
+             recipe: str | dict | None) -> dict[int, tuple[list[str], list[set[int]], list[list[int]]]]:
+    """Per batch index: greedy one-word answers and, per question, the patches kept at the last stage and the
+    visual tokens each decoder layer ran on."""
+    results: dict[int, tuple[list[str], list[set[int]], list[list[int]]]] = {}
     context = nullcontext() if recipe is None else prunekit.apply(model, recipe)
     with context as pruner, torch.no_grad():
         for index, (batch, relevant) in batches.items():
@@ -76,12 +77,12 @@ def _answers(model, processor, batches: dict[int, tuple[dict, list[list[int]]]],
             answers = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
             if pruner is None:
                 results[index] = (answers, [set(range(int((ids[row] == model.config.image_token_id).sum())))
-                                            for row in range(len(answers))])
+                                            for row in range(len(answers))], [])
                 continue
             first_visual = (ids == model.config.image_token_id).long().argmax(dim=1)  # [batch]
             last = pruner.last_report.stages[-1].kept  # [batch, n] original positions, -1 pads
             kept = [set((last[row][last[row] >= 0] - first_visual[row]).tolist()) for row in range(len(answers))]
-            results[index] = (answers, kept)
+            results[index] = (answers, kept, pruner.last_report.visual_tokens_per_layer.tolist())
     return results
 
 
@@ -173,11 +174,14 @@ def run_eval(model, processor, recipes: Sequence[str], n: int = 500, seed: int =
     rank, world, started = _distributed()
     mine = _batches(processor, questions, batch_size, rank, world, task.prompt)  # this process's share of whole batches
     for label, recipe, ratio in tqdm(jobs, desc="prunekit eval", unit="recipe", disable=not progress or rank != 0):
-        answers, kept = _gather(_answers(model, processor, mine, recipe), world)
+        answers, kept, per_layer = _gather(_answers(model, processor, mine, recipe), world)
         if recipe is None:
             flops = estimate([], dims, n_visual, n_text).visual_ratio
         else:
-            flops = recipe_estimate(prunekit.load_recipe(recipe), dims, n_visual, n_text).visual_ratio
+            analytic = recipe_estimate(prunekit.load_recipe(recipe), dims, n_visual, n_text)
+            flops = analytic.visual_ratio
+            if analytic.bound:  # counts that depend on the input: the FLOPs of the layers' measured mean counts
+                flops = measured_estimate(np.mean(per_layer, axis=0).tolist(), dims, n_visual, n_text).visual_ratio
         row, correct = _row(label, questions, answers, kept, base_correct, flops, ratio, seed)
         if recipe is None:
             base_correct = correct
@@ -215,9 +219,10 @@ def _distributed() -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), True
 
 
-def _gather(results: dict[int, tuple[list[str], list[set[int]]]],
-            world: int) -> tuple[list[str], list[set[int]]]:
-    """Every process's answers and kept patches, in question order (batches are keyed by their index)."""
+def _gather(results: dict[int, tuple[list[str], list[set[int]], list[list[int]]]],
+            world: int) -> tuple[list[str], list[set[int]], list[list[int]]]:
+    """Every process's answers, kept patches and per-layer visual tokens, in question order (batches are keyed by
+    their index)."""
     if world > 1:
         import torch.distributed as dist
 
@@ -225,7 +230,8 @@ def _gather(results: dict[int, tuple[list[str], list[set[int]]]],
         dist.all_gather_object(shards, results)
         results = {index: value for shard in shards for index, value in shard.items()}
     ordered = [results[index] for index in sorted(results)]
-    return [a for answers, _ in ordered for a in answers], [k for _, kept in ordered for k in kept]
+    return ([a for answers, _, _ in ordered for a in answers], [k for _, kept, _ in ordered for k in kept],
+            [c for _, _, counts in ordered for c in counts])
 
 
 def format_table(rows: Sequence[EvalRow]) -> str:
