@@ -143,10 +143,11 @@ CUT = {"name": "cut-earlier", "positions": "original", "criteria": {"n": {"type"
 
 @torch.no_grad()
 def reference_cut(ref: RefModel, input_ids, pixel_values, kept: list[torch.Tensor], steps: int,
-                  stage_layers=(0, 3), cut_from: int = 0):
+                  stage_layers=(0, 3), cut_from: int = 0, compact: bool = False):
     """Greedy decoding without a cache: the prompt's visual tokens dropped before each of ``stage_layers``
     (``kept``: what each keeps), and every decoded token's rows in layers ``cut_from``..(last stage - 1)
-    reading only the visual tokens kept before the last stage."""
+    reading only the visual tokens kept before the last stage. ``compact``: positions renumbered 0..n-1 from the
+    first stage on (the decoded tokens continue each stage's count); else the original ones."""
     prompt_length = input_ids.shape[0]
     decoded: list[int] = []
     logits = []
@@ -163,7 +164,8 @@ def reference_cut(ref: RefModel, input_ids, pixel_values, kept: list[torch.Tenso
             if cut_from <= index < stage_layers[-1]:
                 decoded_rows = original >= prompt_length
                 hide[decoded_rows] = visual & ~torch.isin(original, kept[-1])
-            attn_out, _ = _attend(ref, layer, rms_norm(h, layer.input_layernorm), original, hide)
+            positions = torch.arange(h.shape[0]) if compact and index >= stage_layers[0] else original
+            attn_out, _ = _attend(ref, layer, rms_norm(h, layer.input_layernorm), positions, hide)
             h2 = h + attn_out
             h = h2 + ref.mlp(layer, rms_norm(h2, layer.post_attention_layernorm))
         logits.append(ref.lm_head(rms_norm(h, ref.final_norm))[-1])

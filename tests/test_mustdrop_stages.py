@@ -22,7 +22,7 @@ from conftest import SHAPE
 from prunekit.errors import LayoutError, RecipeError
 from prunekit.testing import llava_inputs, tiny_family_model, tiny_llava
 from reference import RefModel, rms_norm
-from test_decode_selection import _attend
+from test_decode_selection import reference_cut
 
 # thresholds and a key set that bite on a 36-patch random model (the recipe's 8 % is 3 of 36 patches here)
 THRESHOLDS = ["criteria.mustdrop.global_thr=0.026", "criteria.mustdrop.individual_thr=0.05",
@@ -77,35 +77,6 @@ def official_prefill(ref: RefModel, input_ids, pixel_values, keys, pruning_layer
     return kept_per_stage, ref.lm_head(rms_norm(h, ref.final_norm))[-1]
 
 
-@torch.no_grad()
-def reference_decode(ref: RefModel, input_ids, pixel_values, stages, kept, cut_from, steps):
-    """Greedy decoding without a cache: visual tokens dropped before each of ``stages`` as ``kept`` says, positions
-    renumbered at each stage (the decoded tokens continue each stage's count), and the decoded rows of layers
-    ``cut_from``..(last stage - 1) reading only the visual tokens the last stage kept."""
-    prompt_length = input_ids.shape[0]
-    decoded: list[int] = []
-    logits = []
-    for _ in range(steps):
-        ids = torch.cat([input_ids, torch.tensor(decoded, dtype=torch.long)])
-        h = torch.cat([ref.embeddings(input_ids, pixel_values), ref.embed(ids[prompt_length:])])
-        original = torch.arange(h.shape[0])
-        visual = torch.cat([input_ids == ref.image_token_id, torch.zeros(len(decoded), dtype=torch.bool)])
-        for index, layer in enumerate(ref.layers):
-            if index in stages:
-                keep = ~visual | torch.isin(original, kept[stages.index(index)])
-                h, original, visual = h[keep], original[keep], visual[keep]
-            hide = torch.zeros(h.shape[0], h.shape[0], dtype=torch.bool)
-            if cut_from <= index < stages[-1]:
-                hide[original >= prompt_length] = visual & ~torch.isin(original, kept[-1])
-            positions = torch.arange(h.shape[0]) if index >= stages[0] else original
-            attn_out, _ = _attend(ref, layer, rms_norm(h, layer.input_layernorm), positions, hide)
-            h2 = h + attn_out
-            h = h2 + ref.mlp(layer, rms_norm(h2, layer.post_attention_layernorm))
-        logits.append(ref.lm_head(rms_norm(h, ref.final_norm))[-1])
-        decoded.append(int(logits[-1].argmax()))
-    return torch.tensor(decoded), torch.stack(logits)
-
-
 def test_mustdrop_prefill_and_decode_equal_the_official_algorithm(llava64, eager64, single_inputs64):
     assert torch.equal(eager64.lm_head.weight, llava64.lm_head.weight)
     ids, pixels = single_inputs64["input_ids"][0], single_inputs64["pixel_values"]
@@ -136,8 +107,8 @@ def test_mustdrop_prefill_and_decode_equal_the_official_algorithm(llava64, eager
                                return_dict_in_generate=True, output_logits=True)
     new = out.sequences[0, ids.shape[0]:]
     assert [s.kept[0].tolist() for s in pruner.last_report.stages] == [k.tolist() for k in kept]
-    expected_ids, expected_steps = reference_decode(RefModel(llava64), ids, pixels, stages, kept,
-                                                    math.ceil(2 * SHAPE.num_layers / 32), STEPS)
+    expected_ids, expected_steps = reference_cut(RefModel(llava64), ids, pixels, kept, STEPS, stages,
+                                                 cut_from=math.ceil(2 * SHAPE.num_layers / 32), compact=True)
     assert new.tolist() == expected_ids.tolist()
     torch.testing.assert_close(torch.stack([s[0] for s in out.logits]), expected_steps.float(), rtol=0, atol=1e-5)
 
