@@ -23,6 +23,11 @@ KEEP_ALL = {"name": "keep-all", "criteria": {"iga": {}},
             "schedule": {"type": "stages", "stages": [{"layer": 3, "keep": 1.0}, {"layer": 6, "keep": 1.0}]}}
 # transprune-high written for 32 layers, mapped onto these 16-layer models
 SCALED = ["reference_depth=32"]
+# A decode step against the reference recomputed on the whole sequence: where a family takes a softmax in float32
+# even in a float64 model (Gemma 2's eager attention in PaliGemma's decoder, Qwen3-VL-MoE's router), inputs that
+# differ in their last bits (the reference's products and sums run over a longer sequence, which changes their
+# blocking on the CPU) can round to float32 values one step apart: ~1e-7 here, on an AVX-512 machine.
+STEP_ATOL = {"paligemma": 1e-6, "qwen3_vl_moe": 1e-6}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -108,7 +113,7 @@ def test_pruned_prefill_and_cached_decoding_match_the_layer_by_layer_reference(f
     for t in range(4):
         ref_step = run_family_reference(model, name, sample, _visual_ids(model), stages, kept, positions,
                                         decoded=torch.tensor(decoded[:t], dtype=torch.long))
-        torch.testing.assert_close(step_logits[t], ref_step[-1], rtol=0, atol=1e-8)
+        torch.testing.assert_close(step_logits[t], ref_step[-1], rtol=0, atol=STEP_ATOL.get(name, 1e-8))
 
 
 @pytest.mark.parametrize("recipe", ["transprune-high", "fastv"])
