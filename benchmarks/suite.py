@@ -58,19 +58,22 @@ class DecoderTimer:
             handle.remove()
 
 
-def _pruner(model, name: str, measure: bool):
-    return nullcontext() if name == "none" else prunekit.apply(model, name, measure=measure)
+def _pruner(model, name: Any, measure: bool):
+    """The pruner of a recipe (a name, dict or loaded recipe); ``"none"`` or None: no pruner."""
+    return nullcontext() if name is None or name == "none" else prunekit.apply(model, name, measure=measure)
 
 
-def time_prefills(model, inputs: dict, recipes, repeats: int) -> dict[str, Timing]:
-    """Median-ready prefill timings per recipe: total, decoder only, and the pruning work inside."""
+def time_prefills(model, inputs: dict, recipes, repeats: int, sources: dict[str, Any] | None = None
+                  ) -> dict[str, Timing]:
+    """Median-ready prefill timings per recipe: total, decoder only, and the pruning work inside. ``sources``: the
+    recipe each label runs (a name, dict or loaded recipe; None: no pruning), when labels are not recipe names."""
     lm = model.model.language_model
     timer = DecoderTimer(lm)
     out = {name: Timing([], [], []) for name in recipes}
     try:
         for repeat in range(repeats + 1):
             for name in recipes:
-                with _pruner(model, name, measure=True) as pruner, torch.no_grad():
+                with _pruner(model, (sources or {}).get(name, name), measure=True) as pruner, torch.no_grad():
                     start = time.perf_counter()
                     model(**inputs, use_cache=True)
                     total = time.perf_counter() - start

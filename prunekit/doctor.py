@@ -11,7 +11,7 @@ from torch import nn
 from prunekit.errors import AdapterError, PrunekitError
 from prunekit.plugins import get_registry
 from prunekit.probes import AttentionRows
-from prunekit.vision import tower_depth
+from prunekit.vision import TowerProbes, VisionPruner, tower_depth
 from prunekit.vision_input import runs_before_projector, tower_probes_read, tower_readers
 
 
@@ -120,6 +120,11 @@ def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes
         if model is not None:
             try:
                 adapter.check_prune_layers(model, layers)  # e.g. Gemma 3n's KV-shared layers
+                tower_wanted = [(plugin, probe) for plugin, probe in wanted if probe.site == "vision"]
+                if tower_wanted:  # decoder criteria that read the tower (MustDrop's key set): a CLS token to read
+                    TowerProbes(model, adapter, tower_wanted, None, name)
+                if recipe.vision is not None and runs_before_projector(adapter, model):  # its CLS readers, as apply
+                    VisionPruner(model, adapter, recipe.vision, None)
             except PrunekitError as exc:
                 out[name] = f"no: {exc}"
                 continue

@@ -25,10 +25,17 @@ def test_a_siglip_tower_refuses_cls_criteria_and_runs_the_others():
     model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=255, vision_feature_select_strategy="full",
         vision_feature_layer=-1)).eval()
-    for name in ("visionzip", "fastervlm-64", "vispruner-64"):
+    from prunekit.doctor import diagnose
+
+    recipes = diagnose(model)["recipes"]
+    key_set = {"name": "key-set", "criteria": {"m": {"type": "mustdrop_dual_attention"}},  # from a decoder stage
+               "schedule": {"type": "stages", "stages": [{"layer": 2, "keep": 1.0}]}}
+    for name in ("visionzip", "fastervlm-64", "vispruner-64", key_set):
         with pytest.raises(prunekit.RecipeError, match=r"read the vision tower's CLS attention \(token 0\), but "
                                                        r"LlavaForConditionalGeneration's tower has no CLS token"):
             prunekit.apply(model, name)
+        if isinstance(name, str):  # prunekit doctor says so too
+            assert recipes[name].startswith("no: ") and "no CLS token" in recipes[name], (name, recipes[name])
     rows = [[1, 5, 6, *([255] * 36), 7, 8], [1, 9, *([255] * 36), *([255] * 36), 7]]  # <image><image> in row 1
     ids = torch.tensor([[0] * (75 - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (75 - len(r)) + [1] * len(r) for r in rows])
