@@ -125,7 +125,8 @@ class MustDropDualAttention(Criterion):
     summed attention), so each stage's count depends on the image and the question: give the stage ``keep:
     1.0``. The key set is never dropped: each image's ``ceil(key_fraction * P)`` patches with the most CLS
     attention at vision layer ``key_layer`` (the official tower's last layer), read from the tower and mapped
-    onto the prompt's visual tokens (LLaVA-1.5-style projectors; ``key_fraction: 0`` leaves it out).
+    onto the prompt's visual tokens (LLaVA-1.5-style projectors; ``key_fraction: 0`` leaves it out); after a
+    ``vision`` block, through the patches it kept (its merged tokens are not key tokens).
 
     Example (the official stages after layers 2, 6, 10, 14 and the caches of layers 2..14 cut for decoding)::
 
@@ -178,10 +179,18 @@ class MustDropDualAttention(Criterion):
         if name not in ctx.buffers:
             marks = key_set(ctx.capture(VisionAttention(layer=self.key_layer)), self.key_fraction)  # [n_images, P]
             visual = ctx.layout.visual
+            n_images = marks.shape[0]
+            per_image = int(visual.sum()) // max(n_images, 1)  # the tokens each image brings to the language model
+            if ctx.vision_stage is not None:  # a vision block kept some patches (and merged tokens around them)
+                kept, lead = ctx.vision_stage  # [n_images, k]
+                if kept.shape[0] == n_images and lead + kept.shape[1] <= per_image:
+                    tokens = torch.zeros(n_images, per_image, dtype=torch.bool, device=marks.device)
+                    tokens[:, lead:lead + kept.shape[1]] = marks.gather(1, kept.to(marks.device))
+                    marks = tokens  # [n_images, per_image]: merged tokens are not key tokens
             if ctx.stage != 0 or int(visual.sum()) != marks.numel():
                 raise LayoutError(
-                    f"{self.name}: the key set maps each encoded image's {marks.shape[1]} patches onto the prompt's "
-                    f"visual tokens in order, but {marks.shape[0]} images meet {int(visual.sum())} visual tokens "
+                    f"{self.name}: the key set maps each encoded image's {marks.shape[1]} tokens onto the prompt's "
+                    f"visual tokens in order, but {n_images} images meet {int(visual.sum())} visual tokens "
                     "(a stage before, a video, or generate's copies of the images changed them)")
             keys = torch.zeros_like(visual)
             keys[visual] = marks.flatten().to(visual.device)  # images in prompt order, row by row

@@ -44,6 +44,9 @@ class ForwardContext:
     # vision-tower probes a decoder criterion declared: probe -> [n_images, tokens, ...], images in prompt order
     # (not gathered: they describe the images, not the current sequence)
     tower: dict[Probe, Tensor] = field(default_factory=dict)
+    # with those: what a vision block kept of each image (kept patches [n_images, k] ascending, merged tokens
+    # leading each image), None without one
+    vision_stage: tuple[Tensor, int] | None = None
 
     @property
     def layer(self) -> int:

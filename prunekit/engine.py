@@ -182,11 +182,9 @@ class Pruner:
                                 f"recipe {self.recipe.name!r}", tower_layers=tower_depth(self.adapter, model) or 0)
         self._probes = [(plugin, probe) for plugin, probe in probes if probe.site == "decoder"]
         tower = [(plugin, probe) for plugin, probe in probes if probe.site == "vision"]
-        if tower and self.recipe.vision is not None:
-            raise RecipeError(f"recipe {self.recipe.name!r}: decoder criteria read the vision tower, and a vision "
-                              "block shortens its images; the tower's captures would no longer describe the tokens "
-                              "the language model gets. Use one or the other")
         self._tower = TowerProbes(model, self.adapter, tower, self._running, self.recipe.name) if tower else None
+        if tower and self._vision is not None:  # the vision block's pruner captures them with its own
+            self._vision.read_for_decoder(tower)
         # stage index of every layer (-1 before the first prune)
         self._stage_of_layer = [max((s for s, L in enumerate(self.stage_layers) if L <= i), default=-1)
                                 for i in range(self.num_layers)]
@@ -259,7 +257,7 @@ class Pruner:
             add(self.layers[i].register_forward_pre_hook(clocked(self._stage_inputs_hook(i)), with_kwargs=True))
         install_probes(Site(self.model, self.adapter, self._hooks, self._running, self._timed, self.layers,
                             self._criteria_layers), self._probes)
-        if self._tower is not None:
+        if self._tower is not None and self._vision is None:
             self._tower.install(self._hooks, self._timed)
         for s, stage in enumerate(self.stages):  # after the probes, which read the unpruned input
             prepend = s < self._offset  # the vision block runs first: layer 0's probes see the shortened images
@@ -576,7 +574,7 @@ class Pruner:
                 hidden = self._input_vision.prune(prefill, hidden, self.recipe.positions, self._timed)
             else:
                 if self._tower is not None:
-                    prefill.ctx.tower = self._tower.captures()
+                    prefill.ctx.tower, prefill.ctx.vision_stage = self._tower.captures(), self._tower.vision_stage()
                 hidden = prune(prefill, self.recipe, self.adapter, stage, stage_index, hidden, self._timed,
                                criteria_stage=stage_index - self._offset)
             built = prefill_layer_kwargs(prefill, self.adapter, self.model, stage.layer, hidden, self._timed)

@@ -148,6 +148,14 @@ class VisionPruner:
         self.per_image = tokens_per_image(model, has_cls=not no_cls)  # splits adjacent images (<image><image>)
         self._hooks = HookSet()
         self._timed: Timer | None = None
+        self.retain: set = set()  # tower probes decoder criteria read too (kept in the record past the projector)
+
+    def read_for_decoder(self, tower: list) -> None:
+        """Also capture ``tower`` (decoder criteria's ``(plugin, probe)`` pairs, :class:`TowerProbes`) and keep them
+        in the forward's record past the projector, for the decoder stages."""
+        known = {probe for _, probe in self.wanted}
+        self.wanted = self.wanted + [(plugin, probe) for plugin, probe in tower if probe not in known]
+        self.retain = {probe for _, probe in tower}
 
     # -- hooks ----------------------------------------------------------------------------
     def install(self, timed: Timer) -> None:
@@ -171,7 +179,8 @@ class VisionPruner:
         images before its first forward, so this cannot wait for the model pre-hook)."""
         features = args[0]  # [n_images, patches, dim]
         record = self.running.vision_record()
-        captures, record.captures = record.captures, {}
+        captures = record.captures
+        record.captures = {probe: value for probe, value in captures.items() if probe in self.retain}
         with self._timed("vision stage"):
             out, record.kept_patches, record.lead = shorten_images(self.vision, features, captures, len(self.layers))
         return None if out is features else (out, *args[1:])  # a stage that leaves images this small whole
@@ -319,8 +328,10 @@ def tower_depth(adapter: Adapter, model: nn.Module) -> int | None:
 class TowerProbes:
     """Vision-tower probes that decoder criteria declare (MustDrop's key set: the CLS attention of the last vision
     layer): installed on every tower, they fill the forward's vision record, which the criteria read through
-    ``ctx.capture`` as ``[n_images, tokens, ...]``, images in prompt order. Only where :func:`tower_depth` finds
-    the tower (``collect_probes`` refuses them elsewhere)."""
+    ``ctx.capture`` as ``[n_images, tokens, ...]``, images in prompt order, and ``ctx.vision_stage`` says what a
+    vision block kept of each image. Only where :func:`tower_depth` finds the tower (``collect_probes`` refuses
+    them elsewhere); with a vision block its :class:`VisionPruner` captures them (:meth:`VisionPruner.read_for_decoder`).
+    """
 
     def __init__(self, model: nn.Module, adapter: Adapter, wanted: list, running: Running, recipe: str) -> None:
         readers = ", ".join(sorted({f"{getattr(p, 'key', '')} ({type(probe).__name__})" for p, probe in wanted}))
@@ -340,3 +351,9 @@ class TowerProbes:
         record = self.running.vision
         return {} if record is None else {probe: record.captures[probe] for _, probe in self.wanted
                                           if probe in record.captures}
+
+    def vision_stage(self) -> tuple[Tensor, int] | None:
+        """What this forward's vision block kept of each image: the kept patches ``[n_images, k]`` (ascending) and
+        how many merged tokens lead each image; None without a vision block."""
+        record = self.running.vision
+        return None if record is None or record.kept_patches is None else (record.kept_patches, record.lead)

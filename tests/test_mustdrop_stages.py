@@ -49,13 +49,13 @@ def official_keys(eager, pixel_values, fraction=0.08) -> torch.Tensor:
 
 
 @torch.no_grad()
-def official_prefill(ref: RefModel, input_ids, pixel_values, keys, pruning_layers, global_thr, individual_thr):
-    """The official prefill: the kept prompt indices after each pruning layer, and the last token's logits."""
-    h = ref.embeddings(input_ids, pixel_values)
-    visual = input_ids == ref.image_token_id
+def official_prefill(ref: RefModel, embeds, visual, key_positions, pruning_layers, global_thr, individual_thr):
+    """The official prefill on the language model's input ``embeds`` [seq, dim] (``visual`` [seq] bool, one image
+    run; ``key_positions``: the key set's indices in this sequence): the kept indices after each pruning layer, and
+    the last token's logits."""
+    h = embeds
     start, img_seq = int(visual.nonzero()[0]), int(visual.sum())
     original = torch.arange(h.shape[0])
-    key_positions = start + keys  # prompt indices of the key set
     kept_per_stage = []
     for index, layer in enumerate(ref.layers):
         positions = torch.arange(h.shape[0])  # renumbered after every prune
@@ -82,8 +82,11 @@ def test_mustdrop_prefill_and_decode_equal_the_official_algorithm(llava64, eager
     ids, pixels = single_inputs64["input_ids"][0], single_inputs64["pixel_values"]
     stages = stage_layers(SHAPE.num_layers)
     keys = official_keys(eager64, pixels, 0.3)
-    kept, expected_logits = official_prefill(RefModel(llava64), ids, pixels, keys, [s - 1 for s in stages],
-                                             0.026, 0.05)
+    ref = RefModel(llava64)
+    visual = ids == ref.image_token_id
+    start = int(visual.nonzero()[0])
+    kept, expected_logits = official_prefill(ref, ref.embeddings(ids, pixels), visual, start + keys,
+                                             [s - 1 for s in stages], 0.026, 0.05)
     with prunekit.apply(llava64, "mustdrop", THRESHOLDS) as pruner, torch.no_grad():
         logits = llava64(**single_inputs64).logits[0, -1]
         report = pruner.last_report
@@ -94,7 +97,6 @@ def test_mustdrop_prefill_and_decode_equal_the_official_algorithm(llava64, eager
     counts = [len(k) for k in kept]
     assert counts[0] < int((ids == llava64.config.image_token_id).sum()) and counts[-1] < counts[0], counts
     torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-10)
-    start = int((ids == llava64.config.image_token_id).nonzero()[0])
     assert set((start + keys).tolist()) <= set(kept[-1].tolist())  # the key set is never dropped
     # without the key set some of its tokens go: the key set is what keeps them
     with prunekit.apply(llava64, "mustdrop", [*THRESHOLDS, "criteria.mustdrop.key_fraction=0"]) as pruner:
@@ -111,6 +113,38 @@ def test_mustdrop_prefill_and_decode_equal_the_official_algorithm(llava64, eager
                                                  cut_from=math.ceil(2 * SHAPE.num_layers / 32), compact=True)
     assert new.tolist() == expected_ids.tolist()
     torch.testing.assert_close(torch.stack([s[0] for s in out.logits]), expected_steps.float(), rtol=0, atol=1e-5)
+
+
+def test_mustdrop_3stage_maps_the_key_set_through_the_vision_stage(llava64, eager64, single_inputs64):
+    """The three stages in one recipe: the window merge before the projector (8 patches kept, 7 merged windows
+    leading the image), then the filter on the language model's input as it receives it, the key set being the
+    kept patches among the official key set (merged windows are not key tokens)."""
+    ids, pixels = single_inputs64["input_ids"][0], single_inputs64["pixel_values"]
+    keys = official_keys(eager64, pixels, 0.3)  # patch indices of the whole image
+    lm = llava64.model.language_model
+    seen = {}
+    hook = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(embeds=kw["inputs_embeds"][0].clone()),
+                                        with_kwargs=True)
+    try:
+        with prunekit.apply(llava64, "mustdrop-3stage", ["vision.count=8", *THRESHOLDS]) as pruner, torch.no_grad():
+            logits = llava64(**single_inputs64).logits[0, -1]
+            report = pruner.last_report
+    finally:
+        hook.remove()
+    start = int((ids == llava64.config.image_token_id).nonzero()[0])
+    kept_patches = report.stages[0].kept[0] - start  # the patches the vision stage kept, ascending
+    lead = 7  # 28 dropped patches are 7 merged 2x2 windows, leading the image
+    visual = torch.zeros(seen["embeds"].shape[0], dtype=torch.bool)
+    visual[start:start + lead + len(kept_patches)] = True
+    key_slots = start + lead + torch.nonzero(torch.isin(kept_patches, keys)).flatten()
+    assert 0 < len(key_slots) < len(keys)  # some keys were merged away, some kept
+    stages = stage_layers(SHAPE.num_layers)
+    kept, expected_logits = official_prefill(RefModel(llava64), seen["embeds"], visual, key_slots,
+                                             [s - 1 for s in stages], 0.026, 0.05)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-10)
+    got = report.visual_tokens_per_layer[0].tolist()
+    assert [got[s] for s in stages] == [len(k) for k in kept]
+    assert set(key_slots.tolist()) <= set(kept[-1].tolist())
 
 
 def test_mustdrop_batch_rows_equal_each_sample_alone(llava32):
@@ -134,10 +168,6 @@ def test_mustdrop_refusals(llava32):
         prunekit.apply(llava32, "mustdrop", ["schedule.stages.0.layer=0"])
     with pytest.raises(RecipeError, match="global_thr must be a number in \\[0, 1\\]"):
         prunekit.apply(llava32, "mustdrop", ["criteria.mustdrop.global_thr=2"])
-    with pytest.raises(RecipeError, match="decoder criteria read the vision tower, and a vision block"):
-        prunekit.apply(llava32, {"name": "both", "criteria": {"m": {"type": "mustdrop_dual_attention"}},
-                                 "vision": {"criteria": {"n": {"type": "l2_norm"}}, "count": 16},
-                                 "schedule": {"type": "stages", "stages": [{"layer": 2, "keep": 1.0}]}})
     with pytest.raises(RecipeError, match="reads vision layer -9, past the depth: valid layers -2..1"):
         prunekit.apply(llava32, "mustdrop", ["criteria.mustdrop.key_layer=-9"])
     qwen = tiny_family_model("qwen2_5_vl")
