@@ -38,7 +38,7 @@ from prunekit.attention import CaptureFn
 from prunekit.capture import Site, install_probes
 from prunekit.compat import cache_in, cache_of
 from prunekit.decode_select import DecodeSelector, EarlierCacheCut
-from prunekit.errors import AdapterError, LayoutError, PrunerStateError, RecipeError
+from prunekit.errors import AdapterError, LayoutError, PrunerStateError
 from prunekit.hooks import HookSet
 from prunekit.layout import TokenLayout
 from prunekit.plugins import find_adapter
