@@ -5,7 +5,8 @@
 A random-weight LLaVA-1.5-7B-shaped model at width 256 (32 layers, 576 visual tokens, a 2-layer CLIP-style tower).
 ``mustdrop`` runs its dual-attention filter after decoder layers 2, 6, 10 and 14 (the official 64-token setting's
 thresholds, 0.011 / 0.01) and keeps a key set of 47 tokens by the tower's CLS attention; ``mustdrop-192-thresholds``
-is the same recipe with the official 192-token setting's thresholds (0.001 / 0.001). Its counts depend on the
+is the same recipe with the official 192-token setting's thresholds (0.001 / 0.001); ``mustdrop-3stage`` adds the
+window merge before the language model (192 tokens enter it). Their counts depend on the
 attention, so its visual tokens after each stage and the decoder TFLOPs come from the report of the run. Ratios
 measured in one process (recipes interleaved per repeat after a warm-up): prefill time, decoder time, the pruning
 work (``pruner.clock.total``: the attention-rows probes and the filter) as a share of the unpruned prefill. Not a
@@ -27,7 +28,8 @@ from suite import table_main, time_prefills  # benchmarks/suite.py: the same tim
 
 THRESHOLDS_192 = ["criteria.mustdrop.global_thr=0.001", "criteria.mustdrop.individual_thr=0.001"]
 RECIPES = {"none": None, "fastv": "fastv", "sparsevlm": "sparsevlm", "mustdrop": "mustdrop",
-           "mustdrop-192-thresholds": prunekit.load_recipe("mustdrop", THRESHOLDS_192)}
+           "mustdrop-192-thresholds": prunekit.load_recipe("mustdrop", THRESHOLDS_192),
+           "mustdrop-3stage": "mustdrop-3stage"}
 
 
 def run(repeats: int) -> list[str]:
