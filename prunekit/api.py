@@ -56,7 +56,7 @@ class ForwardContext:
     def capture(self, probe: Probe) -> Tensor:
         """The value of a probe the criterion declared, on the current sequence."""
         try:
-            return self.captures[probe] if probe.site == "decoder" or probe not in self.tower else self.tower[probe]
+            return self.tower[probe] if probe in self.tower else self.captures[probe]
         except KeyError:
             raise KeyError(
                 f"{probe} was not captured in this forward; a criterion must declare it in probes()"

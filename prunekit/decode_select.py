@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunekit.api import Adapter
+from prunekit.api import Adapter, Stage
 from prunekit.errors import AdapterError, LayoutError, RecipeError
 from prunekit.hooks import HookSet
 from prunekit.recipe import DecodeSelection
@@ -133,7 +133,7 @@ class EarlierCacheCut:
     attend to the cached visual tokens it kept only (an attention mask over their caches, which keep every token).
     Layers before the first stage cache the whole prompt; they are cut the same way."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, layers: Sequence[nn.Module], stages: Sequence[Any],
+    def __init__(self, model: nn.Module, adapter: Adapter, layers: Sequence[nn.Module], stages: Sequence[Stage],
                  cuts: Sequence[int], running: Running, stage_of_layer: Sequence[int]) -> None:
         self.layers = list(layers)
         self.running = running

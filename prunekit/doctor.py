@@ -106,6 +106,7 @@ def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes
     rows_ok = probes["AttentionRows (through the attention interface)"]
     tower_ok = probes[VISION_TOWER]
     readable = tower_probes_read(adapter, model) if model is not None else ()  # tower probes the input route reads
+    depth = None if model is None else tower_depth(adapter, model) or 0  # decoder criteria reading the tower
     out: dict[str, str] = {}
     for name in builtin_recipe_names():
         try:
@@ -113,7 +114,7 @@ def recipe_support(adapter: Any, model_name: str, layer_kinds: list[str], probes
             stages = check_stages(recipe, num_layers, model_name)
             layers = tuple(s.layer for s in stages)
             wanted = collect_probes(recipe.parts(), layers, num_layers, "decoder", f"recipe {name!r}",
-                                    tower_layers=None if model is None else tower_depth(adapter, model) or 0)
+                                    tower_layers=depth)
         except (PrunekitError, ValueError) as exc:
             out[name] = f"no: {exc}"
             continue

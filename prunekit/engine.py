@@ -573,7 +573,7 @@ class Pruner:
             if stage_index < self._offset:
                 hidden = self._input_vision.prune(prefill, hidden, self.recipe.positions, self._timed)
             else:
-                if self._tower is not None:
+                if self._tower is not None and stage_index == self._offset:  # the forward's, read once
                     prefill.ctx.tower, prefill.ctx.vision_stage = self._tower.captures(), self._tower.vision_stage()
                 hidden = prune(prefill, self.recipe, self.adapter, stage, stage_index, hidden, self._timed,
                                criteria_stage=stage_index - self._offset)

@@ -20,7 +20,6 @@ over ``E`` experts; dense layers of an MoE model keep ``3 n d m`` with their own
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -172,8 +171,8 @@ def estimate(stages: Sequence[Stage], dims: DecoderDims, n_visual: int = 576, n_
     return measured_estimate(visual, dims, n_visual, n_text)
 
 
-def measured_estimate(visual: Sequence[float], dims: DecoderDims, n_visual: int = 576, n_text: int = 0,
-                      bound: bool = False) -> FlopsEstimate:
+def measured_estimate(visual: Sequence[float], dims: DecoderDims, n_visual: int = 576, n_text: int = 0
+                      ) -> FlopsEstimate:
     """Prefill FLOPs of layers that ran on ``visual`` visual tokens each (a run's report: the mean of
     ``visual_tokens_per_layer`` over the prompts, for recipes whose counts depend on the input) and ``n_text``
     others, against ``n_visual`` unpruned."""
@@ -183,7 +182,7 @@ def measured_estimate(visual: Sequence[float], dims: DecoderDims, n_visual: int 
     pruned_visual = prefill_flops(visual, dims)
     pruned_sequence = prefill_flops([v + n_text for v in visual], dims)
     return FlopsEstimate(pruned_visual / 1e12, pruned_visual / base_visual, pruned_sequence / 1e12,
-                         pruned_sequence / base_sequence, visual, bound)
+                         pruned_sequence / base_sequence, visual)
 
 
 def recipe_estimate(recipe: Any, dims: DecoderDims, n_visual: int = 576, n_text: int = 0,

@@ -389,10 +389,11 @@ def resolve_stages(recipe: Recipe, num_layers: int) -> list[Stage]:
         if stage.layer >= depth:
             raise RecipeError(f"{where}: stage {i} prunes before layer {stage.layer}, past reference_depth "
                               f"{depth} (valid layers 0..{depth - 1}; {_depth_note(recipe, num_layers)})")
-    scaled = [dataclasses.replace(stage, layer=int(math.ceil(stage.layer * ratio)),
-                                  cut_from=min(int(math.ceil(stage.cut_from * ratio)),
-                                               max(int(math.ceil(stage.layer * ratio)) - 1, 0)))
-              for stage in stages]
+    scaled = []
+    for stage in stages:
+        layer = int(math.ceil(stage.layer * ratio))
+        cut_from = min(int(math.ceil(stage.cut_from * ratio)), max(layer - 1, 0))  # still before the stage
+        scaled.append(dataclasses.replace(stage, layer=layer, cut_from=cut_from))
     layers = [stage.layer for stage in scaled]
     if len(set(layers)) < len(layers) and len({stage.layer for stage in stages}) == len(stages):
         raise RecipeError(

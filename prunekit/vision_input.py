@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from prunekit.api import Adapter, Stage
 from prunekit.capture import received_attention
-from prunekit.errors import AdapterError, LayoutError, RecipeError
+from prunekit.errors import LayoutError, RecipeError
 from prunekit.hooks import HookSet
 from prunekit.layout import TokenLayout
 from prunekit.probes import TOWER_PROBES, VisionAttentionReceived, VisionKeys
@@ -41,7 +41,7 @@ from prunekit.record import Prefill, Running
 from prunekit.scoring import Timer
 from prunekit.sequence import Assembly, gather_tokens
 from prunekit.step import advance
-from prunekit.vision import shorten_images
+from prunekit.vision import shorten_images, tower_depth
 
 INPUT_STAGE = Stage(layer=0, keep=1.0)  # the stage the engine runs the block as (its counts are the block's own)
 
@@ -49,12 +49,7 @@ INPUT_STAGE = Stage(layer=0, keep=1.0)  # the stage the engine runs the block as
 def runs_before_projector(adapter: Adapter, model: nn.Module) -> bool:
     """Whether a vision block on ``model`` shortens each image before its projector (LLaVA-1.5, Video-LLaVA);
     otherwise it runs at the language model's input."""
-    try:
-        adapter.projector(model)
-        adapter.vision_layers(model)
-    except (AdapterError, NotImplementedError):
-        return False
-    return True
+    return tower_depth(adapter, model) is not None
 
 
 def tower_readers(vision: VisionRecipe, readable: tuple[type, ...] = ()) -> list[str]:
